@@ -1,0 +1,89 @@
+"""What every ``cli.py`` shares: one-line user errors, a progress bar on stderr, JSON output.
+
+Only CLI modules import this file; library code never prints (house rule 15).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+Callback = Callable[[int, int], None]
+
+
+def stderr() -> Console:
+    """A Rich console on stderr: logs, progress and errors never mix with results on stdout."""
+    return Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``gatelab: error: message`` as one line on stderr and return the Exit to raise.
+
+    Code 2 is a usage error (bad value, missing input file); 1 is a run that failed.
+    """
+    stderr().print(f"gatelab: error: {message}", highlight=False, markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's input-validation errors into one line on stderr and exit code 2.
+
+    ``ValueError``/``TypeError`` are what gatelab raises for bad values and shapes, and
+    ``FileNotFoundError`` for a missing input; ``ConnectionError``/``TimeoutError`` mean an
+    unreachable server (exit 1, the run failed). Anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    except (ConnectionError, TimeoutError) as error:
+        raise fail(str(error).splitlines()[0] or type(error).__name__, code=1) from None
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Callback]:
+    """A Rich progress bar on stderr; yields the ``(done, total)`` callback library code takes."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=stderr(), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, new_total: int) -> None:
+            bar.update(task, completed=done, total=new_total)
+
+        yield update
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (NaN/inf become null), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return path

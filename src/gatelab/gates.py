@@ -1,0 +1,374 @@
+r"""Gating primitives shared by every gatelab system.
+
+A gate turns scores into a decision about which computation runs: which experts see a token
+(top-K softmax, noisy top-K, sigmoid top-K, expert choice), which senders an agent listens to
+(Gumbel top-K), or where a sample leaves the network (hazard exit probabilities).
+
+Everything here is pure torch, works on any device and dtype, and is differentiable where the
+maths allows (the *weights* are; the *indices* of a hard selection are not).
+
+Sources: Nguyen et al., "Statistical Perspective of Top-K Sparse Softmax Gating Mixture of
+Experts", ICLR 2024 (arXiv:2309.13850), Eq. (1); Shazeer et al. 2017 (arXiv:1701.06538) §2.1 and
+App. A; Fedus et al. 2021 (arXiv:2101.03961) Eq. (4); Zoph et al. 2022 (arXiv:2202.08906) Eq. (5);
+Zhou et al. 2022 (arXiv:2202.09368) §3.1; Xie & Ermon 2019 (arXiv:1901.10517) §3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TopK(NamedTuple):
+    """Weights over the selected experts and their indices, both of shape ``(..., K)``."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+
+
+class NoisyTopK(NamedTuple):
+    """Noisy top-K gate output: ``weights``/``indices`` ``(..., K)`` and ``load`` ``(E,)``."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    load: torch.Tensor
+
+
+class ExpertChoice(NamedTuple):
+    """Expert-choice routing: per expert the weights ``(E, C)`` and token indices ``(E, C)``."""
+
+    weights: torch.Tensor
+    token_indices: torch.Tensor
+
+
+def _check_k(k: int, n: int, name: str = "k") -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must be in [1, n={n}], got {k}")
+
+
+def _check_bias(bias: torch.Tensor | None, n: int, name: str = "bias") -> None:
+    if bias is not None and bias.shape[-1:] != (n,):
+        raise ValueError(f"{name} must have last dimension n={n}, got shape {tuple(bias.shape)}")
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` along the last dim, ties broken by lower index.
+
+    A stable descending sort keeps equal scores in index order, which makes the selection a
+    deterministic function of the scores (``torch.topk`` gives no such guarantee).
+
+    Shape:
+        scores ``(..., E)`` -> indices ``(..., K)``, sorted by decreasing score.
+    """
+    _check_k(k, scores.shape[-1])
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def topk_softmax(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> TopK:
+    r"""Top-K sparse softmax gate with the selection made by ``logits`` alone.
+
+    .. math::
+        S_K(x) = \operatorname{top}_K(\beta_1^\top x),\qquad
+        w_i(x) = \frac{\exp(\beta_{1i}^\top x + \beta_{0i})}
+                      {\sum_{j \in S_K(x)} \exp(\beta_{1j}^\top x + \beta_{0j})},\ i \in S_K(x)
+
+    ``logits`` are :math:`\beta_1^\top x`; ``bias`` is :math:`\beta_0`, added *after* selection
+    (arXiv:2309.13850 Eq. 1). With ``k == n`` this is ``softmax(logits + bias)``; with ``bias=None``
+    it is the Mixtral router (softmax over the selected logits).
+
+    Args:
+        logits: selection scores.
+        k: number of selected experts, ``1 <= k <= E``.
+        bias: optional per-expert intercepts, broadcastable to ``logits``.
+
+    Shape:
+        logits ``(..., E)``, bias ``(E,)`` or ``(..., E)`` -> weights, indices ``(..., K)``.
+
+    Returns:
+        ``TopK(weights, indices)``; weights sum to one over the last dim.
+
+    Raises:
+        ValueError: ``k`` outside ``[1, E]`` or ``bias`` of the wrong shape.
+    """
+    n = logits.shape[-1]
+    _check_k(k, n)
+    _check_bias(bias, n)
+    indices = select_topk(logits, k)  # (..., K)
+    scores = logits if bias is None else logits + bias
+    weights = torch.softmax(torch.gather(scores, -1, indices), dim=-1)  # (..., K)
+    return TopK(weights, indices)
+
+
+def topk_softmax_dense(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None):
+    """:func:`topk_softmax` scattered back to a dense ``(..., E)`` vector, zeros elsewhere."""
+    weights, indices = topk_softmax(logits, k, bias)
+    return torch.zeros_like(logits).scatter(-1, indices, weights)
+
+
+def noisy_topk(
+    clean_logits: torch.Tensor,
+    noise_std: torch.Tensor,
+    k: int,
+    *,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> NoisyTopK:
+    r"""Noisy top-K gating and its differentiable load estimate (Shazeer et al. 2017 §2.1, App. A).
+
+    .. math::
+        H(x)_i = (xW_g)_i + \epsilon_i\,\sigma_i(x),\quad \epsilon_i \sim \mathcal N(0,1),\quad
+        G(x) = \operatorname{softmax}(\operatorname{KeepTopK}(H(x), k))
+
+        \text{load}_i = \sum_x \Phi\Big(\frac{(xW_g)_i - \text{kth\_excluding}(H(x), k, i)}
+                                              {\sigma_i(x)}\Big)
+
+    where kth_excluding is the k-th largest entry of :math:`H(x)` among the other experts. In eval
+    mode no noise is added and ``load`` counts the selections (no gradient).
+
+    Args:
+        clean_logits: :math:`xW_g`.
+        noise_std: :math:`\sigma(x) = \operatorname{softplus}(xW_\text{noise}) > 0`.
+        k: experts per token, ``1 <= k < E`` when training (the estimate needs a (k+1)-th value).
+        training: add noise and return the smooth load estimate.
+        generator: RNG for the noise.
+
+    Shape:
+        clean_logits, noise_std ``(N, E)`` -> weights, indices ``(N, K)``; load ``(E,)``.
+    """
+    n = clean_logits.shape[-1]
+    _check_k(k, n)
+    if noise_std.shape != clean_logits.shape:
+        raise ValueError(
+            f"noise_std must match clean_logits {tuple(clean_logits.shape)}, "
+            f"got {tuple(noise_std.shape)}"
+        )
+    if not training:
+        weights, indices = topk_softmax(clean_logits, k)
+        flat = indices.reshape(-1)
+        load = torch.bincount(flat, minlength=n).to(clean_logits.dtype)
+        return NoisyTopK(weights, indices, load)
+    if k == n:
+        raise ValueError(f"noisy_topk needs k < n={n} in training (the load uses the (k+1)-th)")
+    eps = torch.randn(
+        clean_logits.shape, generator=generator, dtype=clean_logits.dtype, device="cpu"
+    ).to(clean_logits.device)
+    noisy = clean_logits + eps * noise_std  # (N, E)
+    top = torch.sort(noisy, dim=-1, descending=True, stable=True)
+    indices = top.indices[..., :k]  # (N, K)
+    weights = torch.softmax(top.values[..., :k], dim=-1)  # (N, K)
+    # For an expert inside the top k, the threshold it must beat is the (k+1)-th value; for one
+    # outside, the k-th value.
+    kth_in = top.values[..., k : k + 1]  # (N, 1)
+    kth_out = top.values[..., k - 1 : k]  # (N, 1)
+    is_in = noisy >= kth_out  # (N, E)
+    threshold = torch.where(is_in, kth_in, kth_out)
+    normal = torch.distributions.Normal(
+        torch.zeros((), dtype=noisy.dtype, device=noisy.device),
+        torch.ones((), dtype=noisy.dtype, device=noisy.device),
+    )
+    prob_in = normal.cdf((clean_logits - threshold) / noise_std)  # (N, E)
+    return NoisyTopK(weights, indices, prob_in.sum(0))
+
+
+def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None) -> TopK:
+    r"""Sigmoid-score top-K with renormalisation (DeepSeek-V3, arXiv:2412.19437 Eqs. 13-16).
+
+    .. math::
+        s_i = \sigma(u_i),\quad S_K = \operatorname{top}_K(s + b),\quad
+        w_i = s_i / \textstyle\sum_{j\in S_K} s_j
+
+    ``selection_bias`` :math:`b` only steers selection (auxiliary-loss-free load balancing); it
+    never enters the weights.
+
+    Shape:
+        logits ``(..., E)`` -> weights, indices ``(..., K)``.
+    """
+    n = logits.shape[-1]
+    _check_k(k, n)
+    _check_bias(selection_bias, n, "selection_bias")
+    scores = torch.sigmoid(logits)
+    indices = select_topk(scores if selection_bias is None else scores + selection_bias, k)
+    chosen = torch.gather(scores, -1, indices)  # (..., K)
+    return TopK(chosen / chosen.sum(-1, keepdim=True), indices)
+
+
+def expert_choice(logits: torch.Tensor, capacity: int) -> ExpertChoice:
+    r"""Expert-choice routing (Zhou et al. 2022, §3.1): each expert takes its top-C tokens.
+
+    .. math::
+        S = \operatorname{softmax}_{\text{experts}}(X W_g),\qquad
+        G, I = \operatorname{top}_C(S^\top)\ \text{along tokens}
+
+    A token may be taken by several experts or by none.
+
+    Shape:
+        logits ``(N, E)`` -> weights, token_indices ``(E, C)``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expert_choice expects logits (N, E), got {tuple(logits.shape)}")
+    _check_k(capacity, logits.shape[0], "capacity")
+    affinity = torch.softmax(logits, dim=-1).T  # (E, N)
+    token_indices = select_topk(affinity, capacity)  # (E, C)
+    return ExpertChoice(torch.gather(affinity, -1, token_indices), token_indices)
+
+
+def gumbel_topk(
+    logits: torch.Tensor,
+    k: int,
+    tau: float = 1.0,
+    hard: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Relaxed k-hot sample along the last dim, straight-through when ``hard``.
+
+    Perturb :math:`\tilde\alpha = \alpha + g`, :math:`g \sim \text{Gumbel}(0,1)`; the hard sample is
+    the k-hot of :math:`\operatorname{top}_k(\tilde\alpha)` (a draw without replacement from
+    :math:`\operatorname{softmax}(\alpha)`). The soft relaxation is Xie & Ermon's (2019) successive
+    softmax:
+
+    .. math::
+        p^{(1)} = \operatorname{softmax}(\tilde\alpha/\tau),\quad
+        p^{(j+1)} = \operatorname{softmax}\big((\tilde\alpha + \textstyle\sum_{i\le j}
+        \log(1-p^{(i)}))/\tau\big),\quad y_\text{soft} = \textstyle\sum_{j\le k} p^{(j)}
+
+    With ``hard=True`` the forward value is the exact k-hot and the gradient is that of
+    :math:`y_\text{soft}` (straight-through).
+
+    Shape:
+        logits ``(..., E)`` -> ``(..., E)`` with entries summing to ``k``.
+    """
+    _check_k(k, logits.shape[-1])
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    uniform = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device="cpu")
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    perturbed = logits + gumbel.to(logits.device)
+    soft = torch.zeros_like(logits)
+    shifted = perturbed
+    for _ in range(k):
+        p = torch.softmax(shifted / tau, dim=-1)
+        soft = soft + p
+        shifted = shifted + torch.log1p(-p.clamp(max=1 - 1e-6))
+    if not hard:
+        return soft
+    khot = torch.zeros_like(logits).scatter(-1, select_topk(perturbed, k), 1.0)
+    return khot - soft.detach() + soft
+
+
+def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
+    r"""Hazard-form exit probabilities from per-exit gate values.
+
+    .. math::
+        P_l = g_l \prod_{j<l} (1 - g_j)\quad (l < L),\qquad P_L = \prod_{j<L} (1 - g_j)
+
+    ``g_l`` is the probability of leaving at exit ``l`` *given* the sample reached it. The last
+    exit (the backbone's head) takes the remainder, so the ``L`` probabilities sum to one. This is
+    the one consistent reading of JEI-DNN's gates (papers.md §4.1).
+
+    Shape:
+        gates ``(..., L-1)`` in [0, 1] -> ``(..., L)``.
+    """
+    survive = torch.cumprod(1 - gates, dim=-1)  # (..., L-1)
+    reach = torch.cat([torch.ones_like(gates[..., :1]), survive[..., :-1]], dim=-1)
+    return torch.cat([gates * reach, survive[..., -1:]], dim=-1)
+
+
+def first_exit(gates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Index of the first exit whose hazard ``g_l >= threshold``; ``L-1`` (the last) if none.
+
+    Shape:
+        gates ``(..., L-1)`` -> ``(...,)`` long in ``[0, L-1]``.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    fire = gates >= threshold  # (..., L-1)
+    n_gates = gates.shape[-1]
+    index = torch.arange(n_gates, device=gates.device).expand_as(fire)
+    return torch.where(fire, index, n_gates).amin(dim=-1)
+
+
+def load_balancing_loss(
+    router_probs: torch.Tensor, expert_indices: torch.Tensor, n_experts: int
+) -> torch.Tensor:
+    r"""Switch-Transformer load-balancing loss (Fedus et al. 2021, Eq. 4).
+
+    .. math::
+        \mathcal L_\text{bal} = E \sum_{i=1}^{E} f_i\, P_i,\quad
+        f_i = \frac{\#\{(t, j): I_{tj} = i\}}{N K},\quad P_i = \frac1N \sum_t p_{ti}
+
+    Equals 1 under perfectly uniform routing. ``f`` is counted over all ``K`` choices per token.
+
+    Shape:
+        router_probs ``(N, E)`` (full softmax), expert_indices ``(N, K)`` -> scalar.
+    """
+    counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts)
+    fraction = counts.to(router_probs.dtype) / expert_indices.numel()  # (E,)
+    return n_experts * (fraction * router_probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    r"""Router z-loss (Zoph et al. 2022, Eq. 5): :math:`\frac1N\sum_t (\log\sum_i e^{u_{ti}})^2`."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class TopKGate(nn.Module):
+    r"""Linear router followed by :func:`topk_softmax`.
+
+    :math:`S_K = \operatorname{top}_K(Wx)`, weights from :math:`Wx + \beta_0` renormalised over
+    :math:`S_K`.
+
+    Args:
+        d_model: input width ``D``.
+        n_experts: ``E``.
+        top_k: ``K``.
+        bias: learn the post-selection intercepts :math:`\beta_0` (the paper's gate); ``False``
+            gives the Mixtral router.
+
+    Shape:
+        x ``(..., D)`` -> weights, indices ``(..., K)``.
+
+    Init: weight ~ N(0, 1/D) (unit-scale logits at unit-scale inputs); bias zero.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_k(top_k, n_experts, "top_k")
+        self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(n_experts, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw the router weights and zero the intercepts."""
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.d_model))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> TopK:  # noqa: D102
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"TopKGate: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
+            )
+        return topk_softmax(F.linear(x, self.weight), self.top_k, self.bias)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        sizes = f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+        return f"{sizes}, bias={self.bias is not None}"
