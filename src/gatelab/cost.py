@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 _FIELDS = ("flops", "seconds", "joules", "messages")
@@ -158,14 +159,43 @@ def area_under_tradeoff(
     return float(area / (hi - lo))
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_bwd_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+):
+    return flop_counter.sdpa_backward_flop_count(
+        grad_out_shape, query_shape, key_shape, value_shape
+    )
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU fused attention kernel.
+
+    torch 2.13 dispatches ``scaled_dot_product_attention`` on CPU to
+    ``_scaled_dot_product_flash_attention_for_cpu``, which its counter does not know: attention
+    would silently count as zero FLOPs (the undercount papers.md §4.4 warns about).
+    """
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_bwd_flops,
+        },
+    )
+
+
 def count_flops(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
-    """FLOPs of one call ``fn(*args, **kwargs)`` as counted by ``FlopCounterMode``.
+    """FLOPs of one call ``fn(*args, **kwargs)`` under :func:`flop_counter_mode`, without grad.
 
     A multiply-add counts as two FLOPs; matmuls, convolutions and attention are counted with all
     their token dimensions. Elementwise ops are not counted (they are a rounding error next to
     matmuls and torch does not count them).
     """
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter_mode() as counter, torch.no_grad():
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

@@ -246,8 +246,9 @@ def gumbel_topk(
     _check_k(k, logits.shape[-1])
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    uniform = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device="cpu")
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    # G = -log(E), E ~ Exp(1), drawn on CPU so a CPU generator seeds any device.
+    exponential = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator)
+    gumbel = -exponential.clamp_min(torch.finfo(logits.dtype).tiny).log()
     perturbed = logits + gumbel.to(logits.device)
     soft = torch.zeros_like(logits)
     shifted = perturbed

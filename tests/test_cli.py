@@ -1,0 +1,44 @@
+"""The root command: help, version, demo, and one-line errors with exit code 2."""
+
+import json
+
+from typer.testing import CliRunner
+
+from gatelab.cli import app, main
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "demo" in result.output and "version" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and result.output.startswith("gatelab ")
+
+
+def test_demo_gates_writes_report(tmp_path):
+    result = runner.invoke(app, ["demo", "--quick", "--only", "gates", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "gates__topk_regions.png" in report
+    assert (tmp_path / "demo" / "gates__topk_regions.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["systems"]["gates"]["exit_probability_sum"] == 1.0
+    # top-1 of 5 experts on a circle: every expert owns one region
+    assert summary["systems"]["gates"]["regions_top1"] == 5
+
+
+def test_bad_flag_is_one_line_exit_2(capsys):
+    assert main(["demo", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gatelab: error:") and "--no-such-flag" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_unknown_system_is_exit_2(capsys):
+    assert main(["demo", "--only", "nope"]) == 2
+    assert "unknown system 'nope'" in capsys.readouterr().err
