@@ -184,8 +184,8 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
     def _fit(self, X, y, top_k):
         rng = check_random_state(self.random_state)
         device = torch.device(self.device)
-        Xt = torch.as_tensor(X, device=device)
-        yt = torch.as_tensor(y, device=device)
+        Xt = torch.tensor(X, device=device)  # a copy: X may be a read-only memmap
+        yt = torch.tensor(y, device=device)
         var_y = float(np.var(y))
         var_floor = self.reg_var * (var_y if var_y > 0 else 1.0)
         if isinstance(self.init, GaussianMoE):
@@ -237,7 +237,8 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
 
     def predict(self, X):
         r"""Conditional mean :math:`E[y \mid x]`, ndarray of shape (n_samples,)."""
-        return self.params_.mean(self._X(X), self.device)
+        X = self._X(X)
+        return self.params_.mean(X, self.device)
 
     def score(self, X, y, sample_weight=None):
         """Mean conditional log-likelihood per sample (**not** R², unlike most regressors).
@@ -253,7 +254,8 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
 
     def sample(self, X, random_state=None):
         """Draw one ``y`` per row of ``X`` from the fitted model, ndarray (n_samples,)."""
-        return self.params_.sample(self._X(X), random_state)
+        X = self._X(X)
+        return self.params_.sample(X, random_state)
 
     def bic(self, X, y):
         r"""Bayesian information criterion :math:`-2\log L + p\log n` (lower is better)."""

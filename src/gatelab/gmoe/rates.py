@@ -1,17 +1,20 @@
 r"""The convergence-rate study of arXiv:2309.13850 (exact- and over-specified top-K MoE).
 
-**True model** (k* = 3 experts, top-K with K = 2, inputs uniform on :math:`[-1, 1]^2`): the gate
-slopes are 2.5·(unit vectors at 90°, 210°, 330°) shifted so the last is zero, which cuts the
-square into three cones, one per top-2 set; a uniform square visits all C(3, 2) = 3 regions
-(in d = 1 with x > 0 there would be a single region, papers.md §1.1). Intercepts
-:math:`\beta_0 = (0.5, -0.5, 0)` keep the weights inside each region unequal; experts
-:math:`a = ((1,-1), (-2, 0.5), (0, 2))`, :math:`b = (0.5, -0.5, 1)` are well separated and the
-variances :math:`(0.09, 0.16, 0.25)` are distinct so every atom is identifiable.
+**True model** (k* = 3 experts, top-K with K = 2, d = 1, x uniform on [-1, 1]): gate slopes
+:math:`\beta_1 = (0, 2.5, -2.5)` (stored shifted so the last is 0; the order is what matters) and
+intercepts :math:`\beta_0 = (0.5, -0.5, 0)`. Because x takes both signs the inputs visit two
+top-2 regions, {0, 1} for x > 0 and {0, 2} for x < 0 (with x > 0 only there would be one region,
+papers.md §1.1). Atom 0 has the middle slope, so it is selected everywhere: splitting *it* is the
+over-specified case in which a top-K̄ fit can represent the truth exactly in every region (had the
+split atom been left out of some true top-K set, the K̄ fitted atoms there would include a spurious
+one). Experts :math:`a = (1, -2, 3)`, :math:`b = (0.5, -0.5, -1.5)` do not cross inside the region
+where they compete, and the variances :math:`(0.09, 0.16, 0.25)` are distinct.
 
 **Fits** (as the authors did, EM starts near the truth so the statistical rate is isolated from
 the optimisation): (a) ``exact`` k = 3, K = 2; (b) ``over`` k = 4 with true atom 0 split in two
-and K̄ = 3, the Voronoi cardinality condition (cells of sizes 2, 1, 1: the two largest hold 3
-atoms); (c) ``over_small`` k = 4 with K̄ = 2 < 3, where the theory predicts no consistency.
+and K̄ = 3, the Voronoi cardinality condition (cells of sizes 2, 1, 1 and every true top-2 set
+contains cell 0: 3 atoms); (c) ``over_small`` k = 4 with K̄ = 2 < 3, where the theory predicts no
+consistency.
 
 Each (setting, n, replication) is one job; results are cached as JSON in
 ``runs/gmoe-rates/reps/`` (keyed by a fingerprint of the configuration) and skipped on rerun, and
@@ -83,21 +86,19 @@ class RateConfig:
 
 def true_model() -> GaussianMoE:
     """The study's ground truth (see the module docstring for why these values)."""
-    angles = np.deg2rad([90.0, 210.0, 330.0])
-    slopes = 2.5 * np.column_stack([np.cos(angles), np.sin(angles)])
     return GaussianMoE(
         beta0=[0.5, -0.5, 0.0],
-        beta1=slopes,
-        a=[[1.0, -1.0], [-2.0, 0.5], [0.0, 2.0]],
-        b=[0.5, -0.5, 1.0],
+        beta1=[[0.0], [2.5], [-2.5]],
+        a=[[1.0], [-2.0], [3.0]],
+        b=[0.5, -0.5, -1.5],
         var=[0.09, 0.16, 0.25],
         top_k=2,
     )
 
 
 def sample_inputs(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Inputs uniform on the square ``[-1, 1]^2``, shape (n, 2)."""
-    return rng.uniform(-1.0, 1.0, size=(n, 2))
+    """Inputs uniform on ``[-1, 1]``, shape (n, 1)."""
+    return rng.uniform(-1.0, 1.0, size=(n, 1))
 
 
 def start_near_truth(setting: str, cfg: RateConfig, rng: np.random.Generator) -> GaussianMoE:
@@ -108,13 +109,14 @@ def start_near_truth(setting: str, cfg: RateConfig, rng: np.random.Generator) ->
     beta0, beta1 = true.beta0[rows].copy(), true.beta1[rows].copy()
     a, b, var = true.a[rows].copy(), true.b[rows].copy(), true.var[rows].copy()
     if split:  # two atoms on either side of the true one, sharing its gate mass
-        direction = rng.standard_normal(2 * 2 + 2)
+        d = true.n_features
+        direction = rng.standard_normal(2 * d + 2)
         direction *= cfg.split_offset / 2 / np.linalg.norm(direction)
         for i, sign in ((0, 1.0), (1, -1.0)):
-            beta1[i] += sign * direction[:2]
-            a[i] += sign * direction[2:4]
-            b[i] += sign * direction[4]
-            var[i] *= np.exp(sign * direction[5])
+            beta1[i] += sign * direction[:d]
+            a[i] += sign * direction[d : 2 * d]
+            b[i] += sign * direction[2 * d]
+            var[i] *= np.exp(sign * direction[2 * d + 1])
         beta0[:2] -= np.log(2.0)
     noise = cfg.init_noise
     return GaussianMoE(
