@@ -8,7 +8,8 @@ r"""Losses between a fitted and a true top-K gated Gaussian MoE (arXiv:2309.1385
   :math:`\bar r(2) = 4`, :math:`\bar r(3) = 6` [R: papers.md §1.2].
 * :func:`hellinger`, :func:`total_variation` average over inputs the distance between the two
   conditional densities of ``y``, integrated numerically (Gauss-Legendre on a grid adapted to every
-  Gaussian component of both models).
+  Gaussian component of both models; for total variation the grid also gets the points where the
+  densities cross, where ``|p - q|`` has a kink).
 
 Both models must use the same gate normalisation (:class:`GaussianMoE` anchors the last expert's
 gate at zero); compare a fit whose last expert sits in the true last expert's cell.
@@ -24,6 +25,7 @@ from gatelab.gmoe.model import GaussianMoE
 GRID_HALF_WIDTH = 12.0  # breakpoints reach +-12 sd of every component (tail mass < 1e-32)
 GRID_STEPS = 25  # breakpoints per component, i.e. one interval per sd
 GAUSS_NODES = 8  # Gauss-Legendre nodes per interval
+BISECTIONS = 50  # bisection steps locating where p - q changes sign (total variation)
 
 
 def _atoms(model: GaussianMoE) -> np.ndarray:
@@ -102,11 +104,11 @@ def voronoi_loss(
     return float(total)
 
 
-def _mixture_grid(X: np.ndarray, models: tuple[GaussianMoE, ...], device):
-    """Per input, Gauss-Legendre nodes and weights covering every component of ``models``.
+def _breakpoints(X: np.ndarray, models: tuple[GaussianMoE, ...], device):
+    """Per input, sorted breakpoints every sd out to +-12 sd of every component of ``models``.
 
     Shape:
-        X ``(N, D)`` -> nodes, weights ``(N, M)``.
+        X ``(N, D)`` -> x ``(N, D)`` tensor, breaks ``(N, B)``.
     """
     x = torch.as_tensor(X, dtype=torch.float64, device=device)
     centres, scales = [], []
@@ -117,15 +119,37 @@ def _mixture_grid(X: np.ndarray, models: tuple[GaussianMoE, ...], device):
     mu, sd = torch.cat(centres, 1), torch.cat(scales, 1)  # (N, C)
     steps = torch.linspace(-GRID_HALF_WIDTH, GRID_HALF_WIDTH, GRID_STEPS, dtype=x.dtype)
     breaks = (mu[:, :, None] + sd[:, :, None] * steps.to(device)).reshape(len(x), -1)
-    breaks = torch.sort(breaks, dim=1).values  # (N, B)
+    return x, torch.sort(breaks, dim=1).values  # (N, B)
+
+
+def _quadrature(breaks: torch.Tensor):
+    """Gauss-Legendre nodes ``y`` and weights ``w`` ``(N, M)`` on the intervals of ``breaks``."""
     lo, hi = breaks[:, :-1], breaks[:, 1:]  # (N, B-1)
     nodes, weights = np.polynomial.legendre.leggauss(GAUSS_NODES)
-    nodes = torch.as_tensor(nodes, device=device)
-    weights = torch.as_tensor(weights, device=device)
+    nodes = torch.as_tensor(nodes, device=breaks.device)
+    weights = torch.as_tensor(weights, device=breaks.device)
     half = (hi - lo)[..., None] / 2  # (N, B-1, 1)
-    y = (lo[..., None] + half * (nodes + 1)).reshape(len(x), -1)  # (N, M)
-    w = (half * weights).reshape(len(x), -1)  # (N, M)
-    return x, y, w
+    y = (lo[..., None] + half * (nodes + 1)).reshape(len(breaks), -1)  # (N, M)
+    return y, (half * weights).reshape(len(breaks), -1)
+
+
+def _add_crossings(p, q, x: torch.Tensor, breaks: torch.Tensor) -> torch.Tensor:
+    """Add the points where ``p - q`` changes sign (bisection), so ``|p - q|`` is smooth on
+    every interval and Gauss-Legendre stays exact to ~1e-12 for total variation.
+    """
+    lo, hi = breaks[:, :-1].clone(), breaks[:, 1:].clone()  # (N, B-1)
+    f_lo = _densities(p, x, lo) - _densities(q, x, lo)
+    f_hi = _densities(p, x, hi) - _densities(q, x, hi)
+    change = (f_lo * f_hi) < 0  # (N, B-1)
+    for _ in range(BISECTIONS):
+        mid = (lo + hi) / 2
+        f_mid = _densities(p, x, mid) - _densities(q, x, mid)
+        left = (f_lo * f_mid) <= 0  # the root lies in [lo, mid]
+        hi = torch.where(left, mid, hi)
+        lo = torch.where(left, lo, mid)
+        f_lo = torch.where(left, f_lo, f_mid)
+    roots = torch.where(change, (lo + hi) / 2, breaks[:, :-1])  # duplicates add empty intervals
+    return torch.sort(torch.cat([breaks, roots], dim=1), dim=1).values
 
 
 def _densities(model: GaussianMoE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -144,7 +168,10 @@ def _distance(p: GaussianMoE, q: GaussianMoE, X, kind: str, device) -> float:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != p.n_features:
         raise ValueError(f"X must have shape (n_samples, {p.n_features}), got {X.shape}")
-    x, y, w = _mixture_grid(X, (p, q), device)
+    x, breaks = _breakpoints(X, (p, q), device)
+    if kind == "tv":
+        breaks = _add_crossings(p, q, x, breaks)
+    y, w = _quadrature(breaks)
     fp, fq = _densities(p, x, y), _densities(q, x, y)
     if kind == "hellinger":
         h2 = 0.5 * (w * (fp.sqrt() - fq.sqrt()) ** 2).sum(1)
