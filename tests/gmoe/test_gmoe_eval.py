@@ -14,7 +14,9 @@ def single(mean, var):
 X = np.linspace(-1, 1, 7)[:, None]
 
 
-@pytest.mark.parametrize("m1, v1, m2, v2", [(0, 1, 0.5, 1), (0, 1, 0, 4), (1, 0.01, -2, 2.5), (0, 1, 0, 1)])
+@pytest.mark.parametrize(
+    "m1, v1, m2, v2", [(0, 1, 0.5, 1), (0, 1, 0, 4), (1, 0.01, -2, 2.5), (0, 1, 0, 1)]
+)
 def test_hellinger_closed_form(m1, v1, m2, v2):
     bc = np.sqrt(2 * np.sqrt(v1 * v2) / (v1 + v2)) * np.exp(-((m1 - m2) ** 2) / (4 * (v1 + v2)))
     assert hellinger(single(m1, v1), single(m2, v2), X) == pytest.approx(np.sqrt(1 - bc), abs=1e-9)
@@ -36,7 +38,14 @@ def test_total_variation_closed_form(m1, v1, m2, v2):
 
 def test_distances_of_a_moe_to_itself_and_symmetry():
     rng = np.random.default_rng(0)
-    p = GaussianMoE(rng.normal(size=3), rng.normal(size=(3, 2)), rng.normal(size=(3, 2)), rng.normal(size=3), [0.1, 0.5, 1.0], 2)
+    p = GaussianMoE(
+        rng.normal(size=3),
+        rng.normal(size=(3, 2)),
+        rng.normal(size=(3, 2)),
+        rng.normal(size=3),
+        [0.1, 0.5, 1.0],
+        2,
+    )
     q = GaussianMoE(p.beta0 + 0.3, p.beta1, p.a, p.b + 0.2, p.var, 2)
     Xs = rng.normal(size=(40, 2))
     assert hellinger(p, p, Xs) == pytest.approx(0, abs=1e-7)
@@ -57,7 +66,14 @@ def test_voronoi_loss_by_hand():
     d1 = np.exp(0.1) * (0.2 + 0.1 + 0.05 + 0.1) + abs(np.exp(0.1) - 1)
     assert voronoi_loss(fit, true) == pytest.approx(d1, rel=1e-12)
     # over-specified: true atom 0 split in two, exponents rbar(2) = 4 for beta1/b and 2 for a/var
-    over = atoms([np.log(0.5), np.log(0.5), 0.0], [[1.1], [0.8], [0.0]], [[1.0], [1.2], [-1.0]], [0.1, 0.0, 1.0], [1.0, 0.9, 2.0], 3)
+    over = atoms(
+        [np.log(0.5), np.log(0.5), 0.0],
+        [[1.1], [0.8], [0.0]],
+        [[1.0], [1.2], [-1.0]],
+        [0.1, 0.0, 1.0],
+        [1.0, 0.9, 2.0],
+        3,
+    )
     # the gate is anchored at the last atom, which sits exactly on true atom 1
     d2 = 0.5 * (0.1**4 + 0 + 0.1**4 + 0) + 0.5 * (0.2**4 + 0.2**2 + 0 + 0.1**2) + 0.0
     assert voronoi_loss(over, true, kind="over") == pytest.approx(d2, rel=1e-9)

@@ -181,7 +181,11 @@ def run_replication(setting: str, n: int, rep: int, cfg: RateConfig) -> dict:
 
 
 def fingerprint(cfg: RateConfig) -> str:
-    """Hash of everything that changes one replication's result (not n_reps or sizes)."""
+    """Hash of the settings that change one replication's result (not n_reps or sizes).
+
+    Code changes are not part of the key: delete ``runs/gmoe-rates/reps`` after changing the
+    fitting or loss code.
+    """
     keys = ("n_eval", "max_iter", "tol", "init_noise", "split_offset", "seed")
     payload = {k: getattr(cfg, k) for k in keys} | {"true": repr(true_model())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -74,6 +74,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     groups = {
         "density.png": ("hellinger", "tv"),
@@ -100,6 +101,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
                     )
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
             ax.set_xlabel("n")
             ax.set_title(setting)
             ax.legend(fontsize=7)
