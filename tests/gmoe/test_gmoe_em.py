@@ -23,7 +23,8 @@ def dense_data(n=600, seed=0):
 def test_dense_em_never_decreases_likelihood(seed):
     _, X, y = dense_data(seed=seed)
     est = GaussianMoERegressor(n_experts=3, n_init=2, max_iter=150, tol=0, random_state=seed)
-    with pytest.warns(Warning):  # tol=0 cannot be met: ConvergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol=0 is met only at an exact fixed point
         est.fit(X, y)
     steps = np.diff(est.history_)
     assert len(steps) >= 20

@@ -94,3 +94,24 @@ def test_voronoi_errors():
         voronoi_cells(other, true)
     with pytest.raises(ValueError, match="X must have shape"):
         hellinger(true, true, np.zeros((3, 2)))
+
+
+def test_voronoi_loss_is_zero_for_a_relabelled_truth():
+    true = GaussianMoE(
+        [0.5, -0.5, 0.0],
+        [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]],
+        [[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]],
+        [0.0, 1.0, 2.0],
+        [0.1, 0.2, 0.3],
+        2,
+    )
+    order = [2, 0, 1]  # the constructor re-anchors the gate on the new last atom
+    relabelled = GaussianMoE(
+        true.beta0[order], true.beta1[order], true.a[order], true.b[order], true.var[order], 2
+    )
+    assert relabelled.beta1[-1].tolist() == [0.0, 0.0] and relabelled.beta1[0].tolist() != [
+        0.0,
+        0.0,
+    ]
+    assert voronoi_loss(relabelled, true) == pytest.approx(0.0, abs=1e-12)
+    assert [c.tolist() for c in voronoi_cells(relabelled, true)] == [[1], [2], [0]]

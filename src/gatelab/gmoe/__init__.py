@@ -7,6 +7,19 @@ density distances of the paper (:mod:`gatelab.gmoe.eval`), model selection by BI
 """
 
 from gatelab.gmoe.estimator import GaussianMoERegressor
+from gatelab.gmoe.eval import hellinger, total_variation, voronoi_cells, voronoi_loss
 from gatelab.gmoe.model import GaussianMoE
+from gatelab.gmoe.rates import RateConfig
+from gatelab.gmoe.select import merge_experts, select_n_experts
 
-__all__ = ["GaussianMoE", "GaussianMoERegressor"]
+__all__ = [
+    "GaussianMoE",
+    "GaussianMoERegressor",
+    "RateConfig",
+    "hellinger",
+    "merge_experts",
+    "select_n_experts",
+    "total_variation",
+    "voronoi_cells",
+    "voronoi_loss",
+]

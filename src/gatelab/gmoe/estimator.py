@@ -25,6 +25,9 @@ from gatelab.gmoe.model import GaussianMoE, Params, project
 
 INIT_NEWTON_STEPS = 10  # Newton steps of the initial gate fit to the k-means labels
 INIT_LABEL_SMOOTHING = 0.1  # keeps that logistic fit finite when the clusters are separable
+INIT_CANDIDATES = 4  # candidate partitions per restart, screened by a short EM run
+SHORT_RUN = 20  # EM iterations of that screening run
+MAX_BATCH = 5_000_000  # cap on candidates * n_samples * n_experts (memory of one batch tensor)
 SMALL_PROBLEM = 2_000_000  # n_samples * n_experts * n_init below which fit uses one thread
 
 
@@ -55,9 +58,11 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         n_init: restarts from k-means initialisations; the highest likelihood wins.
         max_iter: EM iterations per restart.
         tol: relative change of the mean log-likelihood that counts as converged.
-        init: ``"kmeans"`` (k-means on standardised ``[X, y]``, experts by least squares per
-            cluster, gate by a softmax fit to the labels) or a :class:`GaussianMoE` to start
-            from (then one restart is run).
+        init: ``"kmeans"`` or a :class:`GaussianMoE` to start from (then one restart is run).
+            ``"kmeans"``: partitions of the standardised ``[X, y]`` (``n_init`` by k-means and
+            ``3 * n_init`` more by nearest of random data points), experts by least squares per
+            part, gate by a softmax fit to the labels; all candidates run 20 EM iterations as
+            one batch and the ``n_init`` most likely continue to convergence.
         reg_var: variance floor as a fraction of ``var(y)`` (prevents collapse onto few points).
         random_state: None, int or ``RandomState``; seeds the k-means initialisations.
         device: torch device the EM runs on (``"cpu"``, ``"cuda"``).
@@ -189,21 +194,29 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         var_y = float(np.var(y))
         var_floor = self.reg_var * (var_y if var_y > 0 else 1.0)
         if isinstance(self.init, GaussianMoE):
-            p0 = self.init.to_params(device)
+            p0, prefix, spent = self.init.to_params(device), [[]], [0]
         else:
-            p0 = self._kmeans_init(X, Xt, yt, top_k, rng, var_floor, var_y)
-        res = run_em(Xt, yt, p0, top_k, max_iter=self.max_iter, tol=self.tol, var_floor=var_floor)
+            p0, prefix, spent = self._initial_params(X, Xt, yt, top_k, rng, var_floor, var_y)
+        max_iter = self.max_iter - max(spent)  # the screening run counts towards max_iter
+        res = run_em(Xt, yt, p0, top_k, max_iter=max_iter, tol=self.tol, var_floor=var_floor)
         best = int(torch.argmax(res.log_likelihood))
         self.params_ = GaussianMoE.from_params(res.params, top_k, best)
         self.log_likelihood_ = float(res.log_likelihood[best])
-        self.n_iter_ = int(res.n_iter[best])
+        self.n_iter_ = spent[best] + int(res.n_iter[best])
         self.converged_ = bool(res.converged[best])
-        self.history_ = np.asarray(res.history[best])
+        self.history_ = np.asarray(prefix[best] + res.history[best])
 
-    def _kmeans_init(self, X, Xt, yt, top_k, rng, var_floor, var_y) -> Params:
-        k, d = self.n_experts, X.shape[1]
-        joint = np.column_stack([X, yt.cpu().numpy()])
+    def _init_labels(self, X, y, rng) -> np.ndarray:
+        """Hard partitions of the standardised ``[X, y]``, shape (n_candidates, n_samples).
+
+        ``n_init`` come from k-means, the others from the nearest of ``k`` random data points (no
+        Lloyd steps: far more diverse, which is what finds the good basins; k-means alone often
+        lands in the same poor one).
+        """
+        k, n = self.n_experts, len(X)
+        joint = np.column_stack([X, y])
         joint = (joint - joint.mean(0)) / np.where(joint.std(0) > 0, joint.std(0), 1.0)
+        n_candidates = max(self.n_init, min(INIT_CANDIDATES * self.n_init, MAX_BATCH // (n * k)))
         labels = []
         for _ in range(self.n_init):
             seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -211,9 +224,21 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
             with warnings.catch_warnings():  # fewer distinct points than clusters is fine here
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 labels.append(km.fit_predict(joint))
-        onehot = torch.nn.functional.one_hot(torch.as_tensor(np.stack(labels).astype(np.int64)), k)
-        onehot = onehot.transpose(1, 2)  # (R, E, N)
-        resp = onehot.to(Xt.dtype).to(Xt.device)
+        for _ in range(n_candidates - self.n_init):
+            centres = joint[rng.choice(n, size=k, replace=False)]  # (E, D+1)
+            labels.append(((joint[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1))
+        return np.stack(labels).astype(np.int64)  # (R, N)
+
+    def _initial_params(self, X, Xt, yt, top_k, rng, var_floor, var_y) -> Params:
+        """Starting parameters, with the history and iterations already spent on each.
+
+        Parameters come from each candidate partition; with more candidates than ``n_init``, all
+        run ``SHORT_RUN`` EM iterations as one batch and the ``n_init`` most likely are kept.
+        """
+        k, d = self.n_experts, X.shape[1]
+        labels = self._init_labels(X, yt.cpu().numpy(), rng)
+        onehot = torch.nn.functional.one_hot(torch.as_tensor(labels), k).transpose(1, 2)
+        resp = onehot.to(Xt.dtype).to(Xt.device)  # (R, E, N)
         r = len(labels)
         zeros = torch.zeros(r, k, d, dtype=Xt.dtype, device=Xt.device)
         start = Params(zeros[..., 0], zeros, zeros, zeros[..., 0], zeros[..., 0] + max(var_y, 1.0))
@@ -228,7 +253,19 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
                 prob = softmax_experts(project(F, coef))
                 coef[:, :-1] += newton_direction(F, ff, target, prob)
         beta0 = coef[..., d] if top_k > 1 else zeros[..., 0]
-        return Params(beta0, coef[..., :d].contiguous(), p.a, p.b, p.var)
+        p = Params(beta0, coef[..., :d].contiguous(), p.a, p.b, p.var)
+        short_iters = min(SHORT_RUN, self.max_iter // 2)
+        if r <= self.n_init or short_iters == 0:  # no screening: the k-means candidates
+            first = torch.arange(self.n_init, device=Xt.device)
+            return p.take(first), [[] for _ in range(self.n_init)], [0] * self.n_init
+        short = run_em(Xt, yt, p, top_k, max_iter=short_iters, tol=self.tol, var_floor=var_floor)
+        keep = torch.argsort(short.log_likelihood, descending=True)[: self.n_init].tolist()
+        history = [short.history[i][:-1] for i in keep]  # the last value starts the next run
+        return (
+            short.params.take(torch.tensor(keep, device=Xt.device)),
+            history,
+            [int(short.n_iter[i]) for i in keep],
+        )
 
     # ----------------------------------------------------------------- prediction
     def _X(self, X):

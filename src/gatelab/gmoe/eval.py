@@ -11,8 +11,9 @@ r"""Losses between a fitted and a true top-K gated Gaussian MoE (arXiv:2309.1385
   Gaussian component of both models; for total variation the grid also gets the points where the
   densities cross, where ``|p - q|`` has a kink).
 
-Both models must use the same gate normalisation (:class:`GaussianMoE` anchors the last expert's
-gate at zero); compare a fit whose last expert sits in the true last expert's cell.
+The gate is identified only up to a common shift of all ``(beta0_i, beta1_i)``; before comparing,
+:func:`align_gate` re-anchors the fitted gate on the true atom its last expert estimates (a no-op
+when that is the true last atom), so fits whose experts come out in another order compare fairly.
 """
 
 from __future__ import annotations
@@ -33,8 +34,38 @@ def _atoms(model: GaussianMoE) -> np.ndarray:
     return np.column_stack([model.beta1, model.a, model.b, model.var])
 
 
+def align_gate(fitted: GaussianMoE, true: GaussianMoE) -> GaussianMoE:
+    """Re-anchor the fitted gate on the truth's (the gate is identified up to a common shift).
+
+    The fitted last atom (gate ``(0, 0)``) is matched to the nearest true atom ``j`` on the
+    anchor-free ``(a, b, var)``; the fitted gate is then shifted by ``beta1*_j`` and so that the
+    gate mass of ``j``'s cell equals ``exp(beta0*_j)``. When the fitted last atom is alone in the
+    true last atom's cell (the usual case) nothing changes.
+    """
+    if fitted.n_features != true.n_features:
+        raise ValueError(
+            f"voronoi_cells: models have {fitted.n_features} and {true.n_features} features"
+        )
+    free = lambda m: np.column_stack([m.a, m.b, m.var])  # noqa: E731
+    nearest = np.linalg.norm(free(fitted)[:, None] - free(true)[None], axis=-1).argmin(1)
+    j = nearest[-1]
+    cell = nearest == j
+    shift0 = true.beta0[j] - np.log(np.exp(fitted.beta0[cell]).sum())
+    if fitted.top_k == 1:
+        shift0 = 0.0
+    beta0 = fitted.beta0 + shift0
+    beta1 = fitted.beta1 + true.beta1[j]
+    aligned = GaussianMoE(beta0, beta1, fitted.a, fitted.b, fitted.var, fitted.top_k)
+    # the constructor re-normalises to the last atom; put the shift back on the stored arrays
+    object.__setattr__(aligned, "beta0", beta0)
+    object.__setattr__(aligned, "beta1", beta1)
+    return aligned
+
+
 def voronoi_cells(fitted: GaussianMoE, true: GaussianMoE) -> list[np.ndarray]:
     """For each true atom ``j``, the indices of the fitted atoms nearest to it (its cell).
+
+    The fitted gate is first re-anchored with :func:`align_gate`.
 
     Args:
         fitted: a model with ``k`` experts.
@@ -43,10 +74,7 @@ def voronoi_cells(fitted: GaussianMoE, true: GaussianMoE) -> list[np.ndarray]:
     Returns:
         A list of ``k*`` int arrays (some possibly empty) partitioning ``range(k)``.
     """
-    if fitted.n_features != true.n_features:
-        raise ValueError(
-            f"voronoi_cells: models have {fitted.n_features} and {true.n_features} features"
-        )
+    fitted = align_gate(fitted, true)
     dist = np.linalg.norm(_atoms(fitted)[:, None, :] - _atoms(true)[None, :, :], axis=-1)
     nearest = dist.argmin(1)  # (k,)
     return [np.flatnonzero(nearest == j) for j in range(true.n_experts)]
@@ -81,8 +109,10 @@ def voronoi_loss(
     if kind not in ("exact", "over"):
         raise ValueError(f"voronoi_loss: kind must be 'exact' or 'over', got {kind!r}")
     rbar = {2: 4.0, 3: 6.0} if rbar is None else rbar
+    cells = voronoi_cells(fitted, true)
+    fitted = align_gate(fitted, true)
     total = 0.0
-    for j, cell in enumerate(voronoi_cells(fitted, true)):
+    for j, cell in enumerate(cells):
         m = len(cell)
         r1 = r2 = 1.0
         if kind == "over" and m > 1:
