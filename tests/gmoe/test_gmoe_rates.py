@@ -59,3 +59,11 @@ def test_bad_config():
         RateConfig(settings=("nope",))
     with pytest.raises(ValueError, match="need sample_sizes"):
         RateConfig(n_reps=1)
+
+
+@pytest.mark.slow
+def test_quick_study_exact_slopes_near_minus_half(tmp_path):
+    """The issue's acceptance check (about 1.5 minutes on two cores)."""
+    summary, _ = rate_study(RateConfig.preset(True), tmp_path, workers=2)
+    for metric in ("hellinger", "tv", "voronoi"):
+        assert summary["exact"][metric]["slope"] == pytest.approx(-0.5, abs=0.15)
