@@ -62,7 +62,8 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
             ``"kmeans"``: partitions of the standardised ``[X, y]`` (``n_init`` by k-means and
             ``3 * n_init`` more by nearest of random data points), experts by least squares per
             part, gate by a softmax fit to the labels; all candidates run 20 EM iterations as
-            one batch and the ``n_init`` most likely continue to convergence.
+            one batch and the ``n_init`` most likely continue to convergence. With
+            ``1 < top_k < n_experts`` one more restart starts from the best dense (K = E) fit.
         reg_var: variance floor as a fraction of ``var(y)`` (prevents collapse onto few points).
         random_state: None, int or ``RandomState``; seeds the k-means initialisations.
         device: torch device the EM runs on (``"cpu"``, ``"cuda"``).
@@ -197,6 +198,10 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
             p0, prefix, spent = self.init.to_params(device), [[]], [0]
         else:
             p0, prefix, spent = self._initial_params(X, Xt, yt, top_k, rng, var_floor, var_y)
+            if 1 < top_k < self.n_experts:
+                extra = self._dense_start(X, Xt, yt, rng, var_floor, var_y)
+                p0 = Params(*(torch.cat([a, b]) for a, b in zip(p0, extra, strict=True)))
+                prefix, spent = [*prefix, []], [*spent, 0]
         max_iter = self.max_iter - max(spent)  # the screening run counts towards max_iter
         res = run_em(Xt, yt, p0, top_k, max_iter=max_iter, tol=self.tol, var_floor=var_floor)
         best = int(torch.argmax(res.log_likelihood))
@@ -205,6 +210,19 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         self.n_iter_ = spent[best] + int(res.n_iter[best])
         self.converged_ = bool(res.converged[best])
         self.history_ = np.asarray(prefix[best] + res.history[best])
+
+    def _dense_start(self, X, Xt, yt, rng, var_floor, var_y) -> Params:
+        """One more top-K restart: the best *dense* (K = E) fit.
+
+        The dense likelihood is smooth, with no selection kinks to stall on; it finds better
+        basins on some data and worse on others, so it competes with the k-means restarts
+        rather than replacing them.
+        """
+        k = self.n_experts
+        p0, _, _ = self._initial_params(X, Xt, yt, k, rng, var_floor, var_y)
+        dense = run_em(Xt, yt, p0, k, max_iter=self.max_iter, tol=self.tol, var_floor=var_floor)
+        best = int(torch.argmax(dense.log_likelihood))
+        return dense.params.take(slice(best, best + 1))
 
     def _init_labels(self, X, y, rng) -> np.ndarray:
         """Hard partitions of the standardised ``[X, y]``, shape (n_candidates, n_samples).
