@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from gatelab.gmoe.rates import RateConfig, run_study, sample_inputs, start_near_truth, true_model
+from gatelab.gmoe.rates_report import rate_study, summarise, table
+
+
+def test_truth_visits_several_regions_and_split_atom_is_always_selected():
+    true = true_model()
+    X = sample_inputs(2000, np.random.default_rng(0))
+    regions = {tuple(r) for r in true.regions(X)}
+    assert len(regions) >= 2
+    assert all(0 in r for r in regions)  # why K̄ = 3 can represent the truth exactly
+
+
+def test_start_near_truth_splits_atom_zero():
+    cfg = RateConfig.preset(True)
+    start = start_near_truth("over", cfg, np.random.default_rng(0))
+    assert start.n_experts == 4 and start.top_k == 3
+    assert np.exp(start.beta0[:2]).sum() == pytest.approx(np.exp(0.5), rel=0.5)
+
+
+def test_slopes_from_known_power_laws():
+    cfg = RateConfig(sample_sizes=(100, 1000, 10000), n_reps=2, settings=("exact",))
+    records = [
+        {"setting": "exact", "n": n, "rep": r, "converged": True, "n_iter": 1}
+        | {
+            m: 3.0 * n**-0.5 * (1 + 0.1 * r)
+            for m in ("hellinger", "tv", "voronoi", "beta1", "a", "b", "var")
+        }
+        for n in cfg.sample_sizes
+        for r in range(2)
+    ]
+    summary = summarise(records, cfg)
+    assert summary["exact"]["hellinger"]["slope"] == pytest.approx(-0.5, abs=1e-12)
+    assert summary["exact"]["voronoi"]["theory"] == -0.5
+    assert "-0.50 (-0.5)" in table(summary)
+
+
+def test_tiny_study_writes_outputs_and_resumes(tmp_path):
+    cfg = RateConfig(sample_sizes=(200, 400), n_reps=2, n_eval=50, max_iter=50, settings=("exact",))
+    summary, figures = rate_study(cfg, tmp_path, workers=1)
+    for name in ("rates.json", "config.json", "report.md"):
+        assert (tmp_path / name).is_file()
+    assert all(f.is_file() for f in figures)
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    assert saved["exact"]["hellinger"]["theory"] == -0.5
+    assert len(list((tmp_path / "reps").glob("*.json"))) == 4
+    calls = []
+    records = run_study(cfg, tmp_path, workers=1, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(4, 4)]  # everything came from the cache
+    assert sorted(r["n"] for r in records) == [200, 200, 400, 400]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown settings"):
+        RateConfig(settings=("nope",))
+    with pytest.raises(ValueError, match="need sample_sizes"):
+        RateConfig(n_reps=1)
+
+
+@pytest.mark.slow
+def test_quick_study_exact_slopes_near_minus_half(tmp_path):
+    """The issue's acceptance check (about 1.5 minutes on two cores)."""
+    summary, _ = rate_study(RateConfig.preset(True), tmp_path, workers=2)
+    for metric in ("hellinger", "tv", "voronoi"):
+        assert summary["exact"][metric]["slope"] == pytest.approx(-0.5, abs=0.15)
