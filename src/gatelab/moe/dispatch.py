@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "grouped_mm", "loop", "padded")
+# public name from torch 2.12 on; the private op has the same signature in 2.8-2.11
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -89,7 +91,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(F.grouped_mm(xs, w, offs=offsets))
+    return _ContiguousGrad.apply(_GROUPED_MM(xs, w, offs=offsets))
 
 
 def _activate(gate: torch.Tensor | None, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -105,8 +107,10 @@ def resolve_backend(backend: str, dtype: torch.dtype, *widths: int) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    supported = dtype in _GROUPED_DTYPES and all(
-        w * torch.empty((), dtype=dtype).element_size() % 16 == 0 for w in widths
+    supported = (
+        _GROUPED_MM is not None
+        and dtype in _GROUPED_DTYPES
+        and all(w * torch.empty((), dtype=dtype).element_size() % 16 == 0 for w in widths)
     )
     if backend == "auto":
         return "grouped_mm" if supported else "loop"
