@@ -159,7 +159,8 @@ def run_config(n, e, k, args, kw, sync):
     grad = torch.randn(n, D_MODEL, **kw)
     live = {name: fn for name, fn in methods.items() if not isinstance(fn, str)}
     times = {name: [] for name in live}
-    for rep in range(args.reps + 1):  # rep 0 is warm-up; methods interleaved within a rep
+    first = 1 if args.no_warmup else 0
+    for rep in range(first, args.reps + 1):  # rep 0 is warm-up; methods interleaved in a rep
         for name, fn in live.items():
             seconds = time_step(fn, x, grad, sync, CLOCKS[args.clock])
             if rep:
@@ -199,6 +200,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tokens 4096 only, E=64, K in {1,2}")
     parser.add_argument("--backends", nargs="*", default=[], help="extra gatelab kernels to time")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up repetition")
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384], help="grid subset")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/moe_layer.json"))
@@ -211,13 +214,14 @@ def main() -> None:
     grid = (
         [(4096, 64, 1), (4096, 64, 2)]
         if args.quick
-        else [(n, e, k) for n in (4096, 16384) for e in (8, 64) for k in (1, 2, 4)]
+        else [(n, e, k) for n in args.tokens for e in (8, 64) for k in (1, 2, 4)]
     )
     rows, load_start = [], os.getloadavg()[0]
     for n, e, k in grid:
         rows.append(run_config(n, e, k, args, kw, sync))
         r = rows[-1]
-        print(f"N={n} E={e} K={k}: x{r['vs_reference']:.2f} ref, x{r['vs_ceiling']:.2f} ceiling")
+        line = f"N={n} E={e} K={k}: x{r['vs_reference']:.2f} ref, x{r['vs_ceiling']:.2f} ceiling"
+        print(line, flush=True)
     names = list(rows[0]["methods"])
     table = markdown(rows, names)
     print(table)
