@@ -20,6 +20,9 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default by --quick).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights and batches.")] = 0,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default by --quick).")] = (
+        None
+    ),
     n_experts: Annotated[int | None, typer.Option(help="Experts per MoE layer.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
     router: Annotated[str, typer.Option(help="softmax | noisy | sigmoid | expert_choice")] = (
@@ -50,6 +53,7 @@ def train(
             device=device,
             corpus_dir=str(corpus_dir) if corpus_dir else None,
             **({"steps": steps} if steps is not None else {}),
+            **({"threads": threads} if threads is not None else {}),
         )
         if corpus_dir is not None and not corpus_dir.is_dir():
             raise FileNotFoundError(f"--corpus-dir {corpus_dir} is not a directory")

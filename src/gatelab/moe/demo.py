@@ -16,11 +16,11 @@ def quick_configs(quick: bool) -> tuple[MoEConfig, TrainConfig]:
             d_model=64, n_layers=2, n_heads=4, seq_len=64, n_experts=8, top_k=2, d_hidden=64
         )
         train = TrainConfig(
-            steps=300, batch_size=16, eval_every=100, eval_batches=8, checkpoint_every=150,
-            warmup=30, max_corpus_bytes=1_000_000,
+            steps=800, batch_size=32, eval_every=200, eval_batches=8, checkpoint_every=400,
+            warmup=50, max_corpus_bytes=1_000_000, threads=1,
         )  # fmt: skip
         return model, train
-    return MoEConfig(), TrainConfig()
+    return MoEConfig(), TrainConfig(threads=1)
 
 
 def run_demo(runs_dir: Path, quick: bool, progress=None) -> DemoResult:
