@@ -55,7 +55,7 @@ class ReferenceLoop(nn.Module):
         for e in hit.tolist():
             token, slot = torch.where(indices == e)
             h = F.silu(x[token] @ m.w_gate[e]) * (x[token] @ m.w_up[e])
-            out = out.index_add(0, token, (h @ m.w_down[e]) * weights[token, slot, None])
+            out.index_add_(0, token, (h @ m.w_down[e]) * weights[token, slot, None])  # as HF
         return out
 
 
