@@ -25,7 +25,7 @@ def _corpus(tmp_path):
 def _cfg(tmp_path, **kw):
     base = dict(
         steps=20, batch_size=8, lr=1e-2, warmup=5, eval_every=10, eval_batches=2,
-        log_every=5, checkpoint_every=10, corpus_dir=str(_corpus(tmp_path)),
+        log_every=5, checkpoint_every=10, corpus_dir=str(_corpus(tmp_path)), threads=1,
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
 

@@ -90,7 +90,6 @@ def plot_expert_load(run_dir: Path, path: Path) -> Path:
         load = torch.tensor([r[f"train/load_l{i}"] for r in records], dtype=torch.float)
         share = load / load.sum(1, keepdim=True)  # (steps, E)
         ax.stackplot(steps, share.T.numpy())
-        ax.axhline(0.5, color="white", lw=0.5)
         ax.set_xlabel("step")
         ax.set_ylabel("share of routed tokens")
         ax.set_title(f"layer {i}: load per expert (E={share.shape[1]})")
