@@ -26,6 +26,7 @@ CASES = {
     "expert-choice": dict(top_k=2, router="expert_choice"),
     "expert-choice-cf": dict(top_k=1, router="expert_choice", capacity_factor=2.5),
     "padded": dict(top_k=2, capacity_factor=0.9, backend="padded"),
+    "loop": dict(top_k=2, n_shared_experts=1, backend="loop"),
 }
 
 
