@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatelab.moe.model import SparseMoE
+from gatelab.moe.model import ROUTERS, SparseMoE
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if self.ffn not in ("moe", "dense"):
             raise ValueError(f"MoEConfig.ffn must be 'moe' or 'dense', got {self.ffn!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoEConfig.router must be one of {ROUTERS}, got {self.router!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"MoEConfig: d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
