@@ -24,9 +24,12 @@ def quick_configs(quick: bool) -> tuple[MoEConfig, TrainConfig]:
 
 
 def run_demo(runs_dir: Path, quick: bool, progress=None) -> DemoResult:
-    """Train both arms under ``runs_dir/moe-train`` and report held-out loss."""
+    """Train both arms under ``runs_dir/moe-train`` (``moe-train-quick`` when quick).
+
+    Separate folders because a run folder resumes only its own config.
+    """
     model_cfg, train_cfg = quick_configs(quick)
-    out = Path(runs_dir) / "moe-train"
+    out = Path(runs_dir) / ("moe-train-quick" if quick else "moe-train")
     result = train_pair(model_cfg, train_cfg, out, progress)
     moe, dense = result["moe"], result["dense"]
     metrics = {

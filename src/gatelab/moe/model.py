@@ -59,8 +59,8 @@ class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, bias: bool, noisy: bool, **kw) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, d_model, **kw))
-        self.bias = nn.Parameter(torch.empty(n_experts, **kw)) if bias else None
-        self.noise_weight = nn.Parameter(torch.empty(n_experts, d_model, **kw)) if noisy else None
+        _optional(self, "bias", (n_experts,), bias, kw)
+        _optional(self, "noise_weight", (n_experts, d_model), noisy, kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,17 +152,13 @@ class SparseMoE(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.router = Router(d_model, n_experts, router_bias, router == "noisy", **kw)
         swiglu = activation == "swiglu"
-        self.w_gate = (
-            nn.Parameter(torch.empty(n_experts, d_model, d_hidden, **kw)) if swiglu else None
-        )
+        _optional(self, "w_gate", (n_experts, d_model, d_hidden), swiglu, kw)
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_hidden, **kw))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_hidden, d_model, **kw))
         s = n_shared_experts
-        self.shared_w_gate = (
-            nn.Parameter(torch.empty(s, d_model, d_hidden, **kw)) if s and swiglu else None
-        )
-        self.shared_w_up = nn.Parameter(torch.empty(s, d_model, d_hidden, **kw)) if s else None
-        self.shared_w_down = nn.Parameter(torch.empty(s, d_hidden, d_model, **kw)) if s else None
+        _optional(self, "shared_w_gate", (s, d_model, d_hidden), s > 0 and swiglu, kw)
+        _optional(self, "shared_w_up", (s, d_model, d_hidden), s > 0, kw)
+        _optional(self, "shared_w_down", (s, d_hidden, d_model), s > 0, kw)
         self.last_stats: MoEStats | None = None
         self.reset_parameters()
 
@@ -255,6 +251,12 @@ class SparseMoE(nn.Module):
             f"top_k={self.top_k}, router={self.router_kind!r}, activation={self.activation!r}, "
             f"capacity_factor={self.capacity_factor}, n_shared_experts={self.n_shared_experts}"
         )
+
+
+def _optional(module: nn.Module, name: str, shape: tuple, present: bool, kw: dict) -> None:
+    """Register an (uninitialised) parameter, or ``None`` under its name when absent."""
+    param = nn.Parameter(torch.empty(*shape, **kw)) if present else None
+    module.register_parameter(name, param)
 
 
 def route_logits(moe: SparseMoE, flat: torch.Tensor) -> torch.Tensor:
