@@ -79,8 +79,8 @@ class SparseMoE(nn.Module):
         f_i(x) = (\operatorname{silu}(x W^g_i) \odot x W^u_i)\, W^d_i
 
     with :math:`S_K, w` from the router (for ``"softmax"`` exactly
-    :func:`gatelab.gates.topk_softmax`
-    on :math:`u = W_r x`, bias added after selection) and :math:`g_s` the always-on shared experts.
+    :func:`gatelab.gates.topk_softmax` on :math:`u = W_r x`, bias added after selection) and
+    :math:`g_s` the always-on shared experts.
 
     Args:
         d_model: ``D``. d_hidden: ``H``, hidden width of each expert.
