@@ -1,0 +1,250 @@
+"""Forward+backward throughput of sparse-MoE layers, side by side in one run.
+
+Methods, all with SwiGLU-class experts of width H unless noted:
+  gatelab        gatelab.moe.SparseMoE (sort by expert, grouped matmul, scatter-add; dropless)
+  reference      loop over experts as in Hugging Face's Mixtral block (dropless)
+  gshard         GShard dense one-hot dispatch/combine einsums, capacity factor 1.25
+  st-moe         st-moe-pytorch 0.1.8 MoE (GEGLU experts, dense dispatch, top_n >= 2 only)
+  lucidrains-moe mixture-of-experts 0.2.3 MoE (ReLU experts: 2 of the 3 matmuls; top-2 only)
+  ceiling        one dense SwiGLU FFN of width K*H on all tokens: the same active FLOPs
+Tokens/s = tokens / (forward + backward seconds), median of --reps interleaved repetitions.
+
+    .venv/bin/python benchmarks/moe_layer.py                  # the full CPU grid
+    .venv/bin/python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --out gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gatelab
+from gatelab.moe import SparseMoE
+
+D_MODEL, D_HIDDEN, SEED = 512, 1024, 0
+# "cpu" = process CPU time: with --threads 1 it is the work done, immune to other users' load
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DENSE_LIMIT = 3e8  # skip dense-dispatch methods whose (N, E, C) tensor has more elements
+
+
+class ReferenceLoop(nn.Module):
+    """Hugging Face Mixtral-style expert loop, dropless, on a SparseMoE's weights."""
+
+    def __init__(self, moe: SparseMoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        m = self.moe
+        logits = x @ m.router.weight.T
+        weights, indices = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        hit = torch.bincount(indices.reshape(-1), minlength=m.n_experts).nonzero().flatten()
+        for e in hit.tolist():
+            token, slot = torch.where(indices == e)
+            h = F.silu(x[token] @ m.w_gate[e]) * (x[token] @ m.w_up[e])
+            out.index_add_(0, token, (h @ m.w_down[e]) * weights[token, slot, None])  # as HF
+        return out
+
+
+class GShardDense(nn.Module):
+    """GShard-style dispatch with dense one-hot (N, E, C) tensors and einsums (arXiv:2006.16668)."""
+
+    def __init__(self, moe: SparseMoE, capacity_factor: float = 1.25) -> None:
+        super().__init__()
+        self.moe, self.capacity_factor = moe, capacity_factor
+
+    def forward(self, x):
+        m = self.moe
+        n, e, k = x.shape[0], m.n_experts, m.top_k
+        c = math.ceil(self.capacity_factor * n * k / e)
+        logits = x @ m.router.weight.T
+        weights, indices = torch.topk(torch.softmax(logits, -1), k, dim=-1)  # (N, K)
+        weights = weights / weights.sum(-1, keepdim=True)
+        mask = F.one_hot(indices.T.reshape(-1), e)  # (K N, E) choice-major
+        position = (torch.cumsum(mask, 0) - 1) * mask  # (K N, E)
+        keep = (position < c) & mask.bool()
+        slot = F.one_hot(position.clamp(max=c - 1), c) * keep.unsqueeze(-1)  # (K N, E, C)
+        dispatch = slot.view(k, n, e, c).sum(0).to(x.dtype)  # (N, E, C)
+        combine = (slot.view(k, n, e, c) * weights.T.reshape(k, n, 1, 1)).sum(0)  # (N, E, C)
+        xe = torch.einsum("nec,nd->ecd", dispatch, x)  # (E, C, D)
+        h = F.silu(torch.bmm(xe, m.w_gate)) * torch.bmm(xe, m.w_up)
+        ye = torch.bmm(h, m.w_down)  # (E, C, D)
+        return torch.einsum("nec,ecd->nd", combine.to(x.dtype), ye)
+
+
+class DenseCeiling(nn.Module):
+    """A dense SwiGLU FFN of width K*H: the active FLOPs of a top-K layer, with no routing."""
+
+    def __init__(self, top_k: int, **kw) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(D_MODEL, top_k * D_HIDDEN, bias=False, **kw)
+        self.w_up = nn.Linear(D_MODEL, top_k * D_HIDDEN, bias=False, **kw)
+        self.w_down = nn.Linear(top_k * D_HIDDEN, D_MODEL, bias=False, **kw)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def _peer_st_moe(e, k, kw):
+    from st_moe_pytorch import MoE
+
+    # expert_hidden_mult=3 gives GEGLU width int(512 * 3 * 2/3) = 1024 = H
+    layer = MoE(D_MODEL, num_experts=e, gating_top_n=k, expert_hidden_mult=3).to(**kw)
+    return lambda x: layer(x.unsqueeze(0)).outputs.squeeze(0)
+
+
+def _peer_lucidrains(e, k, kw):
+    from mixture_of_experts import MoE
+
+    if k != 2:
+        raise ValueError("top-2 gating only")
+    layer = MoE(D_MODEL, num_experts=e, hidden_dim=D_HIDDEN).to(**kw)
+    return lambda x: layer(x.unsqueeze(0))[0].squeeze(0)
+
+
+def build_methods(n, e, k, kw, backends):
+    """name -> callable(x) -> y, or a string saying why the method was skipped."""
+    moe = SparseMoE(D_MODEL, D_HIDDEN, e, k, **kw)
+    methods = {"gatelab": moe}
+    for backend in backends:
+        variant = SparseMoE(D_MODEL, D_HIDDEN, e, k, backend=backend, **kw)
+        variant.load_state_dict(moe.state_dict())
+        methods[f"gatelab[{backend}]"] = variant
+    methods["reference"] = ReferenceLoop(moe)
+    dense_elements = n * e * math.ceil(1.25 * n * k / e) * k
+    too_big = f"skipped: (K N, E, C) dispatch of {dense_elements:.1e} elements"
+    methods["gshard"] = GShardDense(moe) if dense_elements <= DENSE_LIMIT else too_big
+    for name, make in (("st-moe", _peer_st_moe), ("lucidrains-moe", _peer_lucidrains)):
+        if dense_elements > DENSE_LIMIT:
+            methods[name] = too_big
+            continue
+        try:
+            methods[name] = make(e, k, kw)
+            methods[name](torch.randn(4 * e, D_MODEL, **kw))  # probe: some top_k are unsupported
+        except Exception as error:  # noqa: BLE001 - a peer failing is a result, not a crash
+            methods[name] = f"fails: {type(error).__name__}: {str(error)[:80]}"
+    methods["ceiling"] = DenseCeiling(k, **kw)
+    return methods
+
+
+def time_step(fn, x, grad, sync, clock=time.perf_counter):
+    x.grad = None
+    params = fn.parameters() if isinstance(fn, nn.Module) else []
+    for p in params:
+        p.grad = None
+    sync()
+    start = clock()
+    fn(x).backward(grad)
+    sync()
+    return clock() - start
+
+
+def run_config(n, e, k, args, kw, sync):
+    torch.manual_seed(SEED)
+    methods = build_methods(n, e, k, kw, args.backends)
+    x = torch.randn(n, D_MODEL, **kw).requires_grad_()
+    grad = torch.randn(n, D_MODEL, **kw)
+    live = {name: fn for name, fn in methods.items() if not isinstance(fn, str)}
+    times = {name: [] for name in live}
+    first = 1 if args.no_warmup else 0
+    for rep in range(first, args.reps + 1):  # rep 0 is warm-up; methods interleaved in a rep
+        for name, fn in live.items():
+            seconds = time_step(fn, x, grad, sync, CLOCKS[args.clock])
+            if rep:
+                times[name].append(seconds)
+    row = {"tokens": n, "n_experts": e, "top_k": k, "methods": {}}
+    for name, fn in methods.items():
+        if isinstance(fn, str):
+            row["methods"][name] = {"status": fn}
+        else:
+            med = statistics.median(times[name])
+            row["methods"][name] = {"tokens_per_s": n / med, "seconds": times[name]}
+    ours = row["methods"]["gatelab"]["tokens_per_s"]
+    row["vs_reference"] = ours / row["methods"]["reference"]["tokens_per_s"]
+    row["vs_ceiling"] = ours / row["methods"]["ceiling"]["tokens_per_s"]
+    return row
+
+
+def markdown(rows, names):
+    head = "| tokens | E | K | " + " | ".join(names) + " | ×reference | ×ceiling |"
+    lines = [head, "|" + "---|" * (len(names) + 5)]
+    for r in rows:
+        cells = []
+        for name in names:
+            m = r["methods"].get(name, {"status": "-"})
+            cells.append(f"{m['tokens_per_s']:,.0f}" if "tokens_per_s" in m else "n/a")
+        lines.append(
+            f"| {r['tokens']} | {r['n_experts']} | {r['top_k']} | " + " | ".join(cells)
+            + f" | {r['vs_reference']:.2f} | {r['vs_ceiling']:.2f} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tokens 4096 only, E=64, K in {1,2}")
+    parser.add_argument("--backends", nargs="*", default=[], help="extra gatelab kernels to time")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up repetition")
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384], help="grid subset")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/moe_layer.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = {"device": torch.device(args.device), "dtype": getattr(torch, args.dtype)}
+    cuda = kw["device"].type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    grid = (
+        [(4096, 64, 1), (4096, 64, 2)]
+        if args.quick
+        else [(n, e, k) for n in args.tokens for e in (8, 64) for k in (1, 2, 4)]
+    )
+    rows, load_start = [], os.getloadavg()[0]
+    for n, e, k in grid:
+        rows.append(run_config(n, e, k, args, kw, sync))
+        r = rows[-1]
+        line = f"N={n} E={e} K={k}: x{r['vs_reference']:.2f} ref, x{r['vs_ceiling']:.2f} ceiling"
+        print(line, flush=True)
+    names = list(rows[0]["methods"])
+    table = markdown(rows, names)
+    print(table)
+    versions = {p: metadata.version(p) for p in ("torch", "st-moe-pytorch", "mixture-of-experts")}
+    hardware = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_avg_1m_start_end": [load_start, os.getloadavg()[0]],
+    }
+    payload = {
+        "config": {**vars(args), "out": str(args.out), "d_model": D_MODEL, "d_hidden": D_HIDDEN},
+        "seed": SEED,
+        "versions": {"gatelab": gatelab.__version__, **versions},
+        "hardware": hardware,
+        "rows": rows,
+        "markdown": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

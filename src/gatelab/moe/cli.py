@@ -1,0 +1,88 @@
+"""``gatelab moe ...``: train the SparseMoE-vs-dense language models and evaluate checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gatelab import _cli
+from gatelab.moe.demo import quick_configs
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.command()
+def train(
+    quick: Annotated[bool, typer.Option(help="Small, fast run (< 3 min on 2 CPU cores).")] = False,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default by --quick).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for weights and batches.")] = 0,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default by --quick).")] = (
+        None
+    ),
+    n_experts: Annotated[int | None, typer.Option(help="Experts per MoE layer.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
+    router: Annotated[str, typer.Option(help="softmax | noisy | sigmoid | expert_choice")] = (
+        "softmax"
+    ),
+    corpus_dir: Annotated[
+        Path | None, typer.Option(help="Folder of .py files (default: the stdlib).")
+    ] = None,
+    run_dir: Annotated[Path, typer.Option(help="Output folder; resumes from it.")] = Path(
+        "runs/moe-train"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Train a SparseMoE LM and a dense LM with equal active parameters; compare held-out loss."""
+    import dataclasses
+
+    from gatelab.moe.train import train_pair
+
+    with _cli.user_errors():
+        model_cfg, train_cfg = quick_configs(quick)
+        overrides = {"n_experts": n_experts, "top_k": top_k, "router": router}
+        model_cfg = dataclasses.replace(
+            model_cfg, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        train_cfg = dataclasses.replace(
+            train_cfg,
+            seed=seed,
+            device=device,
+            corpus_dir=str(corpus_dir) if corpus_dir else None,
+            **({"steps": steps} if steps is not None else {}),
+            **({"threads": threads} if threads is not None else {}),
+        )
+        if corpus_dir is not None and not corpus_dir.is_dir():
+            raise FileNotFoundError(f"--corpus-dir {corpus_dir} is not a directory")
+        with _cli.progress_bar("moe train (moe, then dense)", 2 * train_cfg.steps) as update:
+            result = train_pair(model_cfg, train_cfg, run_dir, update)
+    summary = {arm: _headline(result[arm]) for arm in ("moe", "dense")}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for arm, metrics in summary.items():
+        typer.echo(f"{arm:5s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+    typer.echo(f"figures: {', '.join(str(f) for f in result['figures'])}")
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Option(help="A folder written by `gatelab moe train`.")] = Path(
+        "runs/moe-train"
+    ),
+) -> None:
+    """Re-evaluate the saved MoE and dense checkpoints on the held-out files."""
+    from gatelab.moe.eval import evaluate_checkpoint
+
+    with _cli.user_errors():
+        for arm in ("moe", "dense"):
+            metrics = evaluate_checkpoint(run_dir / arm)
+            typer.echo(f"{arm:5s} " + "  ".join(f"{k}={v}" for k, v in _headline(metrics).items()))
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("eval/loss", "eval/bits_per_byte", "params/active", "params/total")
+    return {k: round(metrics[k], 4) for k in keys if k in metrics}

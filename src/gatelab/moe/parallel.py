@@ -1,0 +1,133 @@
+"""Expert parallelism: experts sharded over a ``torch.distributed`` group, all-to-all exchange.
+
+Each rank holds the full router and ``E / W`` experts (rank ``r`` owns global experts
+``[r E/W, (r+1) E/W)``), routes its own tokens, sends every routed row to the rank that owns its
+expert with ``all_to_all_single`` (variable splits), runs its local experts as one grouped
+computation, sends the rows back with a second all-to-all and combines them locally — the
+Tutel / DeepSpeed-MoE scheme (arXiv:2206.03382 §3; arXiv:2201.05596 §5). Works with gloo (CPU)
+and NCCL (GPU). Gradients flow through both exchanges (the backward of an all-to-all is the
+all-to-all with the splits swapped). Router and shared-expert gradients are per-rank partial
+sums: reduce them across ranks as for any replicated parameter (e.g. DDP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gatelab import gates
+from gatelab.moe import dispatch as dsp
+from gatelab.moe.model import SparseMoE, route_logits, shared_forward
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` over rows with explicit split sizes."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):  # noqa: D102
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+class ExpertParallelMoE(SparseMoE):
+    r"""A :class:`SparseMoE` whose experts are sharded over the ranks of a process group.
+
+    Same maths as :class:`SparseMoE` applied to the union of all ranks' tokens (dropless
+    token-choice routers only: a capacity would depend on how tokens are spread over ranks).
+
+    Args:
+        *args, **kwargs: as :class:`SparseMoE`; ``n_experts`` must be divisible by the group size.
+        group: process group (default: the world). ``torch.distributed`` must be initialised.
+
+    Shape:
+        x ``(..., D)`` -> ``(..., D)``, each rank with its own tokens.
+
+    Attributes:
+        w_gate, w_up ``(E/W, D, H)``, w_down ``(E/W, H, D)``: this rank's experts. The constructor
+        draws the full ``(E, ...)`` weights and keeps its slice, so ranks seeded alike hold
+        exactly the shards of one ``SparseMoE`` built with that seed.
+    """
+
+    def __init__(self, *args, group=None, **kwargs) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("ExpertParallelMoE: call torch.distributed.init_process_group first")
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.router_kind == "expert_choice" or self.capacity_factor is not None:
+            raise ValueError(
+                "ExpertParallelMoE: only dropless token-choice routing is supported "
+                "(capacity_factor=None, router in softmax/noisy/sigmoid); use SparseMoE otherwise"
+            )
+        if self.n_experts % self.world:
+            raise ValueError(
+                f"ExpertParallelMoE: n_experts={self.n_experts} must be divisible by the "
+                f"group size {self.world}"
+            )
+        self.n_local = self.n_experts // self.world
+        lo = self.rank * self.n_local
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(self, name)
+            if full is not None:
+                setattr(self, name, nn.Parameter(full.detach()[lo : lo + self.n_local].clone()))
+
+    @classmethod
+    def from_dense(cls, moe: SparseMoE, group=None) -> ExpertParallelMoE:
+        """Shard an existing :class:`SparseMoE` (same weights, this rank's experts)."""
+        ep = cls(
+            moe.d_model, moe.d_hidden, moe.n_experts, moe.top_k, router=moe.router_kind,
+            activation=moe.activation, n_shared_experts=moe.n_shared_experts,
+            router_bias=moe.router.bias is not None, balance_coef=moe.balance_coef,
+            z_coef=moe.z_coef, backend=moe.backend, device=moe.w_up.device,
+            dtype=moe.w_up.dtype, group=group,
+        )  # fmt: skip
+        lo = ep.rank * ep.n_local
+        with torch.no_grad():
+            for name, p in moe.named_parameters():
+                target = ep.get_parameter(name)
+                target.copy_(p[lo : lo + ep.n_local] if name.startswith("w_") else p)
+        return ep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"ExpertParallelMoE: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
+            )
+        flat = x.reshape(-1, self.d_model)  # (N, D)
+        logits = route_logits(self, flat)  # (N, E)
+        plan, balance = self.route(flat, logits)  # global expert ids, grouped by expert = by rank
+        # exchange the row counts: recv_counts[s * E/W + e] = rows rank s sends to local expert e
+        recv_counts = torch.empty_like(plan.counts)
+        dist.all_to_all_single(recv_counts, plan.counts, group=self.group)
+        send_splits = plan.counts.view(self.world, self.n_local).sum(1).tolist()
+        recv_splits = recv_counts.view(self.world, self.n_local).sum(1).tolist()
+        received = _AllToAll.apply(flat[plan.token_index], recv_splits, send_splits, self.group)
+        # received rows are ordered (source rank, local expert): regroup by local expert
+        local = torch.arange(self.n_local, device=flat.device).repeat(self.world)  # (W E/W,)
+        expert_of_row = torch.repeat_interleave(local, recv_counts)  # (R,)
+        order = torch.sort(expert_of_row, stable=True).indices  # (R,)
+        counts = recv_counts.view(self.world, self.n_local).sum(0)  # (E/W,)
+        rows = dsp.expert_forward(
+            received[order], counts, self.w_gate, self.w_up, self.w_down, self.activation,
+            self.backend,
+        )  # fmt: skip
+        rows = rows[torch.argsort(order)]  # (R, D) back to (source rank, local expert) order
+        returned = _AllToAll.apply(rows, send_splits, recv_splits, self.group)  # (M, D)
+        out = dsp.combine(returned, plan, flat.shape[0])
+        if self.n_shared_experts:
+            out = out + shared_forward(self, flat)
+        self.last_stats = self._stats(plan, balance, gates.router_z_loss(logits), flat.shape[0])
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, world={self.world}, rank={self.rank}"
