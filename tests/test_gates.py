@@ -12,7 +12,15 @@ from torch.testing import assert_close
 
 from gatelab import gates
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Maths checks in float64; restored afterwards so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 finite = st.floats(-20, 20, allow_nan=False, width=64)
 
