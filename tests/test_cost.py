@@ -74,7 +74,10 @@ def test_count_flops_includes_attention():
 
 def test_plot_tradeoff_writes_png(tmp_path):
     path = cost.plot_tradeoff(
-        {"a": [(0.1, 0.5), (0.5, 0.8)], "b": [(0.2, 0.6)]}, tmp_path / "sub" / "t.png", hull=True
+        {"a": [(0.1, 0.5), (0.5, 0.8)], "b": [(0.2, 0.6)]},
+        tmp_path / "sub" / "t.png",
+        hull=True,
+        logx=True,
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -208,6 +208,7 @@ def plot_tradeoff(
     ylabel: str = "quality",
     title: str | None = None,
     hull: bool = False,
+    logx: bool = False,
 ) -> Path:
     """Plot quality against cost for several methods on one figure and save it as PNG.
 
@@ -218,6 +219,7 @@ def plot_tradeoff(
         ylabel: y-axis label.
         title: optional figure title.
         hull: also draw each method's Pareto front as a step line.
+        logx: logarithmic cost axis (for budgets on a geometric grid).
 
     Returns:
         The path written.
@@ -240,6 +242,8 @@ def plot_tradeoff(
         if hull:
             front = array[pareto_front(array)]
             ax.step(front[:, 0], front[:, 1], where="post", color=line.get_color(), alpha=0.4)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

@@ -33,10 +33,13 @@ def write_report(results: list[DemoResult], out_dir: Path, header: str = "") -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# gatelab demo report", "", header, ""]
     for result in results:
+        folders = sorted({f"runs/{f.parent.name}/" for f in result.figures}) or [
+            f"runs/{result.name}/"
+        ]
         lines += [
             f"## {result.title}",
             "",
-            f"_{result.seconds:.1f} s; files in runs/{result.name}/_",
+            f"_{result.seconds:.1f} s; files in {', '.join(folders)}_",
             "",
         ]
         if result.markdown:
