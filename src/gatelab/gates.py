@@ -247,7 +247,7 @@ def gumbel_topk(
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     uniform = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device="cpu")
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
     perturbed = logits + gumbel.to(logits.device)
     soft = torch.zeros_like(logits)
     shifted = perturbed
