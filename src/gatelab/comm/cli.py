@@ -84,6 +84,7 @@ def compare(
     seeds: Annotated[int, typer.Option(help="Seeds per variant (full mode).")] = 3,
     updates: Annotated[int, typer.Option(help="PPO updates per run; 0 = default.")] = 0,
     jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes.")] = 1,
+    max_minutes: Annotated[float, typer.Option(help="Time budget per run; 0 = none.")] = 0.0,
     runs_dir: Annotated[Path, typer.Option(help="Root of the output.")] = Path("runs"),
 ) -> None:
     """Train all variants (full, commformer, commformer_tg, random, none) and write runs/comm/."""
@@ -92,7 +93,7 @@ def compare(
     from gatelab.comm.demo import compare_configs
 
     with _cli.user_errors():
-        configs = compare_configs(quick, env, seeds, updates, jobs)
+        configs = compare_configs(quick, env, seeds, updates, jobs, max_minutes)
         total = sum(len(c.seeds) for c in configs) * 5
         done = 0
         with _cli.progress_bar("comm compare", total) as update:

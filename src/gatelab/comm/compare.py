@@ -22,7 +22,7 @@ from gatelab.comm.eval import evaluate
 from gatelab.comm.train import TrainConfig, train
 
 VARIANTS = ("full", "commformer", "commformer_tg", "random", "none")
-METRICS = ("success_rate", "mean_steps", "mean_return", "comm_rate")
+METRICS = ("success_rate", "mean_steps", "mean_return", "comm_rate", "updates")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class CompareConfig:
     comm_cost: float = 0.5  # temporal-gate communication-cost coefficient (commformer_tg)
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
+    max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
 
 
 def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float) -> TrainConfig:
@@ -52,16 +53,18 @@ def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float)
     return replace(base, **changes)
 
 
-def _run_one(job: tuple[dict, str, int]) -> dict:
+def _run_one(job: tuple[dict, str, int, float]) -> dict:
     """Train (or resume) and evaluate one run; returns its eval metrics and history."""
-    cfg_dict, run_dir, eval_episodes = job
+    cfg_dict, run_dir, eval_episodes, max_minutes = job
     cfg = TrainConfig(**cfg_dict)
     run = Path(run_dir)
     done = run / "eval.json"
     if not done.exists():
-        train(cfg, run, resume=True)
+        result = train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
         model, train_cfg = load_model(run / "model.safetensors", cfg.device)
         metrics = evaluate(model, train_cfg, eval_episodes, seed=10_000 + cfg.seed)
+        metrics["updates"] = len(result.history)
+        metrics["agent_steps"] = result.history[-1]["agent_steps"]
         done.write_text(json.dumps(metrics, indent=2) + "\n")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"eval": json.loads(done.read_text()), "history": history}
@@ -79,9 +82,8 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     for variant in VARIANTS:
         for seed in cfg.seeds:
             run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost)
-            jobs.append(
-                (asdict(run_cfg), str(env_dir / variant / f"seed{seed}"), cfg.eval_episodes)
-            )
+            run_dir = str(env_dir / variant / f"seed{seed}")
+            jobs.append((asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes))
             keys.append(variant)
     results: list[dict] = []
     if cfg.jobs > 1:
@@ -129,6 +131,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "seeds": list(cfg.seeds),
         "base": asdict(cfg.base),
         "comm_cost": cfg.comm_cost,
+        "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,
         "runs": runs,
@@ -145,8 +148,8 @@ def results_markdown(summary: dict) -> str:
     lines = [
         f"`{summary['env']}`, {n} seed(s), {summary['eval_episodes']} evaluation episodes each",
         "",
-        "| variant | success rate | mean steps | mean return | comm rate |",
-        "|---|---|---|---|---|",
+        "| variant | success rate | mean steps | mean return | comm rate | updates |",
+        "|---|---|---|---|---|---|",
     ]
     for variant, row in summary["table"].items():
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]

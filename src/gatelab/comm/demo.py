@@ -13,8 +13,8 @@ from gatelab.report import DemoResult
 # simple_spread with 3 agents. Quick mode: IC3Net's "easy" Predator-Prey (3 predators, 5x5,
 # limit 20) and a tiny simple_spread, one seed, so every variant trains in seconds.
 FULL = {
-    "predator_prey": TrainConfig(env="predator_prey", agents=5, grid=10, vision=1, updates=400),
-    "simple_spread": TrainConfig(env="simple_spread", agents=3, n_envs=32, updates=150),
+    "predator_prey": TrainConfig(env="predator_prey", agents=5, grid=10, vision=1, updates=300),
+    "simple_spread": TrainConfig(env="simple_spread", agents=3, n_envs=16, updates=60),
 }
 QUICK = {
     "predator_prey": TrainConfig(
@@ -25,7 +25,12 @@ QUICK = {
 
 
 def compare_configs(
-    quick: bool, envs: list[str] | None = None, seeds: int = 3, updates: int = 0, jobs: int = 1
+    quick: bool,
+    envs: list[str] | None = None,
+    seeds: int = 3,
+    updates: int = 0,
+    jobs: int = 1,
+    max_minutes: float = 0.0,
 ) -> list[CompareConfig]:
     """The :class:`CompareConfig` of each environment for ``gatelab comm compare``."""
     table = QUICK if quick else FULL
@@ -44,6 +49,7 @@ def compare_configs(
                 seeds=(0,) if quick else tuple(range(seeds)),
                 eval_episodes=50 if quick else 200,
                 jobs=jobs,
+                max_minutes=max_minutes,
             )
         )
     return out

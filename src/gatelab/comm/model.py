@@ -51,7 +51,7 @@ class CommConfig:
     temporal_gate: bool = False  # per-agent listen gate (CommFormer extension)
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     alpha_init_std: float = 1.0  # symmetry-breaking init of the graph logits
-    gate_init_bias: float = 2.0  # temporal gate starts open (sigmoid(2) = 0.88)
+    gate_init_bias: float = 1.0  # temporal gate starts mostly open (sigmoid(1) = 0.73)
     graph_seed: int = 0  # seeds alpha's init and the fixed random graph
 
     def __post_init__(self) -> None:

@@ -53,6 +53,7 @@ class TrainConfig:
     minibatches: int = 2  # minibatches per epoch
     lr: float = 7e-4  # theta Adam learning rate (MAPPO: 5e-4 to 7e-4)
     alpha_lr: float = 0.05  # alpha Adam lr: far above theta's so the graph moves past Gumbel noise
+    gate_lr: float = 5e-3  # temporal-gate lr (own param group): its ST gradient is small
     alpha_every: int = 2  # an alpha pass after every n-th theta epoch (2 per update)
     alpha_warmup_updates: int = 5  # alpha frozen for the first updates
     gamma: float = 0.99  # discount (MAPPO)
@@ -114,10 +115,14 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
 
 
 def optimizers(model: CommFormer, cfg: TrainConfig):
-    """Adam for theta (everything but alpha) and Adam for alpha (None unless learned)."""
-    theta = [p for n, p in model.named_parameters() if n != "graph.alpha"]
+    """Adam for theta (everything but alpha; the temporal gate in its own group) and for alpha."""
+    named = [(n, p) for n, p in model.named_parameters() if n != "graph.alpha"]
+    groups = [{"params": [p for n, p in named if not n.startswith("gate.")], "lr": cfg.lr}]
+    gate = [p for n, p in named if n.startswith("gate.")]
+    if gate:
+        groups.append({"params": gate, "lr": cfg.gate_lr})
     alpha = model.graph.alpha if model.cfg.graph == "learned" else None
-    opt_theta = torch.optim.Adam(theta, lr=cfg.lr, eps=1e-5)
+    opt_theta = torch.optim.Adam(groups, eps=1e-5)
     opt_alpha = torch.optim.Adam([alpha], lr=cfg.alpha_lr) if alpha is not None else None
     return opt_theta, opt_alpha
 
@@ -133,6 +138,7 @@ def train(
     run_dir: str | Path | None = None,
     progress=None,
     resume: bool = False,
+    max_seconds: float | None = None,
 ) -> TrainResult:
     """Run MAPPO for ``cfg.updates`` updates; write checkpoints, scalars and plots to ``run_dir``.
 
@@ -141,6 +147,9 @@ def train(
         run_dir: output folder (``None``: nothing is written).
         progress: optional ``(done, total)`` callback, called after every update.
         resume: continue from ``run_dir/model.safetensors`` if it exists.
+        max_seconds: wall-clock budget; training stops (with a checkpoint) after the update that
+            crosses it. ``None``: run all ``cfg.updates``. Results then depend on machine speed,
+            so :func:`compare` records the updates each run reached.
     """
     # setup
     random.seed(cfg.seed)
@@ -160,6 +169,7 @@ def train(
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
     agent_steps = sum(h["agent_steps"] for h in history[-1:])
+    began = time.perf_counter()
     for update in range(start, cfg.updates):
         tick = time.perf_counter()
         env_seed, graph_seed, generator, rng = _draws(cfg.seed, update)
@@ -213,9 +223,8 @@ def train(
                         opt_alpha.zero_grad(set_to_none=True)
                     loss.backward()
                     if opt is opt_theta:
-                        torch.nn.utils.clip_grad_norm_(
-                            opt_theta.param_groups[0]["params"], cfg.max_grad_norm
-                        )
+                        params = [p for g in opt_theta.param_groups for p in g["params"]]
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                         stats.append(torch.stack(list(parts)).detach())
                     opt.step()
         # log
@@ -241,11 +250,15 @@ def train(
         history.append(row)
         if run_dir is not None:
             _append_scalars(run_dir, row)
-            last = update + 1 == cfg.updates
+            out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
+            last = update + 1 == cfg.updates or out_of_time
             if last or (update + 1) % cfg.checkpoint_every == 0:
                 save_checkpoint(run_dir, model, value_norm, opt_theta, opt_alpha, update + 1)
         if progress is not None:
             progress(update + 1, cfg.updates)
+        if max_seconds is not None and time.perf_counter() - began > max_seconds:
+            log.warning("comm run %s stopped at update %d (time budget)", run_dir, update + 1)
+            break
     env.close()
     if run_dir is not None:
         from gatelab.comm.plots import plot_comm_rate, plot_graph
