@@ -52,7 +52,7 @@ def plot_graph(model, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -69,7 +69,7 @@ def plot_comm_rate(history: list[dict], path: Path) -> Path:
     ax.legend()
     ax.set_title("communication rate over training")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -94,6 +94,6 @@ def plot_curves(curves: dict[str, list[list[dict]]], key: str, path: Path, title
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
