@@ -1,0 +1,157 @@
+"""Train every variant on the same trainer, evaluate, and write curves, tables and graph pictures.
+
+Variants (papers.md §5 and issue #7): ``full`` (S = 1), ``commformer`` (learned graph at S),
+``commformer_tg`` (learned graph + temporal gates + communication cost), ``random`` (a fixed random
+graph at the same S) and ``none`` (no communication). Each (variant, seed) run lives in
+``<out>/<env>/<variant>/seed<s>/`` with its checkpoint, scalars and ``eval.json``; finished runs are
+skipped when the comparison is started again, unfinished ones resume from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from gatelab.comm.checkpoint import load_model
+from gatelab.comm.eval import evaluate
+from gatelab.comm.train import TrainConfig, train
+
+VARIANTS = ("full", "commformer", "commformer_tg", "random", "none")
+METRICS = ("success_rate", "mean_steps", "mean_return", "comm_rate", "updates")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What :func:`compare` runs: one base training config per environment, seeds, evaluation."""
+
+    base: TrainConfig  # environment and optimisation settings shared by every variant
+    seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
+    comm_cost: float = 1.0  # temporal-gate communication-cost coefficient (commformer_tg)
+    eval_episodes: int = 100  # evaluation episodes per run
+    jobs: int = 1  # runs trained in parallel processes
+    max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
+
+
+def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float) -> TrainConfig:
+    """The training config of one (variant, seed)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    changes: dict = {"seed": seed, "temporal_gate": False, "comm_cost": 0.0}
+    if variant == "full":
+        changes.update(graph="full", sparsity=1.0)
+    elif variant == "commformer":
+        changes.update(graph="learned")
+    elif variant == "commformer_tg":
+        changes.update(graph="learned", temporal_gate=True, comm_cost=comm_cost)
+    else:
+        changes.update(graph=variant)
+    return replace(base, **changes)
+
+
+def _run_one(job: tuple[dict, str, int, float]) -> dict:
+    """Train (or resume) and evaluate one run; returns its eval metrics and history."""
+    cfg_dict, run_dir, eval_episodes, max_minutes = job
+    cfg = TrainConfig(**cfg_dict)
+    run = Path(run_dir)
+    done = run / "eval.json"
+    if not done.exists():
+        result = train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
+        model, train_cfg = load_model(run / "model.safetensors", cfg.device)
+        metrics = evaluate(model, train_cfg, eval_episodes, seed=10_000 + cfg.seed)
+        metrics["updates"] = len(result.history)
+        metrics["agent_steps"] = result.history[-1]["agent_steps"]
+        done.write_text(json.dumps(metrics, indent=2) + "\n")
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"eval": json.loads(done.read_text()), "history": history}
+
+
+def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
+    """Run all variants x seeds on ``cfg.base.env``; write results and figures under ``out/<env>``.
+
+    Returns:
+        ``{"table": {variant: {metric: [mean, std]}}, "runs": {variant: [eval dicts]}, ...}``.
+    """
+    env_dir = Path(out) / cfg.base.env
+    env_dir.mkdir(parents=True, exist_ok=True)
+    jobs, keys = [], []
+    for variant in VARIANTS:
+        for seed in cfg.seeds:
+            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost)
+            run_dir = str(env_dir / variant / f"seed{seed}")
+            jobs.append((asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes))
+            keys.append(variant)
+    results: list[dict] = []
+    if cfg.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(cfg.jobs) as pool:
+            for i, result in enumerate(pool.imap(_run_one, jobs)):
+                results.append(result)
+                if progress:
+                    progress(i + 1, len(jobs))
+    else:
+        for i, job in enumerate(jobs):
+            results.append(_run_one(job))
+            if progress:
+                progress(i + 1, len(jobs))
+    return _summarise(cfg, env_dir, keys, results)
+
+
+def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list[dict]) -> dict:
+    from gatelab.comm.plots import plot_curves
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    curves: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
+    for key, result in zip(keys, results, strict=True):
+        runs[key].append(result["eval"])
+        curves[key].append(result["history"])
+    table = {
+        v: {
+            m: [float(np.mean([r[m] for r in runs[v]])), float(np.std([r[m] for r in runs[v]]))]
+            for m in METRICS
+        }
+        for v in VARIANTS
+    }
+    figures = []
+    env = cfg.base.env
+    for key, name in (("train/success", "success"), ("train/return", "return")):
+        path = env_dir / f"curves_{name}.png"
+        plot_curves(curves, key, path, f"{env}: training {name}, mean +- std over seeds")
+        figures.append(path)
+    for variant in ("commformer", "commformer_tg", "random"):
+        source = env_dir / variant / f"seed{cfg.seeds[0]}" / "graph.png"
+        if source.exists():
+            shutil.copyfile(source, env_dir / f"graph_{variant}.png")
+            figures.append(env_dir / f"graph_{variant}.png")
+    summary = {
+        "env": env,
+        "seeds": list(cfg.seeds),
+        "base": asdict(cfg.base),
+        "comm_cost": cfg.comm_cost,
+        "max_minutes": cfg.max_minutes,
+        "eval_episodes": cfg.eval_episodes,
+        "table": table,
+        "runs": runs,
+        "figures": [str(f) for f in figures],
+    }
+    (env_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (env_dir / "results.md").write_text(results_markdown(summary) + "\n")
+    return summary
+
+
+def results_markdown(summary: dict) -> str:
+    """The results table as markdown (mean +- std over seeds)."""
+    n = len(summary["seeds"])
+    lines = [
+        f"`{summary['env']}`, {n} seed(s), {summary['eval_episodes']} evaluation episodes each",
+        "",
+        "| variant | success rate | mean steps | mean return | comm rate | updates |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, row in summary["table"].items():
+        cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

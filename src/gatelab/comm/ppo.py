@@ -1,0 +1,230 @@
+r"""MAPPO pieces: rollout collection, GAE, value normalisation and the clipped PPO loss.
+
+Yu et al., "The Surprising Effectiveness of PPO in Cooperative Multi-Agent Games",
+arXiv:2103.01955 (GAE, clipping, value normalisation, entropy bonus, minibatches).
+
+A rollout is one batch of ``B`` episodes of at most ``T = episode_limit`` steps, all started
+together (see :mod:`gatelab.comm.envs.base`); steps after an episode ended are masked (``alive``).
+The graph (one per episode) and the temporal gates (one per agent and step) that the rollout used
+are stored with it, so the update recomputes log-probabilities under *exactly* the same
+communication (papers.md §5.4 item 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from gatelab.comm.envs.base import VecEnv
+from gatelab.comm.graph import comm_rate, gate_graph
+from gatelab.comm.model import CommFormer
+
+
+class Rollout(NamedTuple):
+    """One batch of episodes. ``T`` steps, ``B`` environments, ``A`` agents."""
+
+    obs: torch.Tensor  # (T, B, A, O)
+    actions: torch.Tensor  # (T, B, A) long
+    logp: torch.Tensor  # (T, B, A) log-probabilities under the rollout policy
+    values: torch.Tensor  # (T, B, A) normalised value predictions
+    rewards: torch.Tensor  # (T, B, A)
+    alive: torch.Tensor  # (T, B) bool: the episode was running before step t
+    done: torch.Tensor  # (T, B) bool: the episode was over after step t
+    listen: torch.Tensor | None  # (T, B, A) 0/1 temporal gates, or None
+    graph: torch.Tensor  # (B, A, A) graph each episode used
+    graph_seed: int  # seed of the Gumbel draw that made ``graph`` (learned graphs)
+    comm: torch.Tensor  # (T, B) communication rate per step
+    success: np.ndarray  # (B,)
+    steps: np.ndarray  # (B,) episode lengths
+
+
+class ValueNorm(nn.Module):
+    """Running mean/variance of value targets (MAPPO's value normalisation), merged exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the batch ``x`` into the running statistics (Chan et al. parallel formula)."""
+        x = x.double().flatten()
+        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False)
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta.square() * self.count * n / total
+        self.mean.copy_(self.mean + delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return ((x - self.mean) / self.var.clamp_min(1e-8).sqrt()).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (x * self.var.clamp_min(1e-8).sqrt() + self.mean).to(x.dtype)
+
+
+def listen_gates(
+    model: CommFormer, obs: torch.Tensor, training: bool, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """Temporal gates ``(B, A)``: Bernoulli(p) in training rollouts, ``p > 0.5`` otherwise."""
+    if model.gate is None:
+        return None
+    with torch.no_grad():
+        p = model.gate(obs)
+    if not training:
+        return (p > 0.5).to(obs.dtype)
+    u = torch.rand(p.shape, generator=generator).to(p.device)
+    return (u < p).to(obs.dtype)
+
+
+@torch.no_grad()
+def collect(
+    model: CommFormer,
+    env: VecEnv,
+    env_seed: int,
+    graph_seed: int,
+    generator: torch.Generator,
+    training: bool = True,
+    greedy: bool = False,
+) -> Rollout:
+    """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones."""
+    device = next(model.parameters()).device
+    obs = torch.as_tensor(env.reset(env_seed), device=device)
+    b, t_max = env.n_envs, env.episode_limit
+    if training:
+        graph = model.graph.sample(b, graph_seed).to(device)
+    else:
+        graph = model.graph.execution().to(device).expand(b, -1, -1).clone()
+    buf: dict[str, list] = {k: [] for k in ("obs", "act", "logp", "val", "rew", "alive", "done")}
+    listens, comms = [], []
+    alive = torch.ones(b, dtype=torch.bool, device=device)
+    steps = np.zeros(b, dtype=np.int64)
+    for _ in range(t_max):
+        listen = listen_gates(model, obs, training, generator)
+        actions, logp, values = model.act(obs, graph, listen, generator, greedy)
+        step = env.step(actions.cpu().numpy())
+        for key, value in zip(buf, (obs, actions, logp, values), strict=False):
+            buf[key].append(value)
+        buf["rew"].append(torch.as_tensor(step.reward, device=device))
+        buf["alive"].append(alive)
+        buf["done"].append(torch.as_tensor(step.done, device=device))
+        listens.append(listen)
+        comms.append(comm_rate(gate_graph(graph, listen)))
+        steps += alive.cpu().numpy()
+        alive = ~buf["done"][-1]
+        obs = torch.as_tensor(step.obs, device=device)
+        if not alive.any():
+            break
+    stack = {k: torch.stack(v) for k, v in buf.items()}
+    return Rollout(
+        stack["obs"],
+        stack["act"],
+        stack["logp"],
+        stack["val"],
+        stack["rew"],
+        stack["alive"],
+        stack["done"],
+        None if listens[0] is None else torch.stack(listens),
+        graph,
+        graph_seed,
+        torch.stack(comms),
+        step.success.copy(),
+        steps,
+    )
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Generalised advantage estimation; the end of an episode (success or limit) is terminal.
+
+    .. math:: \delta_t = r_t + \gamma (1-d_t) V_{t+1} - V_t,\quad
+              \hat A_t = \delta_t + \gamma\lambda (1-d_t) \hat A_{t+1}
+
+    Shape:
+        rewards, values ``(T, B, A)`` (values denormalised), done ``(T, B)`` -> advantages,
+        returns ``(T, B, A)``.
+    """
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        nonterminal = (~done[t]).to(rewards.dtype)[:, None]  # (B, 1)
+        next_value = values[t + 1] if t + 1 < rewards.shape[0] else torch.zeros_like(values[0])
+        delta = rewards[t] + gamma * nonterminal * next_value - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        adv[t] = last
+    return adv, adv + values
+
+
+class Batch(NamedTuple):
+    """A minibatch of ``M`` joint samples (one time step of one environment, all agents)."""
+
+    obs: torch.Tensor  # (M, A, O)
+    actions: torch.Tensor  # (M, A)
+    logp: torch.Tensor  # (M, A)
+    adv: torch.Tensor  # (M, A)
+    targets: torch.Tensor  # (M, A) normalised returns
+    listen: torch.Tensor | None  # (M, A)
+    env_index: torch.Tensor  # (M,) which episode (graph) each sample belongs to
+
+
+class LossParts(NamedTuple):
+    """Unweighted PPO loss terms and diagnostics (scalars)."""
+
+    policy: torch.Tensor
+    value: torch.Tensor
+    entropy: torch.Tensor
+    comm: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+def ppo_losses(model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float) -> LossParts:
+    """Clipped surrogate, value MSE, entropy and differentiable communication rate.
+
+    ``graph (M, A, A)`` is the stored graph of each sample, possibly re-attached to alpha's
+    gradient (:meth:`CommGraph.relax`); the stored gates get a straight-through path to the gate.
+    """
+    listen = batch.listen
+    if listen is not None:
+        p = model.gate(batch.obs)  # (M, A)
+        listen = listen + (p - p.detach())  # value: the stored gates; gradient: straight-through
+    out = model(batch.obs, graph, listen, batch.actions)
+    logp_all = torch.log_softmax(out.logits, -1)  # (M, A, n_actions)
+    logp = logp_all.gather(-1, batch.actions[..., None]).squeeze(-1)  # (M, A)
+    log_ratio = logp - batch.logp
+    ratio = log_ratio.exp()
+    surrogate = torch.minimum(ratio * batch.adv, ratio.clamp(1 - clip, 1 + clip) * batch.adv)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    return LossParts(
+        -surrogate.mean(),
+        (out.values - batch.targets).square().mean(),
+        entropy,
+        comm_rate(gate_graph(graph, listen)).mean(),
+        ((ratio - 1) - log_ratio).mean().detach(),
+        ((ratio - 1).abs() > clip).float().mean().detach(),
+    )
+
+
+def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> torch.Tensor:
+    """Log-probs ``(T, B, A)`` of the rollout's actions under ``model`` with the stored graph/gates.
+
+    With ``relax`` the graph is re-attached to alpha's gradient exactly as the update does.
+    """
+    t, b = rollout.actions.shape[:2]
+    graph = model.graph.relax(rollout.graph, rollout.graph_seed) if relax else rollout.graph
+    graph = graph[None].expand(t, -1, -1, -1).flatten(0, 1)  # (T*B, A, A)
+    listen = None if rollout.listen is None else rollout.listen.flatten(0, 1)
+    if listen is not None:
+        p = model.gate(rollout.obs.flatten(0, 1))
+        listen = listen + (p - p.detach())
+    actions = rollout.actions.flatten(0, 1)
+    out = model(rollout.obs.flatten(0, 1), graph, listen, actions)
+    logp = torch.log_softmax(out.logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    return logp.unflatten(0, (t, b))

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from gatelab.cli import main
+
+
+def test_help(capsys):
+    assert main(["comm", "--help"]) == 0
+    assert "compare" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--sparsity", "1.5"], "sparsity must be in [0, 1]"),
+        (["--sparsity", "-0.1"], "sparsity must be in [0, 1]"),
+        (["--agents", "1"], "agents must be >= 2"),
+        (["--env", "starcraft"], "unknown env"),
+    ],
+)
+def test_bad_train_config_is_one_line_exit_2(args, match, capsys, tmp_path):
+    code = main(["comm", "train", *args, "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert match in err and len(err.splitlines()) == 1 and err.startswith("gatelab: error:")
+
+
+def test_eval_missing_checkpoint_exit_2(capsys, tmp_path):
+    assert main(["comm", "eval", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_train_then_eval_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["comm", "train", "--agents", "2", "--grid", "3", "--episode-limit", "5"]
+    args += ["--updates", "1", "--n-envs", "4", "--temporal-gate", "--comm-cost", "0.1"]
+    assert main([*args, "--run-dir", str(run)]) == 0
+    out = tmp_path / "out.json"
+    ckpt = str(run / "model.safetensors")
+    assert main(["comm", "eval", "--checkpoint", ckpt, "--episodes", "7", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"success_rate", "mean_steps", "mean_return", "comm_rate"} <= set(metrics)
+    assert all(isinstance(metrics[k], float) for k in ("success_rate", "mean_steps"))
+    assert 0.0 <= metrics["comm_rate"] <= 1.0 and 1.0 <= metrics["mean_steps"] <= 5.0
