@@ -169,3 +169,17 @@ def sweep(
             indent=2,
         )
     )
+
+
+@app.command()
+def efficientnet(
+    resolution: Annotated[int, typer.Option(help="Input pixels (224 is ImageNet's).")] = 64,
+    data: Data = DEFAULT_FASHION_MNIST,
+    out: Out = Path("runs/exits/efficientnet"),
+) -> None:
+    """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned."""
+    from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
+
+    with _cli.user_errors(), _cli.progress_bar("efficientnet") as update:
+        summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
+    typer.echo(json.dumps({"head_test_accuracy": summary["head_test_accuracy"]}))

@@ -65,9 +65,13 @@ def _logits(model, cache, device):
 
 def point_metrics(prep: Prepared, model, policy, alpha: float) -> dict:
     """Test metrics of one operating point from cached features (conformal on calibration)."""
+    return point_metrics_from(model, prep.caches, prep.flops.fraction, policy, alpha)
+
+
+def point_metrics_from(model, caches: dict, cost: torch.Tensor, policy, alpha: float) -> dict:
+    """Like :func:`point_metrics`, from ``caches['test']``, ``caches['calib']`` and ``cost``."""
     device = next(model.parameters()).device
-    test, calib = prep.caches["test"], prep.caches["calib"]
-    cost = prep.flops.fraction
+    test, calib = caches["test"], caches["calib"]
     out = simulate_exits(_logits(model, test, device), policy)
     metrics = gated_metrics(out.logits, out.exit_index, test.labels, cost, model.n_exits)
     cal = simulate_exits(_logits(model, calib, device), policy)
