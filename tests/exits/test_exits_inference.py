@@ -13,6 +13,7 @@ from gatelab.exits import (
     simulate_exits,
 )
 from gatelab.exits.model import Block
+from gatelab.exits.train import clone_exits
 
 
 def _spread_gates(model):
@@ -23,16 +24,28 @@ def _spread_gates(model):
             gate.linear.bias.fill_(-20.0 * 0.75)  # fires when max prob > 0.75
 
 
+def _context_gates(model):
+    twin = clone_exits(model, gate_context=True).double()
+    for gate in twin.gates:
+        with torch.no_grad():
+            gate.linear.weight.copy_(torch.tensor([[20.0, 0.0, 0.0, 0.0, 3.0, 0.0]]))
+            gate.linear.bias.fill_(-20.0 * 0.8)  # agreement with the previous exit helps
+    model.gates = twin.gates
+    model.gate_context = True
+    return model
+
+
 @pytest.mark.parametrize(
     "make_policy",
     [
         lambda m: GatePolicy(m.gates),
+        lambda m: GatePolicy(_context_gates(m).gates),
         lambda m: MaxProbPolicy(0.75),
         lambda m: EntropyPolicy(0.75),
         lambda m: PatiencePolicy(1),
         lambda m: PatiencePolicy(2),
     ],
-    ids=["jei", "maxprob", "entropy", "patience1", "patience2"],
+    ids=["jei", "jei-context", "maxprob", "entropy", "patience1", "patience2"],
 )
 def test_batched_early_exit_equals_full_compute_plus_posthoc(tiny_exit_model, make_policy):
     model = tiny_exit_model.eval()

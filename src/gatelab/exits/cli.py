@@ -126,7 +126,8 @@ def eval_cmd(
                 "`gatelab exits eval` evaluates ViT checkpoints (arch='vit')"
             )
         backbone = backbone or Path(meta["backbone"])
-        prep = prepare(backbone, data, SplitConfig(), device, cache_dir=backbone.parent)
+        context = bool(meta.get("gate_context", False))
+        prep = prepare(backbone, data, SplitConfig(), device, backbone.parent, context)
         load_exits(prep.model, checkpoint)
         metrics = evaluate(prep, alpha, batch_size, repeats)
     keys = (

@@ -10,8 +10,8 @@ from pathlib import Path
 from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig
 from gatelab.exits.experiment import evaluate, load_exits, prepare
 from gatelab.exits.pretrain import PretrainConfig, pretrain
-from gatelab.exits.sweep import SweepConfig, plot_reliability, run_sweep
-from gatelab.exits.train import TrainConfig
+from gatelab.exits.sweep import VARIANTS, SweepConfig, plot_reliability, run_sweep
+from gatelab.exits.train import TrainConfig, clone_exits
 from gatelab.report import DemoResult
 
 Progress = Callable[[int, int], None] | None
@@ -50,10 +50,12 @@ def sweep_and_report(
     backbone_acc = float(
         (prep.caches["test"].head_logits.argmax(-1) == prep.caches["test"].labels).double().mean()
     )
-    jei = summary["curves"]["jei-dnn"]
-    within = [p for p in jei if p["accuracy"] >= backbone_acc - 0.01] or jei
-    best = max(within, key=lambda p: (p["speedup"], p["accuracy"]))
-    checkpoint = out / f"jei_lam{best['lam']:g}.safetensors"
+    points = [(v, p) for v in VARIANTS for p in summary["curves"][v]]
+    within = [vp for vp in points if vp[1]["accuracy"] >= backbone_acc - 0.01] or points
+    variant, best = max(within, key=lambda vp: (vp[1]["speedup"], vp[1]["accuracy"]))
+    suffix = "_ctx" if VARIANTS[variant] else ""
+    checkpoint = out / f"jei_lam{best['lam']:g}{suffix}.safetensors"
+    prep = prep._replace(model=clone_exits(prep.model, VARIANTS[variant]))
     load_exits(prep.model, checkpoint)
     n_timed = cfg.n_timed if quick else None
     chosen = {
@@ -65,12 +67,13 @@ def sweep_and_report(
         _probs(prep),
         prep.splits["test"].labels,
         out / "reliability.png",
-        f"JEI-DNN lambda={best['lam']:g} (gated prediction)",
+        f"{variant} lambda={best['lam']:g} (gated prediction)",
     )
     summary["figures"].append(str(figure))
     summary["backbone_accuracy"] = backbone_acc
     summary["chosen"] = {
         "checkpoint": str(checkpoint),
+        "variant": variant,
         "lam": best["lam"],
         "eval": {k: v for k, v in main.items() if k != "reliability"},
         "coverage_by_alpha": {str(a): chosen[a]["coverage"] for a in ALPHAS},
@@ -113,6 +116,7 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
     metrics = {
         "backbone_accuracy": summary["backbone_accuracy"],
         "backbone_epochs": backbone_meta["pretrain"]["epochs"],
+        "jei_variant": summary["chosen"]["variant"],
         "jei_lambda": summary["chosen"]["lam"],
         "jei_accuracy": chosen["accuracy"],
         "jei_flops_fraction": chosen["flops_fraction"],
@@ -120,14 +124,18 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         "jei_ece": chosen["ece"],
         **{f"coverage_alpha{a}": c for a, c in summary["chosen"]["coverage_by_alpha"].items()},
         **{f"auc_{m}": v for m, v in summary["area_under_tradeoff"].items()},
-        "jei_max_margin_points": summary["jei_vs_best_baseline"]["max_margin_points"],
-        "jei_min_margin_points": summary["jei_vs_best_baseline"]["min_margin_points"],
+        **{
+            f"{v}_margin_{k}": summary["jei_vs_best_baseline"][v][k]
+            for v in VARIANTS
+            for k in ("min_margin_points", "max_margin_points")
+        },
     }
     text = (
         f"Frozen ViT backbone ({'pretrained in this run, ' if pretrained_now else ''}"
         f"{backbone_meta['pretrain']['epochs']} epochs, "
         f"test accuracy {summary['backbone_accuracy']:.4f}). "
-        f"JEI-DNN at lambda={summary['chosen']['lam']:g}, real batched early exit at batch 256: "
+        f"{summary['chosen']['variant']} at lambda={summary['chosen']['lam']:g}, "
+        "real batched early exit at batch 256: "
         f"accuracy {chosen['accuracy']:.4f} at {chosen['flops_fraction']:.3f} "
         "of the backbone's FLOPs, "
         f"wall-clock speed-up {chosen['speedup']:.2f}x. Quick mode: {quick}."

@@ -86,7 +86,10 @@ def load_lite0(resolution: int = 64) -> nn.Module:
 
 
 def efficientnet_early_exit(
-    resolution: int = 64, n_classes: int = 10, net: nn.Module | None = None
+    resolution: int = 64,
+    n_classes: int = 10,
+    net: nn.Module | None = None,
+    gate_context: bool = False,
 ) -> EarlyExitModel:
     """Frozen EfficientNet-Lite0 with an IM and a gate after each of its first six stages."""
     net = net if net is not None else load_lite0(resolution)
@@ -108,6 +111,7 @@ def efficientnet_early_exit(
         n_classes,
         stem=EffNetStem(net),
         arch=ARCH,
+        gate_context=gate_context,
     )
 
 

@@ -64,11 +64,12 @@ def prepare(
     split_cfg: SplitConfig | None = None,
     device: str = "cpu",
     cache_dir: Path | None = None,
+    gate_context: bool = False,
 ) -> Prepared:
     """Load splits and the ViT backbone, count FLOPs per exit, cache each split's features."""
     split_cfg = split_cfg or SplitConfig()
     vit, _ = load_backbone(backbone_path, device)
-    model = vit_early_exit(vit).to(device)
+    model = vit_early_exit(vit, gate_context).to(device)
     splits = make_splits(load_fashion_mnist(data_root), split_cfg)
     flops = exit_flops(model, normalise(splits["test"].images[:1]).to(device))
     key = _digest(Path(backbone_path), json.dumps(dataclasses.asdict(split_cfg)))
@@ -103,7 +104,8 @@ def save_exits(model: EarlyExitModel, path: Path, meta: dict) -> Path:
         if k.startswith(("ims.", "gates."))
     }
     save_file(state, path)
-    full = {"kind": EXITS_KIND, "arch": model.arch, "n_exits": model.n_exits} | meta
+    full = {"kind": EXITS_KIND, "arch": model.arch, "n_exits": model.n_exits}
+    full |= {"gate_context": model.gate_context} | meta
     path.with_suffix(".json").write_text(json.dumps(full, indent=2, default=str))
     return path
 

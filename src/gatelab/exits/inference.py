@@ -37,8 +37,10 @@ class GatePolicy:
         self.gates, self.threshold = gates, threshold
 
     def __call__(self, ell: int, logits: torch.Tensor, memory: torch.Tensor | None):
-        """Exit mask of the live samples at exit ``ell`` and the updated memory."""
-        return self.gates[ell](logits.softmax(-1)) >= self.threshold, memory
+        """Exit mask of the live samples at exit ``ell``; memory: this exit's probabilities."""
+        probs = logits.softmax(-1)
+        prev = probs if memory is None else memory
+        return self.gates[ell](probs, prev) >= self.threshold, probs
 
 
 class MaxProbPolicy:

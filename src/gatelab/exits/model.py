@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 N_GATE_FEATURES = 4  # max prob, entropy, top-2 margin, entropy of squared-renormalised probs
+N_CONTEXT_FEATURES = 2  # optional: agreement with the previous exit, its max prob
 
 
 @dataclass(frozen=True)
@@ -220,20 +221,46 @@ def confidence_features(probs: torch.Tensor) -> torch.Tensor:
     return torch.stack([top2[:, 0], entropy, top2[:, 0] - top2[:, 1], sq_entropy], dim=-1)
 
 
+def context_features(probs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Gatelab's optional gate features: does the previous exit agree, and how sure was it.
+
+    ``1[argmax p = argmax p_prev]`` and ``max p_prev`` (the signal PABEE's patience uses). For
+    the first exit pass ``prev = probs``. Detached like :func:`confidence_features`.
+
+    Shape:
+        probs, prev ``(B, C)`` -> ``(B, 2)``.
+    """
+    p, q = probs.detach(), prev.detach()
+    agree = (p.argmax(-1) == q.argmax(-1)).to(p.dtype)
+    return torch.stack([agree, q.amax(-1)], dim=-1)
+
+
 class ExitGate(nn.Module):
     r"""Gating module: :math:`g = \sigma(w^\top f(p) + b)` on the confidence features of one IM.
 
+    With ``context=True`` the features also include :func:`context_features` of the previous
+    exit (a gatelab addition, measured against the paper's four in the README).
+
     Shape:
-        probs ``(B, C)`` -> hazard gate values ``(B,)`` in (0, 1).
+        probs, prev ``(B, C)`` -> hazard gate values ``(B,)`` in (0, 1).
     """
 
-    def __init__(self, n_features: int = N_GATE_FEATURES) -> None:
+    def __init__(self, context: bool = False) -> None:
         super().__init__()
-        self.linear = nn.Linear(n_features, 1)
+        self.context = context
+        self.linear = nn.Linear(N_GATE_FEATURES + N_CONTEXT_FEATURES * context, 1)
 
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        """Apply the module; shapes as in the class docstring."""
-        return torch.sigmoid(self.linear(confidence_features(probs))).squeeze(-1)
+    def forward(self, probs: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate values; ``prev`` (the previous exit's probabilities) is used only with context."""
+        features = confidence_features(probs)
+        if self.context:
+            prev = probs if prev is None else prev
+            features = torch.cat([features, context_features(probs, prev)], dim=-1)
+        return torch.sigmoid(self.linear(features)).squeeze(-1)
+
+    def extra_repr(self) -> str:
+        """Whether the gate reads the previous exit."""
+        return f"context={self.context}"
 
 
 class EarlyExitModel(nn.Module):
@@ -248,6 +275,7 @@ class EarlyExitModel(nn.Module):
         n_classes: number of classes ``C``.
         stem: optional module applied to the input before the first block.
         arch: a name stored in checkpoints, so a checkpoint of another backbone is refused.
+        gate_context: gates also read the previous exit (:func:`context_features`).
 
     The backbone (``stem``, ``blocks``, ``head``) is frozen and always kept in eval mode; only the
     IMs (``ims``) and gates (``gates``) train. ``train()``/``eval()`` change nothing else.
@@ -265,6 +293,7 @@ class EarlyExitModel(nn.Module):
         n_classes: int,
         stem: nn.Module | None = None,
         arch: str = "custom",
+        gate_context: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks) < 2:
@@ -284,7 +313,8 @@ class EarlyExitModel(nn.Module):
         self.n_classes = n_classes
         self.arch = arch
         self.ims = nn.ModuleList(ClassifierHead(d, n_classes) for d in d_features)
-        self.gates = nn.ModuleList(ExitGate() for _ in range(n_exits))
+        self.gate_context = gate_context
+        self.gates = nn.ModuleList(ExitGate(gate_context) for _ in range(n_exits))
         for module in (self.stem, self.blocks, self.head):
             module.requires_grad_(False)
         self.train()
@@ -333,8 +363,10 @@ class EarlyExitModel(nn.Module):
 
     def gate_values(self, exit_logits: torch.Tensor) -> torch.Tensor:
         """Hazard gate values of the early exits: logits ``(L, B, C)`` -> ``(B, L-1)``."""
-        probs = exit_logits[:-1].softmax(-1)
-        return torch.stack([gate(p) for gate, p in zip(self.gates, probs, strict=True)], dim=-1)
+        probs = exit_logits[:-1].softmax(-1)  # (L-1, B, C)
+        prev = torch.cat([probs[:1], probs[:-1]])  # previous exit's probs; the first sees itself
+        values = [gate(p, q) for gate, p, q in zip(self.gates, probs, prev, strict=True)]
+        return torch.stack(values, dim=-1)  # (B, L-1)
 
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain backbone, no exits: the full-cost reference. ``(B, ...)`` -> ``(B, C)``."""
@@ -344,7 +376,7 @@ class EarlyExitModel(nn.Module):
         return self.head(state)
 
 
-def vit_early_exit(vit: ViT) -> EarlyExitModel:
+def vit_early_exit(vit: ViT, gate_context: bool = False) -> EarlyExitModel:
     """Wrap a (pretrained) :class:`ViT` with exits after its first ``n_blocks - 1`` blocks."""
     cfg = vit.cfg
     return EarlyExitModel(
@@ -355,4 +387,5 @@ def vit_early_exit(vit: ViT) -> EarlyExitModel:
         cfg.n_classes,
         stem=vit.embed,
         arch="vit",
+        gate_context=gate_context,
     )

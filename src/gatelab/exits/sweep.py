@@ -38,7 +38,8 @@ from gatelab.exits.train import TrainConfig, clone_exits, train
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
-METHODS = ("jei-dnn", "max-prob", "entropy", "patience")
+METHODS = ("jei-dnn", "jei-dnn+ctx", "max-prob", "entropy", "patience")
+VARIANTS = {"jei-dnn": False, "jei-dnn+ctx": True}  # name -> gates read the previous exit
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
 
 
@@ -111,30 +112,26 @@ def run_sweep(
         )
         step = max(1, int(np.ceil(len(kept) / cfg.max_baseline_points)))
         chosen[name] = kept[::step]
-    total = len(cfg.lams) + sum(len(v) for v in chosen.values())
+    total = len(VARIANTS) * len(cfg.lams) + sum(len(v) for v in chosen.values())
     done, curves = 0, {m: [] for m in METHODS}
-    for lam in cfg.lams:
-        model = clone_exits(warm)
-        train_cfg = dataclasses.replace(cfg.train, lam=lam, warmup_epochs=0)
-        train(model, prep.caches["exits"], prep.caches["val"], cost, train_cfg)
-        save_exits(
-            model,
-            out_dir / f"jei_lam{lam:g}.safetensors",
-            {
-                "lam": lam,
-                "backbone": str(prep.backbone_path),
-                "train": dataclasses.asdict(train_cfg),
-            },
-        )
-        policy = GatePolicy(model.gates)
-        seconds = _time(prep, model, policy, batches, cfg.repeats)
-        point = point_metrics(prep, model, policy, cfg.alpha)
-        curves["jei-dnn"].append(
-            {"lam": lam, "seconds": seconds, "speedup": t_full / seconds} | point
-        )
-        done += 1
-        if progress:
-            progress(done, total)
+    for variant, context in VARIANTS.items():
+        for lam in cfg.lams:
+            model = clone_exits(warm, context)
+            train_cfg = dataclasses.replace(cfg.train, lam=lam, warmup_epochs=0)
+            train(model, prep.caches["exits"], prep.caches["val"], cost, train_cfg)
+            suffix = "_ctx" if context else ""
+            meta = {"lam": lam, "backbone": str(prep.backbone_path)}
+            meta |= {"train": dataclasses.asdict(train_cfg)}
+            save_exits(model, out_dir / f"jei_lam{lam:g}{suffix}.safetensors", meta)
+            policy = GatePolicy(model.gates)
+            seconds = _time(prep, model, policy, batches, cfg.repeats)
+            point = point_metrics(prep, model, policy, cfg.alpha)
+            curves[variant].append(
+                {"lam": lam, "seconds": seconds, "speedup": t_full / seconds} | point
+            )
+            done += 1
+            if progress:
+                progress(done, total)
     for name, policies in chosen.items():
         for policy in policies:
             seconds = _time(prep, warm, policy, batches, cfg.repeats)
@@ -172,12 +169,16 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
         if pts
     }
     auc = {m: area_under_tradeoff(v, cost_range=cfg.cost_range) for m, v in xy.items()}
-    baselines_only = {m: v for m, v in xy.items() if m != "oracle"}
+
+    def versus(ours: str) -> dict:
+        pool = {m: v for m, v in xy.items() if m == ours or m not in ("oracle", *VARIANTS)}
+        return margins(pool, ours, *cfg.cost_range)
+
     summary = {
         "backbone_seconds": t_full,
         "area_under_tradeoff": auc,
         "area_cost_range": list(cfg.cost_range),
-        "jei_vs_best_baseline": margins(baselines_only, "jei-dnn", *cfg.cost_range),
+        "jei_vs_best_baseline": {v: versus(v) for v in VARIANTS},
         "config": dataclasses.asdict(cfg),
         "curves": curves,
     }

@@ -35,10 +35,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gatelab import gates as gating
 from gatelab.exits.data import Split
-from gatelab.exits.model import EarlyExitModel
+from gatelab.exits.model import EarlyExitModel, ExitGate
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
@@ -298,6 +299,14 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def clone_exits(model: EarlyExitModel) -> EarlyExitModel:
-    """A deep copy sharing nothing with ``model`` (to train several lambdas from one warm-up)."""
-    return copy.deepcopy(model)
+def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> EarlyExitModel:
+    """A deep copy sharing nothing with ``model`` (to train several lambdas from one warm-up).
+
+    With ``gate_context`` set to the other value, the copy gets fresh gates of that kind.
+    """
+    twin = copy.deepcopy(model)
+    if gate_context is not None and gate_context != model.gate_context:
+        twin.gate_context = gate_context
+        twin.gates = nn.ModuleList(ExitGate(gate_context) for _ in twin.gates)
+        twin.to(next(model.parameters()).device)
+    return twin
