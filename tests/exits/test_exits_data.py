@@ -14,6 +14,7 @@ def _write_idx(path, array):
 
 
 def fake_fashion_mnist(root, n_train=400, n_test=50, seed=0):
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))

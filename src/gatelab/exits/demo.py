@@ -24,7 +24,7 @@ def sweep_config(quick: bool) -> SweepConfig:
     if not quick:
         return SweepConfig()
     return SweepConfig(
-        lams=(0.05, 0.2, 0.5, 1.2),
+        lams=(0.0, 0.05, 0.2, 0.6, 1.5),
         n_timed=1024,
         repeats=1,
         max_baseline_points=6,
@@ -50,7 +50,7 @@ def sweep_and_report(
     backbone_acc = float(
         (prep.caches["test"].head_logits.argmax(-1) == prep.caches["test"].labels).double().mean()
     )
-    points = [(v, p) for v in VARIANTS for p in summary["curves"][v]]
+    points = [(v, p) for v in cfg.variants for p in summary["curves"][v]]
     within = [vp for vp in points if vp[1]["accuracy"] >= backbone_acc - 0.01] or points
     variant, best = max(within, key=lambda vp: (vp[1]["speedup"], vp[1]["accuracy"]))
     suffix = "_ctx" if VARIANTS[variant] else ""
@@ -126,7 +126,7 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         **{f"auc_{m}": v for m, v in summary["area_under_tradeoff"].items()},
         **{
             f"{v}_margin_{k}": summary["jei_vs_best_baseline"][v][k]
-            for v in VARIANTS
+            for v in summary["jei_vs_best_baseline"]
             for k in ("min_margin_points", "max_margin_points")
         },
     }

@@ -132,14 +132,18 @@ def pretrain(
     total = cfg.epochs * steps_per_epoch
     ckpt_path = out_dir / "backbone_ckpt.pt"
     step, seconds = 0, 0.0
+    run_config = dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
-        if ckpt["config"] == dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}:
+        if _same_run(ckpt["config"], run_config):
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             step, seconds = int(ckpt["step"]), float(ckpt["seconds"])
+            history = list(ckpt["config"].get("resumed_with", [])) + [
+                {"epochs": ckpt["config"]["epochs"], "until_step": step}
+            ]
+            run_config["resumed_with"] = history
             log.info("resuming backbone pretraining at step %d/%d", step, total)
-    run_config = dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     (out_dir / "backbone_config.json").write_text(json.dumps(run_config, indent=2))
     # train
     start = time.perf_counter()
@@ -181,10 +185,23 @@ def pretrain(
         "test_accuracy": test_acc,
         "train_seconds": seconds,
         "steps": step,
+        "schedule_history": run_config.get("resumed_with", []),
         "torch_threads": torch.get_num_threads(),
     }
     (out_dir / "backbone.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _same_run(saved: dict, current: dict) -> bool:
+    """A checkpoint resumes a run with the same settings; only ``epochs`` may change.
+
+    Changing ``epochs`` re-times the cosine schedule from the saved step on (lengthen a run, or
+    shorten it and anneal the learning rate sooner); the summary records ``resumed_with``.
+    """
+    ignore = ("epochs", "threads", "resumed_with")
+    return {k: v for k, v in saved.items() if k not in ignore} == {
+        k: v for k, v in current.items() if k not in ignore
+    }
 
 
 def save_backbone(model: ViT, path: Path) -> None:
