@@ -1,7 +1,8 @@
 """Wall-clock of real batched early exit vs the plain ViT backbone, at several batch sizes.
 
-Usage: python benchmarks/exits_speed.py [--checkpoint runs/exits/jei_lam0.5.safetensors]
-Needs a pretrained backbone and a JEI-DNN checkpoint (`gatelab exits sweep` makes both).
+Usage: python benchmarks/exits_speed.py [--checkpoint runs/exits/jei_lam0.2.safetensors]
+Needs a pretrained backbone and a JEI-DNN checkpoint (`gatelab exits sweep` makes both); by
+default it takes the operating point the sweep chose (runs/exits/curves.json).
 Writes runs/exits/bench_speed.json with config, package versions and hardware.
 """
 
@@ -22,9 +23,7 @@ from gatelab.exits.inference import GatePolicy, run_early_exit, time_inference
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--checkpoint", type=Path, default=Path("runs/exits/jei_lam0.5.safetensors")
-    )
+    parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument(
         "--data",
         type=Path,
@@ -34,14 +33,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not args.checkpoint.exists():
+    curves = Path("runs/exits/curves.json")
+    if args.checkpoint is None and curves.exists():
+        args.checkpoint = Path(json.loads(curves.read_text())["chosen"]["checkpoint"])
+    if args.checkpoint is None or not args.checkpoint.exists():
         print(f"skip: no checkpoint at {args.checkpoint}; run `gatelab exits sweep` first")
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = read_exits_meta(args.checkpoint)
     backbone = Path(meta["backbone"])
-    prep = prepare(backbone, args.data, cache_dir=backbone.parent)
+    context = bool(meta.get("gate_context", False))
+    prep = prepare(backbone, args.data, cache_dir=backbone.parent, gate_context=context)
     load_exits(prep.model, args.checkpoint)
     model = prep.model.eval()
     images = prep.transform(prep.splits["test"].images[: args.n_images])

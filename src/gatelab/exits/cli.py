@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from gatelab import _cli
@@ -27,6 +28,7 @@ Data = Annotated[
 Dataset = Annotated[str, typer.Option(help="Dataset (only fashion-mnist).")]
 Device = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 Out = Annotated[Path, typer.Option(help="Run folder.")]
+Threads = Annotated[int, typer.Option(help="torch CPU threads (1 gives steady timings here).")]
 Backbone = Annotated[Path, typer.Option(help="Pretrained backbone (.safetensors).")]
 DEFAULT_BACKBONE = Path("runs/exits/backbone.safetensors")
 
@@ -105,6 +107,7 @@ def eval_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 256,
     repeats: Annotated[int, typer.Option(help="Timing repeats (median).")] = 3,
+    threads: Threads = 1,
     backbone: Annotated[
         Path | None, typer.Option(help="Override the checkpoint's backbone.")
     ] = None,
@@ -119,6 +122,7 @@ def eval_cmd(
         check_dataset(dataset)
         if not 0 < alpha < 1:
             raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
+        torch.set_num_threads(threads)
         meta = read_exits_meta(checkpoint)
         if meta.get("arch") != "vit":
             raise ValueError(
@@ -155,12 +159,18 @@ def sweep(
     data: Data = DEFAULT_FASHION_MNIST,
     out: Out = Path("runs/exits"),
     device: Device = "cpu",
+    threads: Threads = 1,
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: jei-dnn, jei-dnn+ctx, jei-dnn-balanced.")
+    ] = "jei-dnn",
 ) -> None:
     """Lambda grid for JEI-DNN and the baselines' thresholds -> curves.json and four plots."""
     from gatelab.exits.demo import sweep_and_report
 
+    torch.set_num_threads(threads)
     with _cli.user_errors(), _cli.progress_bar("sweep") as update:
-        summary = sweep_and_report(out, backbone, data, quick, device, update)
+        names = tuple(v.strip() for v in variants.split(",") if v.strip())
+        summary = sweep_and_report(out, backbone, data, quick, device, update, names)
     typer.echo(
         json.dumps(
             {

@@ -7,10 +7,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig
 from gatelab.exits.experiment import evaluate, load_exits, prepare
 from gatelab.exits.pretrain import PretrainConfig, pretrain
-from gatelab.exits.sweep import VARIANTS, SweepConfig, plot_reliability, run_sweep
+from gatelab.exits.sweep import VARIANTS, SweepConfig, checkpoint_name, plot_reliability, run_sweep
 from gatelab.exits.train import TrainConfig, clone_exits
 from gatelab.report import DemoResult
 
@@ -19,11 +21,17 @@ ALPHAS = (0.01, 0.05, 0.1)
 QUICK_PRETRAIN_EPOCHS = 1  # a fresh clone in quick mode: one epoch (~84-86% test accuracy)
 
 
-def sweep_config(quick: bool) -> SweepConfig:
+def sweep_config(quick: bool, variants: tuple[str, ...] = ("jei-dnn",)) -> SweepConfig:
     """The full sweep, or the quick one (< 5 min with a cached backbone)."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ValueError(
+            f"unknown JEI-DNN variant {unknown[:1]}; choose from {', '.join(VARIANTS)}"
+        )
     if not quick:
-        return SweepConfig()
+        return SweepConfig(variants=variants)
     return SweepConfig(
+        variants=variants,
         lams=(0.0, 0.05, 0.2, 0.6, 1.5),
         n_timed=1024,
         repeats=1,
@@ -39,13 +47,14 @@ def sweep_and_report(
     quick: bool,
     device: str = "cpu",
     progress: Progress = None,
+    variants: tuple[str, ...] = ("jei-dnn",),
 ) -> dict:
     """Sweep, then evaluate the JEI-DNN point with the best speed-up within 1 point of the backbone.
 
     The chosen point is evaluated with real early exit on the test split; writes ``curves.json``.
     """
     prep = prepare(backbone, data_root, SplitConfig(), device, cache_dir=out)
-    cfg = sweep_config(quick)
+    cfg = sweep_config(quick, variants)
     summary = run_sweep(prep, out, cfg, progress)
     backbone_acc = float(
         (prep.caches["test"].head_logits.argmax(-1) == prep.caches["test"].labels).double().mean()
@@ -53,9 +62,8 @@ def sweep_and_report(
     points = [(v, p) for v in cfg.variants for p in summary["curves"][v]]
     within = [vp for vp in points if vp[1]["accuracy"] >= backbone_acc - 0.01] or points
     variant, best = max(within, key=lambda vp: (vp[1]["speedup"], vp[1]["accuracy"]))
-    suffix = "_ctx" if VARIANTS[variant] else ""
-    checkpoint = out / f"jei_lam{best['lam']:g}{suffix}.safetensors"
-    prep = prep._replace(model=clone_exits(prep.model, VARIANTS[variant]))
+    checkpoint = out / checkpoint_name(variant, best["lam"])
+    prep = prep._replace(model=clone_exits(prep.model, VARIANTS[variant][0]))
     load_exits(prep.model, checkpoint)
     n_timed = cfg.n_timed if quick else None
     chosen = {
@@ -110,7 +118,12 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         epochs = QUICK_PRETRAIN_EPOCHS if quick else PretrainConfig().epochs
         pretrain(out, data_root, cfg=PretrainConfig(epochs=epochs, threads=1))
         pretrained_now = True
-    summary = sweep_and_report(out, backbone, data_root, quick, "cpu", progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steady timings on a shared CPU; restored below
+    try:
+        summary = sweep_and_report(out, backbone, data_root, quick, "cpu", progress)
+    finally:
+        torch.set_num_threads(threads)
     chosen = summary["chosen"]["eval"]
     backbone_meta = json.loads(backbone.with_suffix(".json").read_text())
     metrics = {

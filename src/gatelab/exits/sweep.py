@@ -39,8 +39,19 @@ from gatelab.exits.train import TrainConfig, clone_exits, train
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
 METHODS = ("jei-dnn", "jei-dnn+ctx", "max-prob", "entropy", "patience")
-VARIANTS = {"jei-dnn": False, "jei-dnn+ctx": True}  # name -> gates read the previous exit
+# name -> (gates read the previous exit, gate class-weight exponent; None: TrainConfig's)
+VARIANTS = {
+    "jei-dnn": (False, None),
+    "jei-dnn+ctx": (True, None),
+    "jei-dnn-balanced": (False, 1.0),  # the paper's fully class-balanced gate BCE
+}
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
+
+
+def checkpoint_name(variant: str, lam: float) -> str:
+    """File name of a sweep checkpoint, e.g. ``jei_lam0.2.safetensors``, ``jei_lam0.2_ctx...``."""
+    suffix = {"jei-dnn": "", "jei-dnn+ctx": "_ctx", "jei-dnn-balanced": "_balanced"}[variant]
+    return f"jei_lam{lam:g}{suffix}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -116,15 +127,17 @@ def run_sweep(
     total = len(cfg.variants) * len(cfg.lams) + sum(len(v) for v in chosen.values())
     done, curves = 0, {m: [] for m in METHODS}
     for variant in cfg.variants:
-        context = VARIANTS[variant]
+        context, balance = VARIANTS[variant]
         for lam in cfg.lams:
             model = clone_exits(warm, context)
             train_cfg = dataclasses.replace(cfg.train, lam=lam, warmup_epochs=0)
+            if balance is not None:
+                train_cfg = dataclasses.replace(train_cfg, balance=balance)
             train(model, prep.caches["exits"], prep.caches["val"], cost, train_cfg)
-            suffix = "_ctx" if context else ""
+
             meta = {"lam": lam, "backbone": str(prep.backbone_path)}
             meta |= {"train": dataclasses.asdict(train_cfg)}
-            save_exits(model, out_dir / f"jei_lam{lam:g}{suffix}.safetensors", meta)
+            save_exits(model, out_dir / checkpoint_name(variant, lam), meta)
             policy = GatePolicy(model.gates)
             seconds = _time(prep, model, policy, batches, cfg.repeats)
             point = point_metrics(prep, model, policy, cfg.alpha)
