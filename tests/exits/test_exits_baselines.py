@@ -45,3 +45,17 @@ def test_baseline_thresholds_from_validation_are_pareto():
     assert set(candidates) == {"max-prob", "entropy", "patience"}
     kept = select_on_validation(candidates["max-prob"], logits, labels, cost)
     assert 1 <= len(kept) <= len(candidates["max-prob"])
+
+
+def test_sweep_config_and_checkpoint_names():
+    import pytest
+
+    from gatelab.exits.demo import sweep_config
+    from gatelab.exits.sweep import VARIANTS, checkpoint_name
+
+    assert sweep_config(True).variants == ("jei-dnn",)
+    assert sweep_config(False, tuple(VARIANTS)).variants == tuple(VARIANTS)
+    names = {checkpoint_name(v, 0.2) for v in VARIANTS}
+    assert len(names) == len(VARIANTS) and "jei_lam0.2.safetensors" in names
+    with pytest.raises(ValueError, match="variant"):
+        sweep_config(True, ("jei-dnn-typo",))

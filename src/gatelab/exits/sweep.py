@@ -38,7 +38,6 @@ from gatelab.exits.train import TrainConfig, clone_exits, train
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
-METHODS = ("jei-dnn", "jei-dnn+ctx", "max-prob", "entropy", "patience")
 # name -> (gates read the previous exit, gate class-weight exponent; None: TrainConfig's)
 VARIANTS = {
     "jei-dnn": (False, None),
@@ -125,7 +124,7 @@ def run_sweep(
         step = max(1, int(np.ceil(len(kept) / cfg.max_baseline_points)))
         chosen[name] = kept[::step]
     total = len(cfg.variants) * len(cfg.lams) + sum(len(v) for v in chosen.values())
-    done, curves = 0, {m: [] for m in METHODS}
+    done, curves = 0, {m: [] for m in (*cfg.variants, *chosen)}
     for variant in cfg.variants:
         context, balance = VARIANTS[variant]
         for lam in cfg.lams:
