@@ -106,7 +106,7 @@ def eval_cmd(
     alpha: Annotated[float, typer.Option(help="Conformal miscoverage in (0, 1).")] = 0.05,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 256,
-    repeats: Annotated[int, typer.Option(help="Timing repeats (median).")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timing repeats (median); 0 skips timing.")] = 3,
     threads: Threads = 1,
     backbone: Annotated[
         Path | None, typer.Option(help="Override the checkpoint's backbone.")

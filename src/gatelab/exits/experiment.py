@@ -31,7 +31,7 @@ from gatelab.exits.inference import (
     exit_flops,
     run_early_exit,
     simulate_exits,
-    time_inference,
+    time_pair,
 )
 from gatelab.exits.model import EarlyExitModel, vit_early_exit
 from gatelab.exits.pretrain import load_backbone
@@ -164,7 +164,8 @@ def evaluate(
         repeats: timing repeats (the median is kept).
         n_timed: time only the first ``n_timed`` test images (``None``: all of them).
         policy: exit rule; JEI-DNN's gates by default.
-        time_it: measure wall-clock (``seconds``/``speedup`` are ``None`` otherwise).
+        time_it: measure wall-clock (``seconds``/``speedup`` are ``None`` otherwise, as with
+            ``repeats=0``).
 
     Returns:
         The flat metrics the CLI writes.
@@ -184,9 +185,9 @@ def evaluate(
     # timing: same batches, same batch size, median of repeats
     timed = batches if n_timed is None else batches[: max(1, -(-n_timed // batch_size))]
     t_exit = t_full = None
-    if time_it:
-        t_exit = time_inference(lambda b: run_early_exit(model, b, policy), timed, repeats)
-        t_full = time_inference(model.backbone_forward, timed, repeats)
+    if time_it and repeats > 0:
+        exit_fn = lambda b: run_early_exit(model, b, policy)  # noqa: E731
+        t_exit, t_full = time_pair(exit_fn, model.backbone_forward, timed, repeats)
     # conformal: thresholds from the calibration split's gated exits
     calib = prep.caches["calib"]
     with torch.no_grad():
@@ -202,7 +203,7 @@ def evaluate(
     rel = reliability(logits.double().softmax(-1), test.labels)
     return metrics | {
         "seconds": t_exit,
-        "speedup": None if t_exit is None else t_full / t_exit,
+        "speedup": None if t_exit is None else t_full / t_exit,  # same batches, alternated
         "coverage": coverage,
         "mean_set_size": size,
         "alpha": alpha,

@@ -180,6 +180,26 @@ def _im_and_gate(model: EarlyExitModel, ell: int, state: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
+def time_pair(fn_a, fn_b, batches: list[torch.Tensor], repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of ``fn_a`` and ``fn_b`` over ``batches``, timed in alternation.
+
+    Alternating the two within each repeat exposes both to the same load on a shared machine.
+    """
+    fn_a(batches[0])
+    fn_b(batches[0])
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            for batch in batches:
+                fn(batch)
+            if batches[0].is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sorted(times_a)[len(times_a) // 2], sorted(times_b)[len(times_b) // 2]
+
+
+@torch.no_grad()
 def time_inference(fn, batches: list[torch.Tensor], repeats: int = 3) -> float:
     """Median over ``repeats`` of the wall-clock seconds to run ``fn`` over all ``batches``."""
     fn(batches[0])  # warm-up
