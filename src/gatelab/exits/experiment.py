@@ -65,10 +65,15 @@ def prepare(
     device: str = "cpu",
     cache_dir: Path | None = None,
     gate_context: bool = False,
+    seed: int = 0,
 ) -> Prepared:
-    """Load splits and the ViT backbone, count FLOPs per exit, cache each split's features."""
+    """Load splits and the ViT backbone, count FLOPs per exit, cache each split's features.
+
+    ``seed`` fixes the initialisation of the IMs and gates.
+    """
     split_cfg = split_cfg or SplitConfig()
     vit, _ = load_backbone(backbone_path, device)
+    torch.manual_seed(seed)
     model = vit_early_exit(vit, gate_context).to(device)
     splits = make_splits(load_fashion_mnist(data_root), split_cfg)
     flops = exit_flops(model, normalise(splits["test"].images[:1]).to(device))

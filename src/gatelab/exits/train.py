@@ -309,6 +309,8 @@ def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> Earl
     twin = copy.deepcopy(model)
     if gate_context is not None and gate_context != model.gate_context:
         twin.gate_context = gate_context
-        twin.gates = nn.ModuleList(ExitGate(gate_context) for _ in twin.gates)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # fresh gates, initialised the same way every time
+            twin.gates = nn.ModuleList(ExitGate(gate_context) for _ in twin.gates)
         twin.to(next(model.parameters()).device)
     return twin
