@@ -18,7 +18,7 @@ from gatelab.report import DemoResult
 
 Progress = Callable[[int, int], None] | None
 ALPHAS = (0.01, 0.05, 0.1)
-QUICK_PRETRAIN_EPOCHS = 1  # a fresh clone in quick mode: one epoch (~84-86% test accuracy)
+QUICK_PRETRAIN_EPOCHS = 1  # a fresh clone in quick mode pretrains one epoch (a weaker backbone)
 
 
 def sweep_config(quick: bool, variants: tuple[str, ...] = ("jei-dnn",)) -> SweepConfig:
