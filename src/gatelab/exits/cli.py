@@ -65,6 +65,7 @@ def train_cmd(
     n_rounds: Annotated[int, typer.Option(help="Gate+IM phase pairs.")] = 5,
     phase_steps: Annotated[int, typer.Option(help="Mini-batches per phase.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Threads = 1,
     backbone: Backbone = DEFAULT_BACKBONE,
     out: Annotated[Path | None, typer.Option(help="Checkpoint path.")] = None,
     data: Data = DEFAULT_FASHION_MNIST,
@@ -75,6 +76,7 @@ def train_cmd(
     from gatelab.exits.experiment import prepare, save_exits
     from gatelab.exits.train import TrainConfig, train
 
+    torch.set_num_threads(threads)
     with _cli.user_errors():
         check_dataset(dataset)
         cfg = TrainConfig(
