@@ -187,12 +187,14 @@ def sweep(
 @app.command()
 def efficientnet(
     resolution: Annotated[int, typer.Option(help="Input pixels (224 is ImageNet's).")] = 64,
+    threads: Threads = 1,
     data: Data = DEFAULT_FASHION_MNIST,
     out: Out = Path("runs/exits/efficientnet"),
 ) -> None:
     """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned."""
     from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
 
+    torch.set_num_threads(threads)
     with _cli.user_errors(), _cli.progress_bar("efficientnet") as update:
         summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
     typer.echo(json.dumps({"head_test_accuracy": summary["head_test_accuracy"]}))
