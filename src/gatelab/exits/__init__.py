@@ -1,0 +1,78 @@
+"""JEI-DNN early exits (Regol, Chataoui, Coates, ICLR 2024): learned exits with real speed-ups.
+
+A frozen backbone gets an inference module and a gate after every block but the last; the gates
+decide where each sample leaves (hazard form, :func:`gatelab.gates.exit_probabilities`). Inference
+is really early: exited samples leave the batch. See ``README.md`` for the measured results.
+"""
+
+from gatelab.exits.data import SplitConfig, load_fashion_mnist, make_splits
+from gatelab.exits.eval import (
+    conformal_quantile,
+    conformal_thresholds,
+    expected_calibration_error,
+    prediction_sets,
+    reliability,
+)
+from gatelab.exits.inference import (
+    EntropyPolicy,
+    ExitResult,
+    GatePolicy,
+    MaxProbPolicy,
+    PatiencePolicy,
+    exit_flops,
+    run_early_exit,
+    simulate_exits,
+)
+from gatelab.exits.model import (
+    EarlyExitModel,
+    ExitGate,
+    ViT,
+    ViTConfig,
+    cls_token,
+    confidence_features,
+    global_pool,
+    vit_early_exit,
+)
+from gatelab.exits.train import (
+    FeatureCache,
+    TrainConfig,
+    extract_features,
+    gate_targets,
+    oracle_exit,
+    train,
+    weighted_im_loss,
+)
+
+__all__ = [
+    "EarlyExitModel",
+    "EntropyPolicy",
+    "ExitGate",
+    "ExitResult",
+    "FeatureCache",
+    "GatePolicy",
+    "MaxProbPolicy",
+    "PatiencePolicy",
+    "SplitConfig",
+    "TrainConfig",
+    "ViT",
+    "ViTConfig",
+    "cls_token",
+    "confidence_features",
+    "conformal_quantile",
+    "conformal_thresholds",
+    "exit_flops",
+    "expected_calibration_error",
+    "extract_features",
+    "gate_targets",
+    "global_pool",
+    "load_fashion_mnist",
+    "make_splits",
+    "oracle_exit",
+    "prediction_sets",
+    "reliability",
+    "run_early_exit",
+    "simulate_exits",
+    "train",
+    "vit_early_exit",
+    "weighted_im_loss",
+]

@@ -1,0 +1,200 @@
+"""``gatelab exits``: pretrain the ViT, train JEI-DNN exits, evaluate, sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from gatelab import _cli
+from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig, check_dataset
+
+app = typer.Typer(help="JEI-DNN early exits on Fashion-MNIST.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+Data = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        envvar="GATELAB_FASHION_MNIST",
+        help="Folder with the Fashion-MNIST IDX .gz files.",
+    ),
+]
+Dataset = Annotated[str, typer.Option(help="Dataset (only fashion-mnist).")]
+Device = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
+Out = Annotated[Path, typer.Option(help="Run folder.")]
+Threads = Annotated[int, typer.Option(help="torch CPU threads (1 gives steady timings here).")]
+Backbone = Annotated[Path, typer.Option(help="Pretrained backbone (.safetensors).")]
+DEFAULT_BACKBONE = Path("runs/exits/backbone.safetensors")
+
+
+@app.command()
+def pretrain(
+    epochs: Annotated[int, typer.Option(help="Passes over the backbone split.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    data: Data = DEFAULT_FASHION_MNIST,
+    dataset: Dataset = "fashion-mnist",
+    out: Out = Path("runs/exits"),
+    device: Device = "cpu",
+) -> None:
+    """Train the ViT backbone; resumes from runs/exits/backbone_ckpt.pt."""
+    from gatelab.exits.pretrain import PretrainConfig
+    from gatelab.exits.pretrain import pretrain as run
+
+    with _cli.user_errors():
+        check_dataset(dataset)
+        cfg = PretrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, threads=threads, seed=seed, device=device
+        )
+        with _cli.progress_bar("pretrain") as update:
+            summary = run(out, data, cfg=cfg, progress=update)
+    typer.echo(f"test accuracy {summary['test_accuracy']:.4f} -> {out / 'backbone.safetensors'}")
+
+
+@app.command("train")
+def train_cmd(
+    lam: Annotated[float, typer.Option("--lam", help="Cost weight lambda (>= 0).")] = 0.5,
+    n_rounds: Annotated[int, typer.Option(help="Gate+IM phase pairs.")] = 5,
+    phase_steps: Annotated[int, typer.Option(help="Mini-batches per phase.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Threads = 1,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint path.")] = None,
+    data: Data = DEFAULT_FASHION_MNIST,
+    dataset: Dataset = "fashion-mnist",
+    device: Device = "cpu",
+) -> None:
+    """Train JEI-DNN IMs and gates for one lambda; writes <out>.safetensors and .json."""
+    from gatelab.exits.experiment import prepare, save_exits
+    from gatelab.exits.train import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    with _cli.user_errors():
+        check_dataset(dataset)
+        cfg = TrainConfig(
+            lam=lam, n_rounds=n_rounds, phase_steps=phase_steps, seed=seed, device=device
+        )
+        out = out or backbone.parent / f"jei_lam{lam:g}.safetensors"
+        prep = prepare(backbone, data, SplitConfig(), device, cache_dir=backbone.parent)
+        run_dir = out.with_suffix("")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        with _cli.progress_bar(f"train lam={lam:g}") as update:
+            metrics = train(
+                prep.model,
+                prep.caches["exits"],
+                prep.caches["val"],
+                prep.flops.fraction,
+                cfg,
+                run_dir,
+                update,
+            )
+        meta = {"lam": lam, "backbone": str(backbone), "train": dataclasses.asdict(cfg)}
+        save_exits(prep.model, out, meta | {"metrics": metrics})
+    typer.echo(f"val objective {metrics['eval/objective']:.4f} -> {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="JEI-DNN checkpoint (.safetensors).")],
+    alpha: Annotated[float, typer.Option(help="Conformal miscoverage in (0, 1).")] = 0.05,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 256,
+    repeats: Annotated[int, typer.Option(help="Timing repeats (median); 0 skips timing.")] = 3,
+    threads: Threads = 1,
+    backbone: Annotated[
+        Path | None, typer.Option(help="Override the checkpoint's backbone.")
+    ] = None,
+    data: Data = DEFAULT_FASHION_MNIST,
+    dataset: Dataset = "fashion-mnist",
+    device: Device = "cpu",
+) -> None:
+    """Real early exit on the 10k test images: accuracy, FLOPs, speed-up, ECE, conformal sets."""
+    from gatelab.exits.experiment import evaluate, load_exits, prepare, read_exits_meta
+
+    with _cli.user_errors():
+        check_dataset(dataset)
+        if not 0 < alpha < 1:
+            raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
+        torch.set_num_threads(threads)
+        meta = read_exits_meta(checkpoint)
+        if meta.get("arch") != "vit":
+            raise ValueError(
+                f"{checkpoint} holds exits for arch={meta.get('arch')!r}; "
+                "`gatelab exits eval` evaluates ViT checkpoints (arch='vit')"
+            )
+        backbone = backbone or Path(meta["backbone"])
+        context = bool(meta.get("gate_context", False))
+        prep = prepare(backbone, data, SplitConfig(), device, backbone.parent, context)
+        load_exits(prep.model, checkpoint)
+        metrics = evaluate(prep, alpha, batch_size, repeats)
+    keys = (
+        "accuracy",
+        "flops_fraction",
+        "seconds",
+        "speedup",
+        "ece",
+        "coverage",
+        "mean_set_size",
+        "exit_histogram",
+    )
+    flat = {k: metrics[k] for k in keys}
+    if json_out is not None:
+        _cli.write_json(json_out, flat)
+    typer.echo(json.dumps(flat))
+
+
+@app.command()
+def sweep(
+    quick: Annotated[
+        bool, typer.Option(help="Fewer lambdas, shorter phases, fewer timed images.")
+    ] = False,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    data: Data = DEFAULT_FASHION_MNIST,
+    out: Out = Path("runs/exits"),
+    device: Device = "cpu",
+    threads: Threads = 1,
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: jei-dnn, jei-dnn+ctx, jei-dnn-balanced.")
+    ] = "jei-dnn",
+) -> None:
+    """Lambda grid for JEI-DNN and the baselines' thresholds -> curves.json and four plots."""
+    from gatelab.exits.demo import sweep_and_report
+
+    torch.set_num_threads(threads)
+    with _cli.user_errors(), _cli.progress_bar("sweep") as update:
+        names = tuple(v.strip() for v in variants.split(",") if v.strip())
+        summary = sweep_and_report(out, backbone, data, quick, device, update, names)
+    typer.echo(
+        json.dumps(
+            {
+                "area_under_tradeoff": summary["area_under_tradeoff"],
+                "jei_vs_best_baseline": summary["jei_vs_best_baseline"],
+            },
+            indent=2,
+        )
+    )
+
+
+@app.command()
+def efficientnet(
+    resolution: Annotated[int, typer.Option(help="Input pixels (224 is ImageNet's).")] = 64,
+    threads: Threads = 1,
+    data: Data = DEFAULT_FASHION_MNIST,
+    out: Out = Path("runs/exits/efficientnet"),
+) -> None:
+    """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned."""
+    from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
+
+    torch.set_num_threads(threads)
+    with _cli.user_errors(), _cli.progress_bar("efficientnet") as update:
+        summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
+    typer.echo(json.dumps({"head_test_accuracy": summary["head_test_accuracy"]}))

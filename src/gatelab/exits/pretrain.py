@@ -1,0 +1,233 @@
+"""Pretrain the Fashion-MNIST ViT backbone that JEI-DNN then freezes.
+
+AdamW with linear warm-up and cosine decay, light augmentation (random shifts of up to
+``shift`` pixels and horizontal flips). Trains on the ``backbone`` split only. Checkpoints every
+``ckpt_every`` steps to ``<out>/backbone_ckpt.pt`` (model, optimiser, step, config) and resumes
+from it; the finished backbone is ``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits, normalise
+from gatelab.exits.model import ViT, ViTConfig
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None] | None
+BACKBONE_KIND = "gatelab.exits.vit-backbone"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Optimisation of the ViT backbone."""
+
+    epochs: int = 8  # full passes over the backbone split (48k images)
+    batch_size: int = 128
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05  # fraction of steps with linear warm-up
+    shift: int = 1  # max random translation in pixels (augmentation)
+    flip: bool = True  # random horizontal flips (clothes are left-right symmetric)
+    seed: int = 0
+    ckpt_every: int = 200  # steps between resumable checkpoints
+    eval_batch: int = 1000
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is fastest on a busy CPU)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("PretrainConfig: epochs and batch_size must be >= 1")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(
+                f"PretrainConfig: warmup_frac must be in [0, 1), got {self.warmup_frac}"
+            )
+
+
+def lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to zero."""
+    warmup = max(1, int(cfg.warmup_frac * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random integer shifts (zero padding) and horizontal flips, one draw per image.
+
+    Shape:
+        ``(B, 1, S, S)`` -> ``(B, 1, S, S)``.
+    """
+    b, _, s, _ = x.shape
+    if shift > 0:
+        padded = F.pad(x, (shift, shift, shift, shift), value=float(x.min()))
+        dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+        dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(s)[None]).to(x.device)  # (B, S)
+        cols = (dx[:, None] + torch.arange(s)[None]).to(x.device)  # (B, S)
+        index = torch.arange(b, device=x.device)[:, None, None]
+        x = padded[:, 0][index, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, split: Split, batch: int, device: str) -> float:
+    """Top-1 accuracy of ``model`` on a split."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(split.labels), batch):
+        x = normalise(split.images[start : start + batch]).to(device)
+        correct += (model(x).argmax(-1).cpu() == split.labels[start : start + batch]).sum().item()
+    return correct / len(split.labels)
+
+
+def pretrain(
+    out_dir: Path,
+    data_root: Path,
+    model_cfg: ViTConfig | None = None,
+    cfg: PretrainConfig | None = None,
+    split_cfg: SplitConfig | None = None,
+    progress: Progress = None,
+) -> dict:
+    """Train the ViT on the backbone split; resume from ``backbone_ckpt.pt`` if present.
+
+    Returns:
+        Summary metrics (test accuracy, seconds, steps) also written to ``backbone.json``.
+    """
+    # setup
+    model_cfg, cfg = model_cfg or ViTConfig(), cfg or PretrainConfig()
+    split_cfg = split_cfg or SplitConfig()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = make_splits(load_fashion_mnist(data_root), split_cfg)
+    train = splits["backbone"]
+    model = ViT(model_cfg).to(cfg.device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
+        lr=cfg.lr,
+    )
+    steps_per_epoch = len(train.labels) // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    ckpt_path = out_dir / "backbone_ckpt.pt"
+    step, seconds = 0, 0.0
+    run_config = dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
+        if _same_run(ckpt["config"], run_config):
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            step, seconds = int(ckpt["step"]), float(ckpt["seconds"])
+            history = list(ckpt["config"].get("resumed_with", [])) + [
+                {"epochs": ckpt["config"]["epochs"], "until_step": step}
+            ]
+            run_config["resumed_with"] = history
+            log.info("resuming backbone pretraining at step %d/%d", step, total)
+    (out_dir / "backbone_config.json").write_text(json.dumps(run_config, indent=2))
+    # train
+    start = time.perf_counter()
+    model.train()
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(train.labels), generator=generator)
+        for i in range(offset, steps_per_epoch):
+            index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            aug_gen = torch.Generator().manual_seed(cfg.seed * 10**7 + step)  # exact on resume
+            x = augment(normalise(train.images[index]), cfg.shift, cfg.flip, aug_gen)
+            loss = F.cross_entropy(model(x.to(cfg.device)), train.labels[index].to(cfg.device))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 50 == 0:
+                log.info("step %d/%d loss %.4f", step, total, loss.item())
+            if progress:
+                progress(step, total)
+            if step % cfg.ckpt_every == 0 or step == total:
+                elapsed = seconds + time.perf_counter() - start
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+                torch.save(
+                    state | {"step": step, "seconds": elapsed, "config": run_config}, ckpt_path
+                )
+    seconds += time.perf_counter() - start
+    # evaluate and export
+    test_acc = accuracy(model, splits["test"], cfg.eval_batch, cfg.device)
+    save_backbone(model, out_dir / "backbone.safetensors")
+    summary = {
+        "kind": BACKBONE_KIND,
+        "model": dataclasses.asdict(model_cfg),
+        "pretrain": dataclasses.asdict(cfg),
+        "splits": dataclasses.asdict(split_cfg),
+        "test_accuracy": test_acc,
+        "train_seconds": seconds,
+        "steps": step,
+        "schedule_history": run_config.get("resumed_with", []),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out_dir / "backbone.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _same_run(saved: dict, current: dict) -> bool:
+    """A checkpoint resumes a run with the same settings; only ``epochs`` may change.
+
+    Changing ``epochs`` re-times the cosine schedule from the saved step on (lengthen a run, or
+    shorten it and anneal the learning rate sooner); the summary records ``resumed_with``.
+    """
+    ignore = ("epochs", "threads", "resumed_with")
+    return {k: v for k, v in saved.items() if k not in ignore} == {
+        k: v for k, v in current.items() if k not in ignore
+    }
+
+
+def save_backbone(model: ViT, path: Path) -> None:
+    """Weights as safetensors; the config lives in the JSON file beside it."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def load_backbone(path: Path, device: str = "cpu") -> tuple[ViT, dict]:
+    """Load ``backbone.safetensors`` and its ``backbone.json``; refuse other kinds of file."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no backbone at {path} (with {meta_path.name} beside it); "
+            "run `gatelab exits pretrain` first"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != BACKBONE_KIND:
+        raise ValueError(f"{path} is not a gatelab.exits ViT backbone (kind={meta.get('kind')!r})")
+    model = ViT(ViTConfig(**meta["model"]))
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval(), meta
+
+
+def set_threads_seed(seed: int) -> np.random.Generator:
+    """Seed ``random`` and torch and return a NumPy generator (house rule 18)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)

@@ -1,0 +1,316 @@
+r"""JEI-DNN training of the IMs and gates on a frozen backbone (papers.md §4.2).
+
+The backbone is frozen, so each split's pooled features are computed once
+(:func:`extract_features`) and every phase trains on them:
+
+1. **IM warm-up**: :math:`\sum_l w_l\,\mathrm{CE}_l` with earlier exits weighted more
+   (:math:`w_l` falls linearly from 2 to 1).
+2. Alternating phases of ``phase_steps`` mini-batches (the authors switch every 200):
+
+   - **gate phase**: oracle exit :math:`l^*(x, y) = \arg\min_l \mathrm{CE}_l(x, y) + \lambda c_l`
+     with :math:`c_l` the measured FLOPs fraction of leaving at :math:`l`; each gate is trained by
+     BCE towards :math:`1[l \ge l^*]` (the hazard's conditional target) with the positive class
+     weighted by negatives/positives on the validation split;
+   - **IM phase**: :math:`\frac1B \sum_b \sum_{l<L} \operatorname{sg}[P_l(x_b)]\,
+     \mathrm{CE}_l(x_b, y_b)` with the hazard probabilities :math:`P_l` *detached* (``sg``) and no
+     normalising ratio, so the weights really change the gradient (papers.md §4.4 (1)).
+
+After every phase the validation objective (cross-entropy at the hard exit plus
+:math:`\lambda` times its cost) is measured and the best IMs and gates are kept (early stopping).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatelab import gates as gating
+from gatelab.exits.data import Split
+from gatelab.exits.model import EarlyExitModel, ExitGate
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None] | None
+
+
+class FeatureCache(NamedTuple):
+    """Frozen-backbone outputs for one split: per-exit pooled features, head logits, labels."""
+
+    feats: list[torch.Tensor]  # L-1 tensors (N, D_l)
+    head_logits: torch.Tensor  # (N, C)
+    labels: torch.Tensor  # (N,)
+
+    def index(self, index: torch.Tensor) -> FeatureCache:
+        """The rows ``index`` of every tensor."""
+        return FeatureCache(
+            [f[index] for f in self.feats], self.head_logits[index], self.labels[index]
+        )
+
+    def to(self, device: str | torch.device) -> FeatureCache:
+        """A copy on ``device``."""
+        return FeatureCache(
+            [f.to(device) for f in self.feats], self.head_logits.to(device), self.labels.to(device)
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """JEI-DNN optimisation of the IMs and gates."""
+
+    lam: float = 0.5  # lambda: weight of the FLOPs fraction in the oracle exit objective
+    warmup_epochs: int = 30  # IM warm-up passes over the exits split
+    n_rounds: int = 5  # gate phase + IM phase pairs
+    phase_steps: int = 200  # mini-batches per phase (the authors' 200)
+    batch_size: int = 256
+    lr_im: float = 3e-3  # Adam, IMs
+    lr_gate: float = 1e-2  # Adam, gates
+    weight_decay: float = 1e-4
+    balance: float = 0.5  # gate positive weight (neg/pos)^balance; 1 = fully class-balanced as
+    # in the paper, which exits far too early here (README, "gate class weights"); 0.5 measured best
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ValueError(f"TrainConfig: lam must be >= 0, got {self.lam}")
+        if self.warmup_epochs < 0 or self.n_rounds < 0 or self.phase_steps < 1:
+            raise ValueError("TrainConfig: warmup_epochs, n_rounds >= 0 and phase_steps >= 1")
+
+
+@torch.no_grad()
+def extract_features(
+    model: EarlyExitModel, split: Split, transform, batch_size: int = 500, device: str = "cpu"
+) -> FeatureCache:
+    """Run the frozen backbone once over a split (``transform`` maps uint8 images to inputs)."""
+    model.eval()
+    feats, heads = [], []
+    for start in range(0, len(split.labels), batch_size):
+        x = transform(split.images[start : start + batch_size]).to(device)
+        f, h = model.features(x)
+        feats.append([t.float().cpu() for t in f])
+        heads.append(h.float().cpu())
+    return FeatureCache(
+        [torch.cat(parts) for parts in zip(*feats, strict=True)], torch.cat(heads), split.labels
+    )
+
+
+def exit_losses(model: EarlyExitModel, cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's logits ``(L, N, C)`` and per-sample cross-entropies ``(L, N)``."""
+    logits = model.logits_from_features(cache.feats, cache.head_logits)  # (L, N, C)
+    ce = F.cross_entropy(logits.flatten(0, 1), cache.labels.repeat(len(logits)), reduction="none")
+    return logits, ce.view(len(logits), -1)  # (L, N)
+
+
+def oracle_exit(ce: torch.Tensor, cost: torch.Tensor, lam: float) -> torch.Tensor:
+    r"""Oracle exit :math:`l^* = \arg\min_l \mathrm{CE}_l + \lambda c_l` (ties to the earlier exit).
+
+    Shape:
+        ce ``(L, N)``, cost ``(L,)`` -> ``(N,)`` long.
+    """
+    objective = ce + lam * cost.to(ce)[:, None]  # (L, N)
+    return objective.argmin(0)  # first minimum: torch returns the lowest index among ties
+
+
+def gate_targets(oracle: torch.Tensor, n_exits: int) -> torch.Tensor:
+    """Hazard targets ``1[l >= l*]`` for the early exits: ``(N,)`` -> ``(N, L-1)`` float."""
+    return (torch.arange(n_exits - 1, device=oracle.device)[None] >= oracle[:, None]).float()
+
+
+def gate_loss(gate_values: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor):
+    """Class-balanced BCE of every gate, averaged over gates: ``(N, L-1)`` -> scalar."""
+    g = gate_values.clamp(1e-6, 1 - 1e-6)
+    loss = -(pos_weight * targets * g.log() + (1 - targets) * (1 - g).log())  # (N, L-1)
+    return loss.mean()
+
+
+def weighted_im_loss(exit_probs: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    r"""IM-phase loss :math:`\frac1N\sum_n \sum_{l<L} \operatorname{sg}[P_{ln}]\,\mathrm{CE}_{ln}`.
+
+    The weights are detached and *not* renormalised (the public code divided by an undetached
+    ratio that cancelled them). The last exit is the frozen head and is left out.
+
+    Shape:
+        exit_probs ``(N, L)``, ce ``(L, N)`` -> scalar.
+    """
+    weights = exit_probs.detach()[:, :-1].T  # (L-1, N)
+    return (weights * ce[:-1]).sum(0).mean()
+
+
+def warmup_weights(n_exits: int) -> torch.Tensor:
+    """Warm-up weights of the early exits, falling linearly from 2 to 1 ``(L-1,)``."""
+    return torch.linspace(2.0, 1.0, n_exits - 1) if n_exits > 2 else torch.ones(1)
+
+
+def hard_objective(model: EarlyExitModel, cache: FeatureCache, cost: torch.Tensor, lam: float):
+    """Validation objective: mean CE at the gated exit plus ``lam`` times its cost fraction."""
+    with torch.no_grad():
+        logits, ce = exit_losses(model, cache)
+        exit_index = gating.first_exit(model.gate_values(logits), 0.5)  # (N,)
+        n = torch.arange(len(exit_index), device=exit_index.device)
+        return float((ce[exit_index, n] + lam * cost.to(ce)[exit_index]).mean())
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def train(
+    model: EarlyExitModel,
+    train_cache: FeatureCache,
+    val_cache: FeatureCache,
+    cost: torch.Tensor,
+    cfg: TrainConfig = TrainConfig(),
+    run_dir: Path | None = None,
+    progress: Progress = None,
+) -> dict:
+    """Warm up the IMs, then alternate gate and IM phases; keep the best validation state.
+
+    Args:
+        model: an :class:`EarlyExitModel` (only its ``ims`` and ``gates`` change).
+        train_cache: features of the exits-training split.
+        val_cache: features of the validation split.
+        cost: FLOPs fraction of leaving at each exit ``(L,)``.
+        cfg: the training configuration.
+        run_dir: where ``train_ckpt.pt`` (resume) and ``metrics.jsonl`` go; ``None`` for neither.
+        progress: ``(done, total)`` callback over phases.
+
+    Returns:
+        Metrics of the kept state (validation objective, phases run, seconds).
+    """
+    # setup
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(cfg.device)
+    train_cache, val_cache = train_cache.to(cfg.device), val_cache.to(cfg.device)
+    cost = cost.to(cfg.device, torch.float32)
+    n_exits, n = model.n_exits, len(train_cache.labels)
+    batch_size = min(cfg.batch_size, n)
+    opt_im = torch.optim.Adam(model.ims.parameters(), cfg.lr_im, weight_decay=cfg.weight_decay)
+    opt_gate = torch.optim.Adam(model.gates.parameters(), cfg.lr_gate)
+    steps_per_epoch = max(1, n // batch_size)
+    total_phases = 1 + 2 * cfg.n_rounds
+    phase, best, best_state, start = 0, float("inf"), None, time.perf_counter()
+    ckpt = run_dir / "train_ckpt.pt" if run_dir is not None else None
+    config = dataclasses.asdict(cfg)
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True, map_location=cfg.device)
+        if saved["config"] == config:
+            model.load_state_dict(saved["model"], strict=False)
+            opt_im.load_state_dict(saved["opt_im"])
+            opt_gate.load_state_dict(saved["opt_gate"])
+            phase, best, best_state = saved["phase"], saved["best"], saved["best_state"]
+            generator.set_state(saved["generator"])
+            log.info("resuming JEI-DNN training at phase %d/%d", phase, total_phases)
+    batches = _batches(n, batch_size, generator)
+    warm = warmup_weights(n_exits).to(cfg.device)
+    model.train()
+    while phase < total_phases:
+        kind = "warmup" if phase == 0 else ("gate" if phase % 2 == 1 else "im")
+        steps = cfg.warmup_epochs * steps_per_epoch if kind == "warmup" else cfg.phase_steps
+        if kind == "gate":
+            pos_weight = _pos_weight(model, val_cache, cost, cfg.lam) ** cfg.balance
+        loss = torch.tensor(float("nan"))
+        for _ in range(steps):
+            batch = train_cache.index(next(batches))
+            logits, ce = exit_losses(model, batch)
+            if kind == "warmup":
+                loss = (warm[:, None] * ce[:-1]).sum(0).mean()
+                opt, params = opt_im, model.ims
+            elif kind == "gate":
+                targets = gate_targets(oracle_exit(ce.detach(), cost, cfg.lam), n_exits)
+                loss = gate_loss(model.gate_values(logits.detach()), targets, pos_weight)
+                opt, params = opt_gate, model.gates
+            else:
+                probs = gating.exit_probabilities(model.gate_values(logits))  # (B, L)
+                loss = weighted_im_loss(probs, ce)
+                opt, params = opt_im, model.ims
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            del params
+        phase += 1
+        # log and keep the best state (gates only exist after the first gate phase)
+        score = hard_objective(model, val_cache, cost, cfg.lam) if phase > 1 else float("inf")
+        if phase > 1 and score < best:
+            best = score
+            best_state = {k: v.detach().clone() for k, v in _trainable_state(model).items()}
+        record = {
+            "phase": phase,
+            "kind": kind,
+            "train/loss": float(loss.detach()),
+            "eval/objective": score,
+        }
+        log.info("%s", record)
+        if run_dir is not None:
+            with (run_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            torch.save(
+                {
+                    "model": _trainable_state(model),
+                    "opt_im": opt_im.state_dict(),
+                    "opt_gate": opt_gate.state_dict(),
+                    "phase": phase,
+                    "best": best,
+                    "best_state": best_state,
+                    "generator": generator.get_state(),
+                    "config": config,
+                },
+                ckpt,
+            )
+        if progress:
+            progress(phase, total_phases)
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    model.eval()
+    return {"eval/objective": best, "phases": phase, "seconds": time.perf_counter() - start}
+
+
+def _trainable_state(model: EarlyExitModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("ims.", "gates."))}
+
+
+def _pos_weight(model: EarlyExitModel, val: FeatureCache, cost: torch.Tensor, lam: float):
+    """Negatives / positives of each gate's oracle targets on the validation split ``(L-1,)``."""
+    with torch.no_grad():
+        _, ce = exit_losses(model, val)
+        targets = gate_targets(oracle_exit(ce, cost, lam), model.n_exits)  # (N, L-1)
+        pos = targets.sum(0).clamp_min(1.0)
+        return (len(targets) - targets.sum(0)).clamp_min(1.0) / pos
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed ``random`` and torch; return the NumPy generator to pass down (house rule 18)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> EarlyExitModel:
+    """A deep copy sharing nothing with ``model`` (to train several lambdas from one warm-up).
+
+    With ``gate_context`` set to the other value, the copy gets fresh gates of that kind.
+    """
+    twin = copy.deepcopy(model)
+    if gate_context is not None and gate_context != model.gate_context:
+        twin.gate_context = gate_context
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # fresh gates, initialised the same way every time
+            twin.gates = nn.ModuleList(ExitGate(gate_context) for _ in twin.gates)
+        twin.to(next(model.parameters()).device)
+    return twin

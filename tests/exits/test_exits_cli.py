@@ -1,0 +1,49 @@
+import json
+
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from gatelab.cli import app
+
+runner = CliRunner()
+
+
+def test_help():
+    result = runner.invoke(app, ["exits", "--help"])
+    assert result.exit_code == 0 and "sweep" in result.output
+
+
+def test_eval_bad_alpha_exits_2(tmp_path):
+    result = runner.invoke(
+        app, ["exits", "eval", "--checkpoint", "x.safetensors", "--alpha", "1.5"]
+    )
+    assert result.exit_code == 2 and "alpha" in result.output
+
+
+def test_eval_unknown_dataset_exits_2():
+    result = runner.invoke(
+        app, ["exits", "eval", "--checkpoint", "x.safetensors", "--dataset", "cifar10"]
+    )
+    assert result.exit_code == 2 and "unknown dataset" in result.output
+
+
+def test_eval_checkpoint_of_another_kind_or_arch_exits_2(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    save_file({"w": __import__("torch").zeros(1)}, path)
+    path.with_suffix(".json").write_text(json.dumps({"kind": "gatelab.exits.vit-backbone"}))
+    result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(path)])
+    assert result.exit_code == 2 and "not a JEI-DNN" in result.output
+    path.with_suffix(".json").write_text(
+        json.dumps({"kind": "gatelab.exits.jei-dnn", "arch": "efficientnet-lite0"})
+    )
+    result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(path)])
+    assert result.exit_code == 2 and "arch" in result.output
+
+
+def test_missing_checkpoint_and_missing_data_exit_2(tmp_path):
+    result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(tmp_path / "no.safetensors")])
+    assert result.exit_code == 2 and "not found" in result.output
+    result = runner.invoke(
+        app, ["exits", "pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "dataset-fashion-mnist" in result.output
