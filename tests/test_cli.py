@@ -42,3 +42,18 @@ def test_bad_flag_is_one_line_exit_2(capsys):
 def test_unknown_system_is_exit_2(capsys):
     assert main(["demo", "--only", "nope"]) == 2
     assert "unknown system 'nope'" in capsys.readouterr().err
+
+
+def test_report_keeps_same_named_figures_apart(tmp_path):
+    from gatelab.report import DemoResult, write_report
+
+    figures = []
+    for env in ("a", "b"):
+        folder = tmp_path / "sys" / env
+        folder.mkdir(parents=True)
+        (folder / "curve.png").write_bytes(env.encode())
+        figures.append(folder / "curve.png")
+    report = write_report([DemoResult("sys", "S", figures=figures)], tmp_path / "demo").read_text()
+    assert "files in runs/sys/a/, runs/sys/b/" in report
+    assert (tmp_path / "demo" / "sys__a__curve.png").read_bytes() == b"a"
+    assert (tmp_path / "demo" / "sys__b__curve.png").read_bytes() == b"b"

@@ -33,7 +33,7 @@ def write_report(results: list[DemoResult], out_dir: Path, header: str = "") -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# gatelab demo report", "", header, ""]
     for result in results:
-        folders = sorted({f"runs/{f.parent.name}/" for f in result.figures}) or [
+        folders = sorted({_run_folder(f, out_dir.parent) for f in result.figures}) or [
             f"runs/{result.name}/"
         ]
         lines += [
@@ -48,14 +48,26 @@ def write_report(results: list[DemoResult], out_dir: Path, header: str = "") -> 
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in result.metrics.items()]
             lines.append("")
+        names = [f.name for f in result.figures]
         for figure in result.figures:
-            copy = out_dir / f"{result.name}__{figure.name}"
+            # figures of one system may share a file name across its run folders
+            unique = names.count(figure.name) == 1
+            prefix = result.name if unique else f"{result.name}__{figure.parent.name}"
+            copy = out_dir / f"{prefix}__{figure.name}"
             if figure.resolve() != copy.resolve():
                 shutil.copyfile(figure, copy)
             lines += [f"![{figure.stem}]({copy.name})", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _run_folder(figure: Path, runs_dir: Path) -> str:
+    """The figure's folder as ``runs/<...>/`` when it lies under the runs folder."""
+    try:
+        return f"runs/{figure.parent.resolve().relative_to(runs_dir.resolve()).as_posix()}/"
+    except ValueError:
+        return f"{figure.parent}/"
 
 
 def _fmt(value: float | int | str) -> str:
