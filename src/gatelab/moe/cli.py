@@ -11,7 +11,11 @@ import typer
 from gatelab import _cli
 from gatelab.moe.demo import quick_configs
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Sparse top-K mixture-of-experts layer: training demo and evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 
 
 @app.command()
