@@ -167,6 +167,7 @@ class CategoryModel:
     single_accuracy: np.ndarray  # (E,) validation accuracy of each expert alone
     quality: Callable[[frozenset[int]], float]  # monotone hull of -validation NLL
     argmax: dict[frozenset[int], frozenset[int]]  # hull argmax: the subset actually run
+    base_quality: Callable[[frozenset[int]], float]  # -validation NLL of exactly S
 
 
 def category_models(pool: Pool, logits: np.ndarray, top_k: int) -> dict[str, CategoryModel]:
@@ -189,9 +190,8 @@ def category_models(pool: Pool, logits: np.ndarray, top_k: int) -> dict[str, Cat
         quality, argmax = monotone_hull(base)
         single = (t.probs[val].argmax(-1) == t.answer[val][:, None]).mean(0)
         energy = np.nanmean(t.energy_j[fit], axis=0)
-        models[c] = CategoryModel(
-            energy, np.nanmean(t.delay_s[fit], axis=0), single, quality, argmax
-        )
+        delay = np.nanmean(t.delay_s[fit], axis=0)
+        models[c] = CategoryModel(energy, delay, single, quality, argmax, base)
     return models
 
 

@@ -54,7 +54,7 @@ class EdgeGate(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:  # noqa: D102 (documented below)
+    def reset_parameters(self) -> None:
         """Default Linear init, output layer zeroed: the gate starts as uniform averaging."""
         self.hidden.reset_parameters()
         nn.init.zeros_(self.out.weight)
@@ -65,6 +65,7 @@ class EdgeGate(nn.Module):
         return self.out(self.drop(nn.functional.gelu(self.hidden(x))))  # (B, E)
 
     def extra_repr(self) -> str:
+        """Hyper-parameters shown in ``repr``."""
         c = self.config
         return f"d_in={c.d_in}, d_hidden={c.d_hidden}, n_experts={c.n_experts}"
 

@@ -172,8 +172,9 @@ def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_di
             c: {
                 "energy_j": m.energy_j.tolist(),
                 "delay_s": m.delay_s.tolist(),
-                "quality": {
-                    ",".join(map(str, sorted(s))): m.quality(s) for s in _all_subsets(len(experts))
+                "base_quality": {
+                    ",".join(map(str, sorted(s))): m.base_quality(s)
+                    for s in _all_subsets(len(experts))
                 },
                 "centroid": centroids[c],
             }
@@ -245,7 +246,8 @@ def _table(rows: list[dict]) -> str:
         uni = r["all_uniform"]["accuracy"]
         uni_text = f"{uni:.3f}" if np.isfinite(uni) else "over budget"
         lines.append(
-            f"| {r['budget']:.3g} | {m['accuracy']:.3f} | {m['energy_j']:.3g} | {s['accuracy']:.3f} | "
+            f"| {r['budget']:.3g} | {m['accuracy']:.3f} | {m['energy_j']:.3g} "
+            f"| {s['accuracy']:.3f} | "
             f"{s['energy_j']:.3g} | {r['router']['accuracy']:.3f} | {uni_text} |"
         )
     return "\n".join(lines)
