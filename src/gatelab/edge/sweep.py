@@ -31,7 +31,7 @@ from gatelab.edge.eval import (
     category_models,
     evaluate_budget,
 )
-from gatelab.edge.model import mixture, subset_mask
+from gatelab.edge.model import mixture, one_thread, subset_mask
 from gatelab.edge.train import TrainConfig, evaluate_gate, train_gate
 
 LABELS = {
@@ -89,6 +89,7 @@ def _grids(models: dict, aggregate_s: float, n: int) -> tuple[np.ndarray, np.nda
     return e_grid, d_grid
 
 
+@one_thread()
 def run_sweep(
     cfg: SweepConfig,
     cache: str | Path,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gatelab.edge.model import EdgeGate, GateConfig, mixture, mixture_nll, subset_mask
+from gatelab.edge.model import EdgeGate, GateConfig, mixture, mixture_nll, one_thread, subset_mask
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def evaluate_gate(
     return {"nll": float(mixture_nll(mixed, answer)), "accuracy": float(accuracy)}
 
 
+@one_thread()
 def train_gate(
     train: GateData,
     val: GateData,
@@ -114,7 +115,7 @@ def train_gate(
         optimiser.step()
         # log
         val_nll = evaluate_gate(gate, val, subset)["nll"]
-        history.append({"step": step, "train/nll": float(loss), "eval/nll": val_nll})
+        history.append({"step": step, "train/nll": float(loss.detach()), "eval/nll": val_nll})
         if val_nll < best - 1e-6:
             best, best_state, since = val_nll, copy.deepcopy(gate.state_dict()), 0
         else:
