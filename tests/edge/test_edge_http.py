@@ -131,10 +131,10 @@ def test_expert_answer_over_http(server):
 
 
 def test_option_distribution_closed_form():
-    top = {" A": -1.0, "A": -2.0, " B": -3.0, "(C": -0.5, "x": -4.0}
+    top = {" A": -1.0, "A": -2.0, " B": -3.0, "(C": -0.5, "x": -4.0, " ": -4.5, "AB": -5.0}
     probs, found = option_distribution(top)
     a = math.log(math.exp(-1.0) + math.exp(-2.0))
-    raw = [math.exp(a), math.exp(-3.0), math.exp(-0.5), math.exp(-4.0)]  # D gets the floor
+    raw = [math.exp(a), math.exp(-3.0), math.exp(-0.5), math.exp(-5.0)]  # D gets the floor
     assert found == 3
     assert probs == pytest.approx([r / sum(raw) for r in raw])
     assert option_distribution({}) == ([0.25] * 4, 0)

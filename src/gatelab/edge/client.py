@@ -104,7 +104,7 @@ def option_distribution(top: dict[str, float], n_options: int = 4) -> tuple[list
     """Probabilities of the option letters from one position's top logprobs (see module doc)."""
     if not top:
         return [1.0 / n_options] * n_options, 0
-    letters = LETTERS[:n_options]
+    letters = tuple(LETTERS[:n_options])  # a tuple: "" or "AB" must not match
     found: dict[str, list[float]] = {}
     for token, logprob in top.items():
         key = token.strip().strip("().:").upper()
