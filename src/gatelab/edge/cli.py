@@ -81,7 +81,10 @@ def sweep(
     cache: Annotated[Path, typer.Option(help="JSONL answer cache.")] = Path(
         "runs/edge/answers.jsonl"
     ),
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/edge"),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder [default: runs/edge, quick: runs/edge/quick]."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed (splits, gate, random baseline).")] = 0,
     top_k: Annotated[int, typer.Option(help="Experts weighted per query inside a subset.")] = 2,
     n_budgets: Annotated[int, typer.Option(help="Budget grid points per axis.")] = 12,
@@ -95,6 +98,7 @@ def sweep(
         if not cache.exists():
             raise FileNotFoundError(f"answer cache not found: {cache} (run `gatelab edge collect`)")
         cfg = SweepConfig(quick=quick, seed=seed, top_k=top_k, n_budgets=n_budgets)
+        out = out or Path("runs/edge/quick" if quick else "runs/edge")
         with _cli.progress_bar("sweep", total=2 * n_budgets) as update:
             summary = run_sweep(cfg, cache, out, progress=update)
     typer.echo(summary["table"])

@@ -75,7 +75,8 @@ def load_experts(path: str | Path, timeout_s: float | None = None) -> list[EdgeE
     return experts
 
 
-def _read(cache: Path) -> dict[tuple[str, str], dict]:
+def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
+    """The last cache record of every ``(qid, expert)`` pair (empty if no cache yet)."""
     records: dict[tuple[str, str], dict] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -98,7 +99,7 @@ def collect(
     """
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    done = {key for key, r in _read(cache).items() if r["ok"]}
+    done = {key for key, r in read_cache(cache).items() if r["ok"]}
     asked = failed = 0
     with cache.open("a") as out:
         for i, q in enumerate(questions):
@@ -147,7 +148,7 @@ class AnswerTable:
 
 def load_answers(cache: str | Path, questions: list[MCQuestion], experts: list[str]) -> AnswerTable:
     """Arrange the cache for ``questions`` x ``experts`` (missing pairs marked unavailable)."""
-    records = _read(Path(cache))
+    records = read_cache(Path(cache))
     n, e = len(questions), len(experts)
     probs = np.full((n, e, 4), 0.25)
     available = np.zeros((n, e), dtype=bool)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from gatelab.edge.collect import collect, start_local_pool
+from gatelab.edge.collect import DEFAULT_POOL, collect, read_cache, start_local_pool
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.sweep import run_sweep
 from gatelab.report import DemoResult
@@ -18,18 +18,15 @@ def run_demo(
     """Serve the five SmolLM2 experts on 127.0.0.1, collect missing answers, sweep budgets.
 
     The cache (``runs/edge/answers.jsonl``) is reused across runs; only missing answers are
-    asked, so a second run goes straight to the sweep. ``quick`` uses 12 questions per category.
+    asked, so a second run goes straight to the sweep. ``quick`` uses 12 questions per category
+    and writes its sweep to ``runs/edge/quick/``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models ship in packages; never download
     out = Path(runs_dir) / "edge"
     cache = out / "answers.jsonl"
     cfg = SweepConfig(quick=quick)
     questions = questions_for(cfg)
-    from gatelab.edge.collect import _read
-
-    done = {key for key, record in _read(cache).items() if record["ok"]}
-    from gatelab.edge.collect import DEFAULT_POOL
-
+    done = {key for key, record in read_cache(cache).items() if record["ok"]}
     todo = [q for q in questions if any((q.qid, n) not in done for n, _ in DEFAULT_POOL)]
     if todo:
         servers, experts = start_local_pool()
@@ -38,7 +35,7 @@ def run_demo(
         finally:
             for server in servers:
                 server.stop()
-    summary = run_sweep(cfg, cache, out, progress=progress)
+    summary = run_sweep(cfg, cache, out / "quick" if quick else out, progress=progress)
     metrics: dict[str, float | int | str] = {
         "n_questions": summary["n_questions"],
         "aiq_energy_moe2": summary["aiq"]["energy"]["moe2"],
