@@ -127,11 +127,30 @@ def run_sweep(
             rows.append({"axis": axis, "budget": float(budget), **result})
             if progress:
                 progress(len(rows), total)
+    preserving = _optimality_check(gate, pool, train_cfg, cfg.top_k)
     # report
     summary = _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir)
     summary["gate_test"] = gate_test
+    summary["optimality_preserving"] = preserving
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def _optimality_check(gate, pool: Pool, train_cfg: TrainConfig, top_k: int) -> list[dict]:
+    """Test NLL of the full gate restricted to a subset vs a gate retrained on that subset."""
+    n = len(pool.table.experts)
+    subsets = [frozenset(range(i, i + 2)) for i in range(0, n - 1, 2)] + [frozenset(range(n - 1))]
+    train, val = pool.data(pool.split == "train"), pool.data(pool.split == "val")
+    test = pool.data(pool.split == "test")
+    rows = []
+    for subset in subsets:
+        retrained, _ = train_gate(train, val, train_cfg, subset=subset)
+        rows.append({
+            "subset": [pool.table.experts[i] for i in sorted(subset)],
+            "restricted_nll": evaluate_gate(gate, test, subset, top_k)["nll"],
+            "retrained_nll": evaluate_gate(retrained, test, subset, top_k)["nll"],
+        })  # fmt: skip
+    return rows
 
 
 def _curve(rows: list[dict], axis: str, method: str, x: str) -> np.ndarray:
