@@ -63,7 +63,8 @@ def collect(
         questions = questions_for(cfg)
         servers, pool = [], collect_lib.load_experts(experts) if experts else None
         if pool is None:
-            servers, pool = collect_lib.start_local_pool()
+            smollm2_dir = os.environ.get("GATELAB_SMOLLM2_DIR")
+            servers, pool = collect_lib.start_local_pool(smollm2_dir=smollm2_dir)
         try:
             with _cli.progress_bar("collect", total=len(questions)) as update:
                 counts = collect_lib.collect(pool, questions, cache, update)

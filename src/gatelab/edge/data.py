@@ -4,8 +4,8 @@ r"""Multiple-choice questions for MoE²: MMLU dev (shipped in ``lm_eval``) and a
   the ``lm_eval`` wheel ships as chain-of-thought exemplars in
   ``lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json``, and groups the subjects into the four
   MMLU application categories (STEM, humanities, social sciences, other) using the ``tag`` of each
-  subject's task file in ``lm_eval/tasks/mmlu/default``. Set ``GATELAB_LM_EVAL_DIR`` (read by the
-  CLI) or pass ``root`` to use another copy.
+  subject's task file in ``lm_eval/tasks/mmlu/default``. Pass ``root`` to use another copy of
+  the ``lm_eval`` package folder.
 - :func:`generate_suite` builds questions a 100M-parameter model can sometimes answer (see its
   docstring for construction and difficulty).
 
@@ -70,7 +70,7 @@ def _lm_eval_root(root: str | Path | None) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "lm_eval is not installed: run `make setup` (pip install --no-deps lm_eval==0.4.13) "
-            "or set GATELAB_LM_EVAL_DIR to a copy of the lm_eval package folder"
+            "or pass root= pointing at a copy of the lm_eval package folder"
         )
     return Path(spec.submodule_search_locations[0])
 
@@ -192,9 +192,10 @@ def generate_suite(n_per_category: int = 40, seed: int = 0) -> list[MCQuestion]:
     - ``words``: which word belongs to a class (colour, animal, fruit, number word); distractors
       come from the three other classes.
 
-    Difficulty: chance is 25%. SmolLM2-135M answers the calendar and arithmetic items above chance
-    when given few-shot examples, and alphabet items above chance zero-shot; the measured
-    per-expert accuracies are written by ``gatelab edge sweep`` (``runs/edge/experts.json``).
+    Difficulty: chance is 25%; the items are meant to be within reach of a ~100M model (one-step
+    successor, single-digit arithmetic, word classes). Measured with the letter-logprob protocol
+    of ``client.py``, however, the SmolLM2-135M variants stay at chance here as on MMLU: their top
+    letter barely depends on the question (``runs/edge/experts.json`` after a sweep).
 
     Args:
         n_per_category: questions per category (>= 1).
@@ -207,12 +208,10 @@ def generate_suite(n_per_category: int = 40, seed: int = 0) -> list[MCQuestion]:
     makers["words"] = _words
     questions = []
     for category, make in makers.items():
-        seen: set[str] = set()
         for i in range(n_per_category):
             text, correct, distractors = make(rng)
             options, answer = _shuffled(rng, correct, distractors)
             qid = f"gen/{category}/{i}"
-            seen.add(text)
             questions.append(MCQuestion(qid, category, category, text, options, answer))
     return questions
 
