@@ -27,16 +27,25 @@ def test_mmlu_dev_questions():
 
 def test_generated_suite_is_correct_by_independent_check():
     questions = generate_suite(25, seed=1)
-    assert len(questions) == 100
+    assert len(questions) == 125
+    days = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    checked = collections.Counter()
     for q in questions:
         gold = q.options[q.answer]
         assert len(set(q.options)) == 4
-        if q.category == "arithmetic":
-            a, op, b = re.match(r"What is (\d+) ([+-]) (\d+)\?", q.question).groups()
-            assert int(gold) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-        elif q.category == "alphabet":
-            letter = re.search(r"after (\w)", q.question).group(1)
-            assert ord(gold) == ord(letter) + 1
+        if match := re.match(r"What number comes next: ([\d, ]+)\?", q.question):
+            terms = [int(t) for t in match.group(1).split(", ")]
+            assert int(gold) == 2 * terms[-1] - terms[-2]
+            checked["progression"] += 1
+        elif match := re.match(r"Which day comes after (\w+)\?", q.question):
+            assert gold == days[(days.index(match.group(1)) + 1) % 7]
+            checked["day"] += 1
+        elif q.question == "What is the capital of France?":
+            assert gold == "Paris"
+            checked["capital"] += 1
+        elif q.question == "What is the opposite of hot?":
+            assert gold == "cold"
+    assert checked["progression"] > 3 and checked["day"] > 3
     assert generate_suite(25, seed=1) == questions
     letters = collections.Counter(q.answer for q in generate_suite(100, seed=0))
     assert min(letters.values()) > 60  # gold letters roughly uniform

@@ -15,12 +15,18 @@ from gatelab.edge.client import (
     ExpertError,
     ExpertTimeout,
     ask_experts,
+    continuation_distribution,
     option_distribution,
 )
 from gatelab.edge.collect import collect, load_answers
-from gatelab.edge.data import MCQuestion
+from gatelab.edge.data import MCQuestion, format_cloze
 from gatelab.edge.server import BackgroundServer, build_app
-from gatelab.edge.serving import llama_forward_flops, load_served_models, parse_model_name
+from gatelab.edge.serving import (
+    FEWSHOT_CLOZE_PREFIX,
+    llama_forward_flops,
+    load_served_models,
+    parse_model_name,
+)
 
 NAMES = ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"]
 QUESTION = MCQuestion("t/0", "arithmetic", "arithmetic", "What is 2 + 3?", ("4", "5", "6", "7"), 1)
@@ -97,6 +103,99 @@ def test_bad_requests(server):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"])
+def test_echo_logprobs_equal_a_direct_forward_pass(server, models, name):
+    prompts = ["Question: hi\nAnswer: yes", "Question: hi\nAnswer: no, not at all"]
+    body = {"model": name, "prompt": prompts, "echo": True, "max_tokens": 0, "logprobs": 0}
+    reply = httpx.post(server.url + "/v1/completions", json=body).json()
+    m = models[name]
+    head = FEWSHOT_CLOZE_PREFIX if "fewshot" in name else ""
+    if "chat" in name:  # the chat template up to the assistant turn, built here independently
+        head = "user: Answer the question with a few words.\nassistant: "
+    total = 0
+    for prompt, choice in zip(prompts, reply["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == prompt and choice["text"] == prompt
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(prompt))]
+        ids = m.tokenizer(head + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():  # unbatched, unpadded, float64 reference
+            ref = torch.log_softmax(m.model.double()(ids).logits[0].double(), -1)
+            m.model.float()
+        want = [float(ref[i - 1, ids[0, i]]) for i in range(1, ids.shape[1])]
+        got = [v for v in lp["token_logprobs"] if v is not None]
+        assert got == pytest.approx(want[-len(got) :], abs=1e-4)
+        assert (lp["token_logprobs"][0] is None) == (head == "")
+        total += ids.shape[1]
+    assert reply["usage"]["prompt_tokens"] == total
+
+
+def test_echo_bad_requests(server):
+    url = server.url + "/v1/completions"
+    body = {"model": "tiny-random", "prompt": ["a", "b"], "echo": True, "max_tokens": 1}
+    assert httpx.post(url, json=body).status_code == 400  # echo only for scoring
+    assert httpx.post(url, json=body | {"max_tokens": 0, "prompt": []}).status_code == 400
+    assert httpx.post(url, json=body | {"max_tokens": 0, "prompt": ["a", ""]}).status_code == 400
+    assert httpx.post(url, json=body | {"max_tokens": 0, "prompt": ["a"] * 17}).status_code == 400
+
+
+def test_continuation_distribution_closed_form():
+    sums, tokens, options = [-2.0, -6.0, -3.0, -9.0], [1, 3, 2, 3], ["ab", "cdefg", "x", "yy"]
+    raw = [math.exp(v) for v in sums]
+    assert continuation_distribution(sums, tokens, options) == pytest.approx(
+        [r / sum(raw) for r in raw]
+    )
+    per_token = [math.exp(v / n) for v, n in zip(sums, tokens, strict=True)]
+    got = continuation_distribution(sums, tokens, options, "tokens")
+    assert got == pytest.approx([r / sum(per_token) for r in per_token])
+    per_char = [math.exp(v / (len(o) + 1)) for v, o in zip(sums, options, strict=True)]
+    got = continuation_distribution(sums, tokens, options, "chars")
+    assert got == pytest.approx([r / sum(per_char) for r in per_char])
+    with pytest.raises(ValueError, match="normalize"):
+        continuation_distribution(sums, tokens, options, "bytes")
+
+
+def _echo_reply(prompts, values, n_choices=None):
+    choices = []
+    for i, (prompt, value) in enumerate(zip(prompts, values, strict=True)):
+        cut = prompt.index("Answer:") + len("Answer:")
+        choices.append(
+            {"index": i, "logprobs": {
+                "tokens": [prompt[:cut], prompt[cut:]], "text_offset": [0, cut],
+                "token_logprobs": [None, value]}}
+        )  # fmt: skip
+    return {"choices": choices[:n_choices], "usage": {"prompt_tokens": 8}}
+
+
+def test_continuation_client_request_and_faults():
+    seen = []
+
+    def fake(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        mode = len(seen)
+        if mode == 1:
+            return httpx.Response(200, json=_echo_reply(body["prompt"], [-3, -1, -2, -4]))
+        if mode == 2:
+            return httpx.Response(200, json=_echo_reply(body["prompt"], [-3, -1, -2, -4], 3))
+        return httpx.Response(200, json=_echo_reply(body["prompt"], [-3, None, -2, -4]))
+
+    expert = EdgeExpert(
+        "c", "http://127.0.0.1:9", PROFILES["cpu"], flops_per_token=1.0,
+        transport=httpx.MockTransport(fake),
+    )  # fmt: skip
+    answer = asyncio.run(expert.answer("Which?", ["a", "b", "c", "d"]))
+    assert seen[0]["echo"] is True and seen[0]["max_tokens"] == 0 and seen[0]["logprobs"] == 0
+    assert seen[0]["prompt"] == [format_cloze("Which?") + f" {o}" for o in "abcd"]
+    assert answer.option_logprobs == (-3, -1, -2, -4) and answer.option_tokens == (1, 1, 1, 1)
+    assert answer.method == "continuation" and max(answer.probs) == answer.probs[1]
+    with pytest.raises(ExpertError, match="expected 4 choices"):
+        asyncio.run(expert.answer("Which?", ["a", "b", "c", "d"]))
+    with pytest.raises(ExpertError, match="no logprobs for the continuation"):
+        asyncio.run(expert.answer("Which?", ["a", "b", "c", "d"]))
+    with pytest.raises(ValueError, match="continuation scoring needs"):
+        EdgeExpert("c", "http://x", PROFILES["cpu"], api="chat")
+
+
 def test_flop_formula_matches_torch_counter(models):
     model = models["tiny-random"].model
     model.config._attn_implementation = "eager"  # counted matmuls (sdpa on CPU is not counted)
@@ -126,7 +225,7 @@ def test_expert_answer_over_http(server):
     profile = PROFILES["rtx-4090"]
     assert answer.modelled_delay_s == pytest.approx(profile.network_s + answer.flops / 25e12)
     assert answer.cost.joules == pytest.approx(350.0 * answer.flops / 25e12)
-    chat = EdgeExpert("tiny-random-chat", server.url, PROFILES["cpu"], api="chat")
+    chat = EdgeExpert("tiny-random-chat", server.url, PROFILES["cpu"], api="chat", method="letters")
     assert math.isclose(sum(asyncio.run(chat.answer("q?", ["a", "b", "c", "d"])).probs), 1.0)
 
 
@@ -175,7 +274,7 @@ def test_retries_then_success_and_no_retry_on_client_error(monkeypatch):
 
     expert = EdgeExpert(
         "z", "http://127.0.0.1:9", PROFILES["cpu"], backoff_s=0.01, flops_per_token=1e9,
-        transport=httpx.MockTransport(flaky), api_key_env="GATELAB_TEST_KEY",
+        transport=httpx.MockTransport(flaky), api_key_env="GATELAB_TEST_KEY", method="letters",
     )  # fmt: skip
     answer = asyncio.run(expert.answer("q", ["a", "b", "c", "d"]))
     assert len(calls) == 3 and answer.flops == 11e9 and max(answer.probs) == answer.probs[1]

@@ -18,7 +18,7 @@ from gatelab.edge.train import TrainConfig
 EXPERTS = ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"]
 ENERGY = [0.2, 0.05, 0.5]  # J per answer: constant, so realised cost equals the planned one
 DELAY = [0.02, 0.01, 0.05]
-GOOD_AT = {"tiny-random": {"arithmetic", "stem"}, "tiny-random-l1-fewshot": {"words"}}
+GOOD_AT = {"tiny-random": {"sequences", "stem"}, "tiny-random-l1-fewshot": {"kinds"}}
 
 
 def _write_cache(path, cfg):
@@ -84,9 +84,9 @@ def test_sweep_outputs_and_budgets_hold(swept):
 def test_router_plans_within_budget(swept):
     out, _ = swept
     state = load_router(out)
-    cheap = plan_subset(state, "words", energy_budget=0.06, delay_budget=math.inf)
+    cheap = plan_subset(state, "kinds", energy_budget=0.06, delay_budget=math.inf)
     assert cheap == frozenset({1})
-    assert plan_subset(state, "words", energy_budget=0.01, delay_budget=math.inf) == frozenset()
+    assert plan_subset(state, "kinds", energy_budget=0.01, delay_budget=math.inf) == frozenset()
     with pytest.raises(ValueError, match="unknown category"):
         plan_subset(state, "cooking", 1.0, 1.0)
 
@@ -103,16 +103,17 @@ def test_live_ask_with_a_failing_expert(swept):
         experts.append(
             EdgeExpert(EXPERTS[2], f"http://127.0.0.1:{dead_port}", PROFILES["cpu"], backoff_s=0.01)
         )
-        result = ask(
-            "What is 2 + 3?", ["4", "5", "6", "7"], experts, state, 10.0, 10.0, "arithmetic"
-        )
+        plans = {c: plan_subset(state, c, 10.0, 10.0) for c in state.categories}
+        mixed = [c for c, p in sorted(plans.items()) if 2 in p and len(p) > 1]
+        assert mixed, plans  # some category combines the (dead) generalist with another expert
+        result = ask("What is 2 + 3?", ["4", "5", "6", "7"], experts, state, 10.0, 10.0, mixed[0])
     assert result.answer in "ABCD"
     assert sum(result.probs) == pytest.approx(1.0)
     answered = [n for n, v in result.per_expert.items() if v["status"] == "ok"]
     assert sum(result.weights[n] for n in answered) == pytest.approx(1.0)
-    if EXPERTS[2] in result.subset:
-        assert any("renormalised" in note for note in result.notes)
-        assert result.weights[EXPERTS[2]] == 0
+    assert EXPERTS[2] in result.subset and len(answered) >= 1
+    assert any("renormalised" in note for note in result.notes)
+    assert result.weights[EXPERTS[2]] == 0
 
 
 def test_cli(swept, tmp_path):
@@ -140,7 +141,7 @@ def test_cli(swept, tmp_path):
         "--experts",
         str(yaml_path),
         "--category",
-        "words",
+        "kinds",
     ]
     dead = runner.invoke(app, args)
     assert dead.exit_code == 1 and "all selected experts failed" in dead.output

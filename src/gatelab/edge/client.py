@@ -1,6 +1,21 @@
 r"""Talking to edge experts over the OpenAI-compatible API, and what each answer costs.
 
-**Option distribution.** The client sends the question as a zero-shot prompt ending in
+**Option distribution** (two methods, ``EdgeExpert.method``).
+
+``"continuation"`` (default; what lm-eval-harness does for multiple choice): the context is
+:func:`~gatelab.edge.data.format_cloze` (``Question: ...\nAnswer:``, options not listed) and each
+option is scored as its continuation: :math:`\ell_i = \sum_t \log p(c_{i,t} \mid
+\text{context}, c_{i,<t})` over the tokens of ``" " + option``. The four context+continuation
+texts go in ONE ``/v1/completions`` request (a list of prompts) with ``echo: true, max_tokens: 0,
+logprobs: 0`` (legacy OpenAI semantics, also served by vLLM and llama.cpp); the continuation's
+tokens are those whose ``text_offset`` is at or after the end of the context. With
+``normalize="chars"`` the score is divided by the option's length in characters (lm-eval's
+``acc_norm``); ``"tokens"`` divides by its token count; ``"none"`` keeps the sum. Then
+:math:`p_i = e^{\ell_i} / \sum_j e^{\ell_j}`. The raw sums and token counts are kept in
+:attr:`ExpertAnswer.option_logprobs` / ``option_tokens``, so any normalisation can be recomputed.
+The validation-split comparison behind the default is in the README's edge section.
+
+``"letters"``: the client sends the question as a zero-shot prompt ending in
 ``Answer:`` and asks for one token with the top-``n`` alternatives (``logprobs=n`` on
 ``/v1/completions``, ``top_logprobs=n`` on ``/v1/chat/completions``). Each returned token is
 stripped of spaces and ``().:`` and upper-cased; the log-probabilities of tokens that read as the
@@ -8,6 +23,8 @@ same option letter are combined by log-sum-exp. A letter absent from the top-``n
 smallest returned log-probability (an upper bound on its true value, since it ranked lower). The
 four values are then renormalised with a softmax: :math:`p_i = e^{\ell_i} / \sum_j e^{\ell_j}`.
 If no option letter appears at all the distribution is uniform and ``letters_found`` is 0.
+Small models barely condition their letter choice on the question (SmolLM2-135M answers "A" to
+nearly everything), which is why this is no longer the default.
 
 **Costs.** ``measured_s`` is the wall-clock round trip measured here. ``modelled_delay_s`` and
 ``modelled_energy_j`` are *modelled*: the FLOPs the server reports (``x_gatelab.flops``; or
@@ -27,7 +44,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from gatelab.cost import Cost
-from gatelab.edge.data import LETTERS, format_prompt
+from gatelab.edge.data import LETTERS, format_cloze, format_prompt
 
 
 @dataclass(frozen=True)
@@ -86,13 +103,16 @@ class ExpertAnswer:
 
     expert: str
     probs: tuple[float, ...]  # distribution over the options A-D
-    letters_found: int  # option letters present in the returned top logprobs
+    letters_found: int  # letters method: option letters in the top logprobs; else options scored
     measured_s: float  # wall-clock round trip measured on this machine
     prompt_tokens: int
     completion_tokens: int
     flops: float
     modelled_delay_s: float  # modelled by the expert's DeviceProfile
     modelled_energy_j: float  # modelled by the expert's DeviceProfile
+    method: str = "letters"
+    option_logprobs: tuple[float, ...] = ()  # continuation: summed logprob of each option
+    option_tokens: tuple[int, ...] = ()  # continuation: tokens scored per option
 
     @property
     def cost(self) -> Cost:
@@ -125,6 +145,27 @@ def option_distribution(top: dict[str, float], n_options: int = 4) -> tuple[list
     return [w / total for w in weights], len(found)
 
 
+NORMALIZATIONS = ("none", "chars", "tokens")
+
+
+def continuation_distribution(
+    sums: list[float], n_tokens: list[int], options: list[str], normalize: str = "none"
+) -> list[float]:
+    """Softmax over the options' (optionally length-normalised) continuation log-likelihoods."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    lengths = {
+        "none": [1] * len(sums),
+        "chars": [max(1, len(" " + o.strip())) for o in options],
+        "tokens": [max(1, n) for n in n_tokens],
+    }[normalize]
+    scores = [s / n for s, n in zip(sums, lengths, strict=True)]
+    m = max(scores)
+    weights = [math.exp(s - m) for s in scores]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 @dataclass
 class EdgeExpert:
     """An LLM expert behind an OpenAI-compatible endpoint on some edge device.
@@ -134,7 +175,10 @@ class EdgeExpert:
         base_url: server root, e.g. ``http://127.0.0.1:8001`` (``/v1/...`` is appended).
         device_profile: the device it runs on, for modelled delay and energy.
         model: model id on the server; defaults to ``name``.
-        api: ``"completions"`` or ``"chat"``.
+        api: ``"completions"`` or ``"chat"`` (``"chat"`` only with ``method="letters"``).
+        method: ``"continuation"`` (score each option's text, default) or ``"letters"``.
+        normalize: length normalisation of continuation scores: ``"none"``, ``"chars"``,
+            ``"tokens"`` (see module doc).
         timeout_s: per-request timeout.
         max_retries: retries after the first attempt on transport errors, timeouts, 429 and 5xx.
         backoff_s: first retry delay; doubles each retry.
@@ -149,6 +193,8 @@ class EdgeExpert:
     device_profile: DeviceProfile
     model: str | None = None
     api: str = "completions"
+    method: str = "continuation"
+    normalize: str = "none"
     timeout_s: float = 30.0
     max_retries: int = 2
     backoff_s: float = 0.2
@@ -162,12 +208,26 @@ class EdgeExpert:
             raise ValueError(
                 f"EdgeExpert {self.name}: api must be 'completions' or 'chat', got {self.api!r}"
             )
+        if self.method not in ("continuation", "letters"):
+            raise ValueError(
+                f"EdgeExpert {self.name}: method must be 'continuation' or 'letters', "
+                f"got {self.method!r}"
+            )
+        if self.method == "continuation" and self.api == "chat":
+            raise ValueError(
+                f"EdgeExpert {self.name}: continuation scoring needs api='completions' (echo)"
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"EdgeExpert {self.name}: normalize must be one of {NORMALIZATIONS}")
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
             raise ValueError(
                 f"EdgeExpert {self.name}: need timeout_s > 0, max_retries, backoff_s >= 0"
             )
 
-    def _request(self, prompt: str) -> tuple[str, dict]:
+    def _request(self, prompt: str | list[str]) -> tuple[str, dict]:
+        if self.method == "continuation":
+            body = {"model": self.model or self.name, "prompt": prompt, "max_tokens": 0}
+            return "/v1/completions", body | {"echo": True, "logprobs": 0, "temperature": 0}
         body: dict = {"model": self.model or self.name, "max_tokens": 1, "temperature": 0}
         if self.api == "chat":
             body |= {"messages": [{"role": "user", "content": prompt}], "logprobs": True}
@@ -214,6 +274,28 @@ class EdgeExpert:
                 last = ExpertError(f"expert {self.name}: response is not JSON")
         raise last  # type: ignore[misc]
 
+    def _parse_echo(self, payload: dict, context: str, n: int) -> tuple[list[float], list[int]]:
+        """Summed logprobs and token counts of each prompt's tokens past ``len(context)``."""
+        try:
+            choices = sorted(payload["choices"], key=lambda c: c["index"])
+            if len(choices) != n:
+                raise ExpertError(f"expert {self.name}: expected {n} choices, got {len(choices)}")
+            sums, counts = [], []
+            for choice in choices:
+                lp = choice["logprobs"]
+                pairs = [
+                    v
+                    for offset, v in zip(lp["text_offset"], lp["token_logprobs"], strict=True)
+                    if offset >= len(context)
+                ]
+                if not pairs or any(v is None for v in pairs):
+                    raise ExpertError(f"expert {self.name}: no logprobs for the continuation")
+                sums.append(float(sum(pairs)))
+                counts.append(len(pairs))
+            return sums, counts
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ExpertError(f"expert {self.name}: response has no echoed logprobs") from None
+
     def _parse(self, payload: dict) -> tuple[dict[str, float], dict]:
         try:
             choice = payload["choices"][0]
@@ -238,7 +320,13 @@ class EdgeExpert:
             ExpertTimeout: no answer within ``timeout_s`` after all retries.
             ExpertError: unreachable, HTTP errors after retries, or a malformed response.
         """
-        path, body = self._request(format_prompt(question, options))
+        if len(options) != len(LETTERS):
+            raise ValueError(f"expected {len(LETTERS)} options, got {len(options)}")
+        context = format_cloze(question)
+        if self.method == "continuation":
+            path, body = self._request([f"{context} {o.strip()}" for o in options])
+        else:
+            path, body = self._request(format_prompt(question, options))
         own = client is None
         client = client or httpx.AsyncClient(transport=self.transport)
         try:
@@ -248,9 +336,17 @@ class EdgeExpert:
         finally:
             if own:
                 await client.aclose()
-        top, usage = self._parse(payload)
-        probs, found = option_distribution(top, len(options))
-        n_prompt, n_out = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 1))
+        sums: list[float] = []
+        counts: list[int] = []
+        if self.method == "continuation":
+            sums, counts = self._parse_echo(payload, context, len(options))
+            probs = continuation_distribution(sums, counts, list(options), self.normalize)
+            found, usage = len(options), payload.get("usage") or {}
+        else:
+            top, usage = self._parse(payload)
+            probs, found = option_distribution(top, len(options))
+        n_prompt = int(usage.get("prompt_tokens", 0))
+        n_out = int(usage.get("completion_tokens", 0 if self.method == "continuation" else 1))
         flops = (payload.get("x_gatelab") or {}).get("flops")
         if flops is None:
             if self.flops_per_token is None:
@@ -269,6 +365,9 @@ class EdgeExpert:
             float(flops),
             profile.delay_s(flops),
             profile.energy_j(flops),
+            self.method,
+            tuple(sums),
+            tuple(counts),
         )
 
 

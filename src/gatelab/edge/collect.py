@@ -51,7 +51,8 @@ def load_experts(path: str | Path, timeout_s: float | None = None) -> list[EdgeE
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty YAML list of experts")
     allowed = {"name", "base_url", "device", "model", "api", "timeout_s", "max_retries"}
-    allowed |= {"backoff_s", "top_logprobs", "flops_per_token", "api_key_env"}
+    allowed |= {"backoff_s", "top_logprobs", "flops_per_token", "api_key_env", "method"}
+    allowed |= {"normalize"}
     experts = []
     for entry in entries:
         if not isinstance(entry, dict) or not {"name", "base_url", "device"} <= set(entry):
@@ -144,6 +145,8 @@ class AnswerTable:
     measured_s: np.ndarray
     flops: np.ndarray
     prompt_tokens: np.ndarray
+    option_logprobs: np.ndarray | None = None  # (N, E, 4) continuation sums (NaN: letters/missing)
+    option_tokens: np.ndarray | None = None  # (N, E, 4) continuation token counts
 
 
 def load_answers(cache: str | Path, questions: list[MCQuestion], experts: list[str]) -> AnswerTable:
@@ -168,10 +171,17 @@ def load_answers(cache: str | Path, questions: list[MCQuestion], experts: list[s
             fields["measured_s"][i, j] = r["measured_s"]
             fields["flops"][i, j] = r["flops"]
             fields["prompt_tokens"][i, j] = r["prompt_tokens"]
+    sums, counts = np.full((n, e, 4), np.nan), np.full((n, e, 4), np.nan)
+    for i, q in enumerate(questions):
+        for j, name in enumerate(experts):
+            r = records.get((q.qid, name))
+            if r is not None and r["ok"] and r.get("option_logprobs"):
+                sums[i, j], counts[i, j] = r["option_logprobs"], r["option_tokens"]
     answer = np.array([q.answer for q in questions])
     return AnswerTable(
-        [q.qid for q in questions], list(experts), probs, available, answer, **fields
-    )
+        [q.qid for q in questions], list(experts), probs, available, answer, **fields,
+        option_logprobs=sums, option_tokens=counts,
+    )  # fmt: skip
 
 
 def start_local_pool(

@@ -6,8 +6,8 @@ r"""Multiple-choice questions for MoE²: MMLU dev (shipped in ``lm_eval``) and a
   MMLU application categories (STEM, humanities, social sciences, other) using the ``tag`` of each
   subject's task file in ``lm_eval/tasks/mmlu/default``. Pass ``root`` to use another copy of
   the ``lm_eval`` package folder.
-- :func:`generate_suite` builds questions a 100M-parameter model can sometimes answer (see its
-  docstring for construction and difficulty).
+- :func:`generate_suite` builds questions a 100M-parameter model answers clearly better than
+  chance with continuation scoring (see its docstring for construction and difficulty).
 
 Every question has exactly four options and one gold index; :func:`format_prompt` is the one prompt
 format every expert receives (prompting variants live on the server side, see ``serving.py``).
@@ -20,13 +20,12 @@ import importlib.util
 import json
 import random
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 LETTERS = "ABCD"
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
-GENERATED_CATEGORIES = ("arithmetic", "calendar", "alphabet", "words")
+GENERATED_CATEGORIES = ("capitals", "antonyms", "kinds", "sequences", "sentences")
 
 _OPTION = re.compile(r"\(([A-E])\)\s*(.*?)(?=\s*\([A-E]\)\s|\s*$)", re.S)
 _ANSWER = re.compile(r"The answer is \(([A-E])\)")
@@ -61,6 +60,17 @@ def format_prompt(question: str, options: tuple[str, ...] | list[str]) -> str:
     lines = [f"Question: {question.strip()}"]
     lines += [f"{letter}. {text.strip()}" for letter, text in zip(LETTERS, options, strict=True)]
     return "\n".join(lines) + "\nAnswer:"
+
+
+def format_cloze(question: str) -> str:
+    r"""The context for continuation scoring: ``Question: ...\nAnswer:`` (options not listed).
+
+    Each option is then scored as the continuation ``" " + option`` of this context (the "cloze"
+    formulation of lm-eval-harness tasks such as ARC and MMLU-cloze).
+    """
+    if not question.strip():
+        raise ValueError("question is empty")
+    return f"Question: {question.strip()}\nAnswer:"
 
 
 def _lm_eval_root(root: str | Path | None) -> Path:
@@ -133,69 +143,198 @@ def _shuffled(rng: random.Random, correct: str, distractors: list[str]) -> tuple
     return tuple(options), options.index(correct)
 
 
-_WORD_CLASSES = {
-    "a colour": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"],
-    "an animal": ["dog", "cat", "horse", "cow", "lion", "tiger", "sheep", "rabbit"],
-    "a fruit": ["apple", "banana", "grape", "pear", "cherry", "lemon", "peach", "plum"],
-    "a number": ["one", "two", "three", "four", "five", "six", "seven", "eight"],
+_CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "England": "London",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Portugal": "Lisbon",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Hungary": "Budapest",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Thailand": "Bangkok",
+    "South Korea": "Seoul",
+    "India": "New Delhi",
+    "Turkey": "Ankara",
+    "Cuba": "Havana",
+    "the Netherlands": "Amsterdam",
+    "Belgium": "Brussels",
+    "Chile": "Santiago",
+}
+_ANTONYMS = {
+    "hot": "cold",
+    "big": "small",
+    "up": "down",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "old": "young",
+    "rich": "poor",
+    "wet": "dry",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "loud": "quiet",
+    "strong": "weak",
+    "thick": "thin",
+    "high": "low",
+    "long": "short",
+    "clean": "dirty",
+    "heavy": "light",
+    "day": "night",
+    "buy": "sell",
+    "win": "lose",
+    "push": "pull",
+    "love": "hate",
+    "inside": "outside",
+    "true": "false",
+    "begin": "end",
+    "left": "right",
+    "north": "south",
+    "give": "take",
+    "friend": "enemy",
+}
+_KINDS = {
+    "an animal": ["dog", "cat", "horse", "cow", "lion", "tiger", "sheep", "rabbit", "elephant"],
+    "a fruit": ["apple", "banana", "grape", "pear", "cherry", "lemon", "peach", "mango"],
+    "a colour": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"],
+    "a vehicle": ["car", "bus", "train", "bicycle", "truck", "airplane", "boat", "motorcycle"],
+    "a part of the body": ["hand", "foot", "nose", "ear", "knee", "elbow", "shoulder", "finger"],
+    "a piece of clothing": ["shirt", "jacket", "sock", "dress", "coat", "scarf", "sweater"],
+    "a musical instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "cello"],
+}
+_SENTENCES = (
+    ("She was thirsty, so she drank a glass of", "water", ["shoes", "thunder", "paper"]),
+    ("He opened the door with a", "key", ["cloud", "banana", "song"]),
+    ("At night we sleep in a", "bed", ["river", "spoon", "tree"]),
+    ("The sun rises in the", "east", ["kitchen", "pocket", "bottle"]),
+    ("Fish live in the", "water", ["sky", "oven", "desert"]),
+    ("We cut the bread with a", "knife", ["pillow", "cloud", "sock"]),
+    ("When it rains, we open an", "umbrella", ["onion", "envelope", "oven"]),
+    ("A cow gives us", "milk", ["glass", "music", "wood"]),
+    ("Bees make", "honey", ["bricks", "glass", "paper"]),
+    ("He wrote a letter with a", "pen", ["shoe", "carrot", "pillow"]),
+    ("To see in the dark, turn on the", "light", ["sand", "cheese", "grass"]),
+    ("The baby was crying because she was", "hungry", ["purple", "wooden", "square"]),
+    ("Birds fly in the", "sky", ["soup", "drawer", "shoe"]),
+    ("We brush our teeth with a", "toothbrush", ["hammer", "ladder", "carpet"]),
+    ("In winter the lake turned to", "ice", ["bread", "paper", "music"]),
+    ("She wears glasses to help her", "see", ["swim", "sneeze", "bake"]),
+    ("The doctor works in a", "hospital", ["volcano", "cloud", "teapot"]),
+    ("To pay for the food, he used his", "money", ["nose", "socks", "weather"]),
+    ("Plants need sunlight and", "water", ["plastic", "music", "shoes"]),
+    ("The teacher wrote on the", "board", ["soup", "bird", "rain"]),
+    ("I was tired, so I went to", "sleep", ["school", "lunch", "dance"]),
+    ("Ice cream is cold and", "sweet", ["loud", "wooden", "angry"]),
+    ("The children played football in the", "park", ["fridge", "bathtub", "envelope"]),
+    ("We listen to music with our", "ears", ["knees", "elbows", "toes"]),
+    ("A book has many", "pages", ["wheels", "legs", "windows"]),
+    ("The farmer grows corn in his", "field", ["pocket", "teacup", "shoe"]),
+    ("You can buy bread at the", "bakery", ["ocean", "moon", "forest"]),
+    ("The cat chased the", "mouse", ["moon", "bus", "sofa"]),
+    ("Snow is cold and", "white", ["hot", "sticky", "loud"]),
+    ("He called his mother on the", "phone", ["cloud", "carrot", "stairs"]),
+    ("A week has seven", "days", ["months", "feet", "colours"]),
+    ("The car stopped at the red", "light", ["apple", "cloud", "song"]),
+)
+
+
+def _capitals(rng: random.Random) -> tuple[str, str, list[str]]:
+    country, *others = rng.sample(sorted(_CAPITALS), 4)
+    return f"What is the capital of {country}?", _CAPITALS[country], [_CAPITALS[o] for o in others]
+
+
+def _antonyms(rng: random.Random) -> tuple[str, str, list[str]]:
+    word, *others = rng.sample(sorted(_ANTONYMS), 4)
+    distractors = [_ANTONYMS[o] for o in others if _ANTONYMS[o] != _ANTONYMS[word]]
+    while len(distractors) < 3:  # "light" is the antonym of two words
+        extra = _ANTONYMS[rng.choice(sorted(_ANTONYMS))]
+        if extra not in (_ANTONYMS[word], *distractors):
+            distractors.append(extra)
+    return f"What is the opposite of {word}?", _ANTONYMS[word], distractors
+
+
+def _kinds(rng: random.Random) -> tuple[str, str, list[str]]:
+    target, *others = rng.sample(sorted(_KINDS), 4)
+    return (
+        f"Which of these is {target}?",
+        rng.choice(_KINDS[target]),
+        [rng.choice(_KINDS[o]) for o in others],
+    )
+
+
+def _sequences(rng: random.Random) -> tuple[str, str, list[str]]:
+    kind = rng.randrange(3)
+    if kind == 0:  # arithmetic progression
+        a, d = rng.randint(1, 20), rng.randint(1, 5)
+        terms = [a + i * d for i in range(5)]
+        wrong = [terms[-1] + 1 if d != 1 else terms[-1] + 2, terms[-1] - d, terms[-1] + 3 * d]
+        text = ", ".join(map(str, terms[:4]))
+        return f"What number comes next: {text}?", str(terms[-1]), [str(w) for w in wrong]
+    names = list(calendar.day_name) if kind == 1 else list(calendar.month_name)[1:]
+    i, n = rng.randrange(len(names)), len(names)
+    unit = "day" if n == 7 else "month"
+    return (
+        f"Which {unit} comes after {names[i]}?",
+        names[(i + 1) % n],
+        [names[(i + 3) % n], names[(i - 2) % n], names[(i + 4) % n]],
+    )
+
+
+def _sentences(rng: random.Random) -> tuple[str, str, list[str]]:
+    text, correct, wrong = _SENTENCES[rng.randrange(len(_SENTENCES))]
+    return f"Complete the sentence: {text} ...", correct, list(wrong)
+
+
+_MAKERS = {
+    "capitals": _capitals,
+    "antonyms": _antonyms,
+    "kinds": _kinds,
+    "sequences": _sequences,
+    "sentences": _sentences,
 }
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str, list[str]]:
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
-    if rng.random() < 0.5:
-        return f"What is {a} + {b}?", str(a + b), [str(a + b + d) for d in (1, -1, 2)]
-    big, small = max(a, b) + 5, min(a, b)
-    return f"What is {big} - {small}?", str(big - small), [str(big - small + d) for d in (1, -1, 2)]
-
-
-def _calendar(rng: random.Random) -> tuple[str, str, list[str]]:
-    names = list(calendar.day_name) if rng.random() < 0.5 else list(calendar.month_name)[1:]
-    i, n = rng.randrange(len(names)), len(names)
-    kind = "day" if n == 7 else "month"
-    return (
-        f"Which {kind} comes right after {names[i]}?",
-        names[(i + 1) % n],
-        [names[(i + 2) % n], names[(i - 1) % n], names[(i + 3) % n]],
-    )
-
-
-def _alphabet(rng: random.Random) -> tuple[str, str, list[str]]:
-    letters, i = string.ascii_uppercase, rng.randrange(2, 22)
-    return (
-        f"Which letter comes right after {letters[i]} in the alphabet?",
-        letters[i + 1],
-        [letters[i + 2], letters[i - 1], letters[i + 3]],
-    )
-
-
-def _words(rng: random.Random) -> tuple[str, str, list[str]]:
-    target, *others = rng.sample(sorted(_WORD_CLASSES), 4)
-    return (
-        f"Which of these words is {target}?",
-        rng.choice(_WORD_CLASSES[target]),
-        [rng.choice(_WORD_CLASSES[o]) for o in others[:3]],
-    )
-
-
 def generate_suite(n_per_category: int = 40, seed: int = 0) -> list[MCQuestion]:
-    r"""A generated four-option suite in four categories, built from the standard library.
+    r"""A generated four-option suite in five categories, for continuation scoring.
 
-    Construction (deterministic given ``seed``; options shuffled so gold letters are uniform):
+    Construction (deterministic given ``seed``; options shuffled so gold letters are uniform;
+    every option is a short natural-language continuation, scored by
+    :class:`~gatelab.edge.client.EdgeExpert` as ``"Answer: <option>"``):
 
-    - ``arithmetic``: ``a + b`` or ``(max+5) - min`` with digits 1-9; distractors are the answer
-      +1, -1, +2 (so only exact arithmetic helps).
-    - ``calendar``: the day (``calendar.day_name``) or month (``calendar.month_name``) right after
-      a given one; distractors are the one two and three after, and the one before.
-    - ``alphabet``: the letter right after a given capital (``string.ascii_uppercase``);
-      distractors are the neighbours two and three on, and the one before.
-    - ``words``: which word belongs to a class (colour, animal, fruit, number word); distractors
-      come from the three other classes.
+    - ``capitals``: "What is the capital of X?" over 32 well-known countries; distractors are the
+      capitals of three other countries.
+    - ``antonyms``: "What is the opposite of X?" over 32 antonym pairs; distractors are antonyms
+      of three other words.
+    - ``kinds``: "Which of these is an animal / a fruit / a colour / a vehicle / a body part / a
+      piece of clothing / a musical instrument?"; distractors are members of three other kinds.
+    - ``sequences``: the next term of an arithmetic progression (distractors: last + 1 (or + 2),
+      last - d, last + 3d), or the day / month after a given one (distractors 3 and 4 on, 2 back).
+    - ``sentences``: 32 hand-written everyday sentences with one sensible completion and three
+      absurd ones ("She was thirsty, so she drank a glass of water / shoes / ...").
 
-    Difficulty: chance is 25%; the items are meant to be within reach of a ~100M model (one-step
-    successor, single-digit arithmetic, word classes). Measured with the letter-logprob protocol
-    of ``client.py``, however, the SmolLM2-135M variants stay at chance here as on MMLU: their top
-    letter barely depends on the question (``runs/edge/experts.json`` after a sweep).
+    Difficulty: chance is 25%; per-category accuracy of the full SmolLM2-135M measured with
+    continuation scoring is reported in the README's edge section (``experts.json`` of a sweep).
+    Items are drawn with replacement from the small pools, so the same question text can occur
+    more than once (with different distractors); ``split_questions`` can put such twins in
+    different splits, which matters only to the gate (it sees the question), not to the experts.
 
     Args:
         n_per_category: questions per category (>= 1).
@@ -204,10 +343,8 @@ def generate_suite(n_per_category: int = 40, seed: int = 0) -> list[MCQuestion]:
     if n_per_category < 1:
         raise ValueError(f"n_per_category must be >= 1, got {n_per_category}")
     rng = random.Random(seed)
-    makers = {"arithmetic": _arithmetic, "calendar": _calendar, "alphabet": _alphabet}
-    makers["words"] = _words
     questions = []
-    for category, make in makers.items():
+    for category, make in _MAKERS.items():
         for i in range(n_per_category):
             text, correct, distractors = make(rng)
             options, answer = _shuffled(rng, correct, distractors)

@@ -34,11 +34,13 @@ def _int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _common(body: dict, models: dict[str, ServedModel]) -> tuple[ServedModel, int, float, int]:
+def _common(
+    body: dict, models: dict[str, ServedModel], min_tokens: int = 1
+) -> tuple[ServedModel, int, float, int]:
     name = body.get("model")
     if name not in models:
         raise _BadRequest(f"model {name!r} not found; available: {sorted(models)}", 404)
-    max_tokens = _int_field(body, "max_tokens", 16, 1, 512)
+    max_tokens = _int_field(body, "max_tokens", 16, min_tokens, 512)
     temperature = body.get("temperature", 0.0) or 0.0
     if not isinstance(temperature, int | float) or temperature < 0:
         raise _BadRequest(f"'temperature' must be a number >= 0, got {temperature!r}")
@@ -52,15 +54,53 @@ def _usage(out: dict) -> dict:
     return usage
 
 
+MAX_ECHO_PROMPTS = 16
+
+
+def _echo(body: dict, model: ServedModel, max_tokens: int) -> dict[str, Any]:
+    """``echo: true, max_tokens: 0``: logprobs of the prompt tokens, one choice per prompt."""
+    if max_tokens != 0:
+        raise _BadRequest("'echo' is supported with 'max_tokens': 0 only (scoring)")
+    prompts = body.get("prompt")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if (
+        not isinstance(prompts, list)
+        or not 1 <= len(prompts) <= MAX_ECHO_PROMPTS
+        or not all(isinstance(p, str) and p for p in prompts)
+    ):
+        raise _BadRequest(f"'prompt' must be 1-{MAX_ECHO_PROMPTS} non-empty strings")
+    _int_field(body, "logprobs", 0, 0, 0)  # top alternatives are not returned when scoring
+    out = model.score(prompts)
+    choices = []
+    for i, (prompt, scored) in enumerate(zip(prompts, out["choices"], strict=True)):
+        logprobs = None
+        if body.get("logprobs") is not None:
+            top = [None if v is None else {} for v in scored["token_logprobs"]]  # logprobs: 0
+            logprobs = {**scored, "top_logprobs": top}
+        choices.append(
+            {"index": i, "text": prompt, "logprobs": logprobs, "finish_reason": "length"}
+        )
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "choices": choices,
+        "usage": _usage(out),
+        "x_gatelab": out["x_gatelab"],
+    }
+
+
 def _completion(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
-    model, max_tokens, temperature, seed = _common(body, models)
+    echo = bool(body.get("echo"))
+    model, max_tokens, temperature, seed = _common(body, models, 0 if echo else 1)
+    if echo:
+        return _echo(body, model, max_tokens)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise _BadRequest("'prompt' must be a non-empty string")
-    if body.get("echo"):
-        raise _BadRequest("'echo' is not supported by this server")
     n_top = _int_field(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
     out = model.generate(model.render(prompt=prompt), max_tokens, n_top, temperature, seed)
     logprobs = None

@@ -13,10 +13,11 @@ set of weights (``<base>[-l<L>][-fewshot|-chat]``):
   ``-chat`` (the prompt is wrapped in the model's chat template with an instruction).
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (``logprobs``: int, top
-alternatives per token, as in the legacy OpenAI API) and ``POST /v1/chat/completions``
-(``logprobs``: bool, ``top_logprobs``: int). Decoding is greedy at ``temperature=0`` and sampled
-otherwise. Every response carries ``usage`` and an ``x_gatelab`` extension with the forward FLOPs
-(:func:`llama_forward_flops`) and the measured compute seconds on this machine.
+alternatives per token, as in the legacy OpenAI API; with ``echo: true, max_tokens: 0`` and a
+list of prompts it scores every prompt token instead, in one batched forward) and
+``POST /v1/chat/completions`` (``logprobs``: bool, ``top_logprobs``: int). Decoding is greedy at
+``temperature=0`` and sampled otherwise. Every response carries ``usage`` and an ``x_gatelab``
+extension with the forward FLOPs (:func:`llama_forward_flops`) and the measured compute seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ FEWSHOT_PREFIX = (
     "Answer: D\n\n"
 )
 CHAT_INSTRUCTION = "Reply with the letter of the correct option only."
+# Few-shot examples for scoring (echo) requests: question/answer pairs in the cloze format of
+# :func:`gatelab.edge.data.format_cloze`, so the scored continuation follows the same pattern.
+FEWSHOT_CLOZE_PREFIX = (
+    "Question: What is the opposite of up?\nAnswer: down\n\n"
+    "Question: Which of these is an animal?\nAnswer: dog\n\n"
+    "Question: What number comes next: 2, 4, 6, 8?\nAnswer: 10\n\n"
+)
+CHAT_SCORE_INSTRUCTION = "Answer the question with a few words."
 
 
 @dataclass(frozen=True)
@@ -155,11 +164,11 @@ def truncate_layers(model: nn.Module, n_layers: int) -> nn.Module:
     return outer
 
 
-def llama_forward_flops(config: Any, n_layers: int, n_tokens: int) -> int:
-    r"""FLOPs of one forward pass over ``T`` tokens with logits for the last position only.
+def llama_forward_flops(config: Any, n_layers: int, n_tokens: int, logit_positions: int = 1) -> int:
+    r"""FLOPs of one forward pass over ``T`` tokens with logits for ``P`` positions (default 1).
 
     .. math::
-        F = L\,[2T(D\,d_q + 2D\,d_{kv} + d_q D + 3DH) + 4T^2 d_q] + 2DV
+        F = L\,[2T(D\,d_q + 2D\,d_{kv} + d_q D + 3DH) + 4T^2 d_q] + 2DVP
 
     (a multiply-add is 2 FLOPs; attention scores and values over the full T x T, as torch's
     counter counts them; norms and activations ignored).
@@ -170,7 +179,7 @@ def llama_forward_flops(config: Any, n_layers: int, n_tokens: int) -> int:
     d_kv = config.num_key_value_heads * head_dim
     t = n_tokens
     per_layer = 2 * t * (d * d_q + 2 * d * d_kv + d_q * d + 3 * d * h) + 4 * t * t * d_q
-    return int(n_layers * per_layer + 2 * d * v)
+    return int(n_layers * per_layer + 2 * d * v * logit_positions)
 
 
 class ServedModel:
@@ -186,6 +195,73 @@ class ServedModel:
             raise ValueError(f"{name}: the base model has only {total} layers")
         self.model = model if self.n_layers == total else truncate_layers(model, self.n_layers)
         self.lock = threading.Lock()  # one forward at a time: predictable CPU use and timings
+
+    def scoring_head(self) -> str:
+        """Text put before every prompt of a scoring (``echo``) request, by prompting variant.
+
+        A prefix only, so the scored text keeps its own character offsets: nothing (zero-shot),
+        :data:`FEWSHOT_CLOZE_PREFIX` (few-shot), or the chat template up to the start of the
+        assistant turn after a user turn holding :data:`CHAT_SCORE_INSTRUCTION` (chat).
+        """
+        if self.spec.prompting == "fewshot":
+            return FEWSHOT_CLOZE_PREFIX
+        if self.spec.prompting == "chat":
+            messages = [{"role": "user", "content": CHAT_SCORE_INSTRUCTION}]
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return ""
+
+    @torch.no_grad()
+    def score(self, prompts: list[str]) -> dict[str, Any]:
+        """Log-probability of every token of every prompt given what precedes it (``echo``).
+
+        The head (:meth:`scoring_head`) and each prompt are tokenised separately and concatenated,
+        so prompt tokens never straddle the head. All prompts run in ONE right-padded forward pass
+        (causal attention: real tokens never see the padding, whose outputs are discarded).
+
+        Returns:
+            per prompt: ``tokens`` (text pieces), ``text_offset`` (character offsets in the
+            prompt), ``token_logprobs`` (None for the very first token of the sequence), plus
+            ``usage`` and ``x_gatelab`` (FLOPs with logits at every position, unpadded lengths).
+        """
+        device = next(self.model.parameters()).device
+        head = self.scoring_head()
+        head_ids = self.tokenizer(head, add_special_tokens=False).input_ids if head else []
+        rows, spans = [], []
+        for prompt in prompts:
+            enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            if not enc.input_ids:
+                raise ValueError("prompt is empty")
+            rows.append(list(head_ids) + list(enc.input_ids))
+            spans.append(enc.offset_mapping)
+        width = max(map(len, rows))
+        pad = self.tokenizer.eos_token_id or 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (B, T)
+        start = time.perf_counter()
+        with self.lock:
+            logits = self.model(ids, use_cache=False).logits  # (B, T, V)
+        logprobs = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
+        nxt = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(t_i|<i)
+        seconds = time.perf_counter() - start
+        out, flops, n_prompt = [], 0, 0
+        config, n_head = self.model.config, len(head_ids)
+        for b, (row, offsets) in enumerate(zip(rows, spans, strict=True)):
+            values = [None if i == 0 else float(nxt[b, i - 1]) for i in range(len(row))]
+            out.append(
+                {
+                    "tokens": [prompts[b][s:e] for s, e in offsets],
+                    "text_offset": [s for s, _ in offsets],
+                    "token_logprobs": values[n_head:],
+                }
+            )
+            flops += llama_forward_flops(config, self.n_layers, len(row), len(row))
+            n_prompt += len(row)
+        return {
+            "choices": out,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0},
+            "x_gatelab": {"flops": flops, "compute_s": seconds, "n_layers": self.n_layers},
+        }
 
     def render(self, prompt: str | None = None, messages: list[dict] | None = None) -> str:
         """The text actually fed to the model, after this variant's prompting."""

@@ -77,8 +77,21 @@ def _expert_report(pool: Pool) -> dict:
             "measured_s_mean": float(np.nanmean(t.measured_s[:, j])),
             "prompt_tokens_mean": float(np.nanmean(t.prompt_tokens[:, j])),
             "gflops_mean": float(np.nanmean(t.flops[:, j]) / 1e9),
+            "val_accuracy_by_normalization": _normalization_accuracy(pool, j),
         }
     return report
+
+
+def _normalization_accuracy(pool: Pool, j: int) -> dict[str, float]:
+    """Validation accuracy of expert ``j`` under each continuation length normalisation."""
+    t, val = pool.table, pool.split == "val"
+    if t.option_logprobs is None or np.isnan(t.option_logprobs[val, j]).any():
+        return {}
+    sums, tokens = t.option_logprobs[val, j], t.option_tokens[val, j]  # (V, 4)
+    options = [q.options for q, v in zip(pool.questions, val, strict=True) if v]
+    chars = np.array([[len(" " + o.strip()) for o in opts] for opts in options], dtype=float)
+    scores = {"none": sums, "tokens": sums / np.maximum(tokens, 1), "chars": sums / chars}
+    return {k: float((v.argmax(-1) == t.answer[val]).mean()) for k, v in scores.items()}
 
 
 def _grids(models: dict, aggregate_s: float, n: int) -> tuple[np.ndarray, np.ndarray]:
