@@ -52,6 +52,9 @@ def collect(
     ] = None,
     quick: Annotated[bool, typer.Option(help="A small subset of questions.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated suite.")] = 0,
+    method: Annotated[
+        str, typer.Option(help="Local pool: 'continuation' (option text) or 'letters'.")
+    ] = "continuation",
 ) -> None:
     """Ask every expert every question once over HTTP and cache distributions, delays, tokens."""
     from gatelab.edge import collect as collect_lib
@@ -64,7 +67,9 @@ def collect(
         servers, pool = [], collect_lib.load_experts(experts) if experts else None
         if pool is None:
             smollm2_dir = os.environ.get("GATELAB_SMOLLM2_DIR")
-            servers, pool = collect_lib.start_local_pool(smollm2_dir=smollm2_dir)
+            if method not in ("continuation", "letters"):
+                raise ValueError(f"--method must be continuation or letters, got {method!r}")
+            servers, pool = collect_lib.start_local_pool(smollm2_dir=smollm2_dir, method=method)
         try:
             with _cli.progress_bar("collect", total=len(questions)) as update:
                 counts = collect_lib.collect(pool, questions, cache, update)

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gatelab.edge.client import PROFILES, EdgeExpert, ExpertAnswer, ask_experts
+from gatelab.edge.client import (
+    DEFAULT_NORMALIZE,
+    PROFILES,
+    EdgeExpert,
+    ExpertAnswer,
+    ask_experts,
+    continuation_distribution,
+)
 from gatelab.edge.data import MCQuestion
 
 # The demo pool: (expert/model name, device profile). One SmolLM2 checkpoint, five behaviours.
@@ -149,8 +156,17 @@ class AnswerTable:
     option_tokens: np.ndarray | None = None  # (N, E, 4) continuation token counts
 
 
-def load_answers(cache: str | Path, questions: list[MCQuestion], experts: list[str]) -> AnswerTable:
-    """Arrange the cache for ``questions`` x ``experts`` (missing pairs marked unavailable)."""
+def load_answers(
+    cache: str | Path,
+    questions: list[MCQuestion],
+    experts: list[str],
+    normalize: str | None = None,
+) -> AnswerTable:
+    """Arrange the cache for ``questions`` x ``experts`` (missing pairs marked unavailable).
+
+    ``normalize`` (``"none"``, ``"chars"``, ``"tokens"``) recomputes the distribution of
+    continuation-scored answers from their stored per-option sums; None keeps the stored one.
+    """
     records = read_cache(Path(cache))
     n, e = len(questions), len(experts)
     probs = np.full((n, e, 4), 0.25)
@@ -177,6 +193,10 @@ def load_answers(cache: str | Path, questions: list[MCQuestion], experts: list[s
             r = records.get((q.qid, name))
             if r is not None and r["ok"] and r.get("option_logprobs"):
                 sums[i, j], counts[i, j] = r["option_logprobs"], r["option_tokens"]
+                if normalize is not None:
+                    probs[i, j] = continuation_distribution(
+                        r["option_logprobs"], r["option_tokens"], list(q.options), normalize
+                    )
     answer = np.array([q.answer for q in questions])
     return AnswerTable(
         [q.qid for q in questions], list(experts), probs, available, answer, **fields,
@@ -188,6 +208,8 @@ def start_local_pool(
     pool: tuple[tuple[str, str], ...] = DEFAULT_POOL,
     smollm2_dir: str | None = None,
     device: str = "cpu",
+    method: str = "continuation",
+    normalize: str = DEFAULT_NORMALIZE,
 ) -> tuple[list, list[EdgeExpert]]:
     """Serve ``pool`` on 127.0.0.1 (one HTTP server per device profile, weights loaded once).
 
@@ -206,7 +228,15 @@ def start_local_pool(
             server = BackgroundServer(build_app({n: models[n] for n in names})).start()
             servers.append(server)
             experts += [
-                EdgeExpert(n, server.url, PROFILES[profile], timeout_s=120.0) for n in names
+                EdgeExpert(
+                    n,
+                    server.url,
+                    PROFILES[profile],
+                    method=method,
+                    normalize=normalize,
+                    timeout_s=120.0,
+                )  # fmt: skip
+                for n in names
             ]
     except BaseException:
         for server in servers:

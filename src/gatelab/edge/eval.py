@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gatelab.edge.client import DEFAULT_NORMALIZE
 from gatelab.edge.collect import DEFAULT_POOL, AnswerTable, load_answers
 from gatelab.edge.data import MCQuestion, generate_suite, load_mmlu, split_questions
 from gatelab.edge.model import EdgeGate, embed_texts, mixture, mixture_nll, subset_mask
@@ -30,6 +31,7 @@ class SweepConfig:
     seed: int = 0  # seeds the generated suite, splits, gate training and random baselines
     top_k: int = 2  # fine-grained top-k inside a selected subset
     n_budgets: int = 12  # grid points per budget axis
+    normalize: str | None = DEFAULT_NORMALIZE  # continuation scores; None: probs as cached
 
     def __post_init__(self) -> None:
         if self.n_generated < 1 or self.n_quick < 3 or self.top_k < 1 or self.n_budgets < 2:
@@ -102,7 +104,7 @@ def build_pool(cfg: SweepConfig, cache: Path, out_dir: Path) -> Pool:
         raise ValueError(
             f"{cache}: too few collected questions ({len(questions)}) to train and test"
         )
-    table = load_answers(cache, questions, experts)
+    table = load_answers(cache, questions, experts, cfg.normalize)
     emb_path = out_dir / "embeddings.npz"
     stored = dict(np.load(emb_path)) if emb_path.exists() else {}
     todo = [q for q in questions if q.qid not in stored]
