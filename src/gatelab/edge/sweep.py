@@ -67,9 +67,14 @@ def _expert_report(pool: Pool) -> dict:
             c: float(correct[test & (pool.category == c)].mean())
             for c in sorted(set(pool.category))
         }
+        every = {  # the experts are not trained on any split: all questions measure them
+            c: float(correct[pool.category == c].mean()) for c in sorted(set(pool.category))
+        }
         report[name] = {
             "test_accuracy": float(correct[test].mean()),
             "test_accuracy_by_category": per_cat,
+            "accuracy_all_questions": float(correct.mean()),
+            "accuracy_by_category_all_questions": every,
             "answered": int(t.available[:, j].sum()),
             "missing": int((~t.available[:, j]).sum()),
             "modelled_energy_j_mean": float(np.nanmean(t.energy_j[:, j])),
