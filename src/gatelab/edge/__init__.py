@@ -14,9 +14,17 @@ from gatelab.edge.client import (
     ExpertError,
     ExpertTimeout,
     ask_experts,
+    continuation_distribution,
     option_distribution,
 )
-from gatelab.edge.data import MCQuestion, format_prompt, generate_suite, load_mmlu, split_questions
+from gatelab.edge.data import (
+    MCQuestion,
+    format_cloze,
+    format_prompt,
+    generate_suite,
+    load_mmlu,
+    split_questions,
+)
 from gatelab.edge.model import EdgeGate, GateConfig, embed_texts, mixture
 from gatelab.edge.select import (
     Selection,
@@ -43,9 +51,11 @@ __all__ = [
     "TrainConfig",
     "ask_experts",
     "brute_force_subset",
+    "continuation_distribution",
     "delay_cost",
     "embed_texts",
     "energy_cost",
+    "format_cloze",
     "format_prompt",
     "generate_suite",
     "load_mmlu",
