@@ -1,0 +1,177 @@
+"""``gatelab edge ...``: serve experts, collect answers, sweep budgets, ask live questions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gatelab import _cli
+
+app = typer.Typer(help="MoE²: gated collaboration of edge LLM servers under energy/delay budgets.")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        list[str],
+        typer.Option(help="Model variant to serve (repeatable), e.g. smollm2-135m-l20-fewshot."),
+    ],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Run an OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions."""
+    import torch
+    import uvicorn
+
+    from gatelab.edge.server import build_app
+    from gatelab.edge.serving import load_served_models
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _cli.user_errors():
+        if not 0 < port < 65536:
+            raise ValueError(f"--port must be in [1, 65535], got {port}")
+        torch.set_num_threads(threads)
+        models = load_served_models(model, device, os.environ.get("GATELAB_SMOLLM2_DIR"))
+    _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}")
+    uvicorn.run(build_app(models), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def collect(
+    cache: Annotated[Path, typer.Option(help="JSONL answer cache (appended; resumable).")] = Path(
+        "runs/edge/answers.jsonl"
+    ),
+    experts: Annotated[
+        Path | None, typer.Option(help="experts.yaml; default: serve the demo pool locally.")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="A small subset of questions.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the generated suite.")] = 0,
+    method: Annotated[
+        str, typer.Option(help="Local pool: 'continuation' (option text) or 'letters'.")
+    ] = "continuation",
+) -> None:
+    """Ask every expert every question once over HTTP and cache distributions, delays, tokens."""
+    from gatelab.edge import collect as collect_lib
+    from gatelab.edge.eval import SweepConfig, questions_for
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _cli.user_errors():
+        cfg = SweepConfig(quick=quick, seed=seed)
+        questions = questions_for(cfg)
+        servers, pool = [], collect_lib.load_experts(experts) if experts else None
+        if pool is None:
+            smollm2_dir = os.environ.get("GATELAB_SMOLLM2_DIR")
+            if method not in ("continuation", "letters"):
+                raise ValueError(f"--method must be continuation or letters, got {method!r}")
+            servers, pool = collect_lib.start_local_pool(smollm2_dir=smollm2_dir, method=method)
+        try:
+            with _cli.progress_bar("collect", total=len(questions)) as update:
+                counts = collect_lib.collect(pool, questions, cache, update)
+        finally:
+            for server in servers:
+                server.stop()
+    typer.echo(json.dumps({"cache": str(cache), "questions": len(questions), **counts}))
+
+
+@app.command()
+def sweep(
+    quick: Annotated[
+        bool, typer.Option(help="Use the quick question subset (cached answers).")
+    ] = False,
+    cache: Annotated[Path, typer.Option(help="JSONL answer cache.")] = Path(
+        "runs/edge/answers.jsonl"
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder [default: runs/edge, quick: runs/edge/quick]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed (splits, gate, random baseline).")] = 0,
+    top_k: Annotated[int, typer.Option(help="Experts weighted per query inside a subset.")] = 2,
+    n_budgets: Annotated[int, typer.Option(help="Budget grid points per axis.")] = 12,
+) -> None:
+    """Train the gate once on cached answers and sweep energy/delay budgets for all methods."""
+    from gatelab.edge.eval import SweepConfig
+    from gatelab.edge.sweep import run_sweep
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _cli.user_errors():
+        if not cache.exists():
+            raise FileNotFoundError(f"answer cache not found: {cache} (run `gatelab edge collect`)")
+        cfg = SweepConfig(quick=quick, seed=seed, top_k=top_k, n_budgets=n_budgets)
+        out = out or Path("runs/edge/quick" if quick else "runs/edge")
+        with _cli.progress_bar("sweep", total=2 * n_budgets) as update:
+            summary = run_sweep(cfg, cache, out, progress=update)
+    typer.echo(summary["table"])
+    typer.echo(json.dumps({"aiq_energy": summary["aiq"]["energy"], "out": str(out)}, indent=2))
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question text.")],
+    option: Annotated[
+        list[str], typer.Option(help="An answer option (give exactly four, in order A-D).")
+    ],
+    energy_budget: Annotated[
+        float, typer.Option(help="Energy budget per query, J (modelled).")
+    ] = float("inf"),
+    delay_budget: Annotated[
+        float, typer.Option(help="Delay budget per query, s (modelled).")
+    ] = float("inf"),
+    experts: Annotated[
+        Path | None, typer.Option(help="experts.yaml (default: demo pool on 127.0.0.1:8000).")
+    ] = None,
+    category: Annotated[
+        str | None, typer.Option(help="Category (default: nearest centroid).")
+    ] = None,
+    run_dir: Annotated[Path, typer.Option(help="Folder written by `gatelab edge sweep`.")] = Path(
+        "runs/edge"
+    ),
+    timeout_s: Annotated[float, typer.Option(help="Per-expert request timeout, s.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Answer a question live with the budget-optimal subset of experts and the trained gate."""
+    from dataclasses import asdict
+
+    from gatelab.edge.client import PROFILES, EdgeExpert
+    from gatelab.edge.collect import DEFAULT_POOL, load_experts
+    from gatelab.edge.router import ask as ask_lib
+    from gatelab.edge.router import load_router
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _cli.user_errors():
+        state = load_router(run_dir)
+        if experts is not None:
+            pool = load_experts(experts, timeout_s)
+        else:
+            url = "http://127.0.0.1:8000"
+            pool = [EdgeExpert(n, url, PROFILES[p], timeout_s=timeout_s) for n, p in DEFAULT_POOL]
+        result = ask_lib(question, option, pool, state, energy_budget, delay_budget, category)
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+        return
+    typer.echo(
+        f"answer: {result.answer}  (category {result.category}; "
+        f"subset {', '.join(result.subset) or 'none'})"
+    )
+    for name, info in result.per_expert.items():
+        if info["status"] == "ok":
+            typer.echo(
+                f"  {name}: weight {result.weights.get(name, 0):.3f}, modelled delay "
+                f"{info['modelled_delay_s'] * 1e3:.1f} ms, "
+                f"modelled energy {info['modelled_energy_j']:.3f} J, "
+                f"measured {info['measured_s'] * 1e3:.0f} ms"
+            )
+        else:
+            typer.echo(f"  {name}: {info['status']}")
+    typer.echo(
+        f"total: modelled energy {result.modelled_energy_j:.3f} J, modelled delay "
+        f"{result.modelled_delay_s * 1e3:.1f} ms"
+    )
+    for note in result.notes:
+        typer.echo(f"note: {note}")

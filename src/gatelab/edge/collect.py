@@ -1,0 +1,246 @@
+"""Query every expert once per question over HTTP and cache the answers (resumable JSONL).
+
+Each line of the cache is one attempt for one ``(qid, expert)`` pair: either ``ok`` with the
+option distribution, token counts, FLOPs, measured and modelled costs, or ``ok: false`` with the
+error after all retries. On resume, pairs with an ``ok`` line are skipped and failed pairs are
+tried again; the last line for a pair wins. Missing answers stay visible as missing
+(:class:`AnswerTable.available`), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gatelab.edge.client import (
+    DEFAULT_NORMALIZE,
+    PROFILES,
+    EdgeExpert,
+    ExpertAnswer,
+    ask_experts,
+    continuation_distribution,
+)
+from gatelab.edge.data import MCQuestion
+
+# The demo pool: (expert/model name, device profile). One SmolLM2 checkpoint, five behaviours.
+DEFAULT_POOL = (
+    ("smollm2-135m", "jetson-agx-orin"),
+    ("smollm2-135m-fewshot", "rtx-4090"),
+    ("smollm2-135m-chat", "jetson-agx-orin"),
+    ("smollm2-135m-l20-fewshot", "jetson-agx-orin"),
+    ("smollm2-135m-l16-fewshot", "cpu"),
+)
+
+
+def load_experts(path: str | Path, timeout_s: float | None = None) -> list[EdgeExpert]:
+    """Experts from a YAML list of ``{name, base_url, device, model?, api?, timeout_s?, ...}``.
+
+    ``device`` is a profile name (``jetson-agx-orin``, ``rtx-4090``, ``cpu``) or a mapping with
+    ``flops_per_s``, ``power_w``, ``network_s``. Keys: never in the file; give ``api_key_env``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: malformed entries.
+    """
+    import yaml
+
+    from gatelab.edge.client import DeviceProfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experts file not found: {path}")
+    entries = yaml.safe_load(path.read_text())
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty YAML list of experts")
+    allowed = {"name", "base_url", "device", "model", "api", "timeout_s", "max_retries"}
+    allowed |= {"backoff_s", "top_logprobs", "flops_per_token", "api_key_env", "method"}
+    allowed |= {"normalize"}
+    experts = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not {"name", "base_url", "device"} <= set(entry):
+            raise ValueError(f"{path}: each expert needs name, base_url and device, got {entry!r}")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)} for expert {entry['name']}")
+        device = entry.pop("device")
+        if isinstance(device, dict):
+            profile = DeviceProfile(
+                name=device.get("name", "custom"),
+                **{k: float(v) for k, v in device.items() if k != "name"},
+            )
+        elif device in PROFILES:
+            profile = PROFILES[device]
+        else:
+            raise ValueError(f"{path}: unknown device {device!r}; choose from {sorted(PROFILES)}")
+        if timeout_s is not None:
+            entry["timeout_s"] = timeout_s
+        experts.append(EdgeExpert(device_profile=profile, **entry))
+    return experts
+
+
+def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
+    """The last cache record of every ``(qid, expert)`` pair (empty if no cache yet)."""
+    records: dict[tuple[str, str], dict] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[(record["qid"], record["expert"])] = record
+    return records
+
+
+def collect(
+    experts: list[EdgeExpert],
+    questions: list[MCQuestion],
+    cache: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Ask every expert every question (experts concurrently), appending to the JSONL ``cache``.
+
+    Returns:
+        Counts: ``asked`` (new attempts), ``ok``, ``missing`` (pairs still without an answer).
+    """
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {key for key, r in read_cache(cache).items() if r["ok"]}
+    asked = failed = 0
+    with cache.open("a") as out:
+        for i, q in enumerate(questions):
+            todo = [e for e in experts if (q.qid, e.name) not in done]
+            if todo:
+                results = asyncio.run(ask_experts(todo, q.question, q.options))
+                for name, result in results.items():
+                    record = {"qid": q.qid, "expert": name}
+                    if isinstance(result, ExpertAnswer):
+                        record |= {"ok": True, **asdict(result)}
+                    else:
+                        record |= {"ok": False, "error": f"{type(result).__name__}: {result}"}
+                        failed += 1
+                    out.write(json.dumps(record) + "\n")
+                    asked += 1
+                out.flush()
+            if progress:
+                progress(i + 1, len(questions))
+    return {"asked": asked, "ok": asked - failed, "missing": failed}
+
+
+@dataclass
+class AnswerTable:
+    """Cached answers as arrays over questions ``N`` and experts ``E``.
+
+    Attributes:
+        qids: question ids ``(N,)``; experts: expert names ``(E,)``.
+        probs: option distributions ``(N, E, 4)`` (uniform where missing).
+        available: ``(N, E)`` bool, False where the expert never answered.
+        answer: gold option ``(N,)``.
+        delay_s, energy_j: *modelled* per-answer delay and energy ``(N, E)`` (NaN where missing).
+        measured_s: measured wall-clock ``(N, E)``; flops, prompt_tokens ``(N, E)``.
+    """
+
+    qids: list[str]
+    experts: list[str]
+    probs: np.ndarray
+    available: np.ndarray
+    answer: np.ndarray
+    delay_s: np.ndarray
+    energy_j: np.ndarray
+    measured_s: np.ndarray
+    flops: np.ndarray
+    prompt_tokens: np.ndarray
+    option_logprobs: np.ndarray | None = None  # (N, E, 4) continuation sums (NaN: letters/missing)
+    option_tokens: np.ndarray | None = None  # (N, E, 4) continuation token counts
+
+
+def load_answers(
+    cache: str | Path,
+    questions: list[MCQuestion],
+    experts: list[str],
+    normalize: str | None = None,
+) -> AnswerTable:
+    """Arrange the cache for ``questions`` x ``experts`` (missing pairs marked unavailable).
+
+    ``normalize`` (``"none"``, ``"chars"``, ``"tokens"``) recomputes the distribution of
+    continuation-scored answers from their stored per-option sums; None keeps the stored one.
+    """
+    records = read_cache(Path(cache))
+    n, e = len(questions), len(experts)
+    probs = np.full((n, e, 4), 0.25)
+    available = np.zeros((n, e), dtype=bool)
+    fields = {
+        k: np.full((n, e), np.nan)
+        for k in ("delay_s", "energy_j", "measured_s", "flops", "prompt_tokens")
+    }
+    for i, q in enumerate(questions):
+        for j, name in enumerate(experts):
+            r = records.get((q.qid, name))
+            if r is None or not r["ok"]:
+                continue
+            available[i, j] = True
+            probs[i, j] = r["probs"]
+            fields["delay_s"][i, j] = r["modelled_delay_s"]
+            fields["energy_j"][i, j] = r["modelled_energy_j"]
+            fields["measured_s"][i, j] = r["measured_s"]
+            fields["flops"][i, j] = r["flops"]
+            fields["prompt_tokens"][i, j] = r["prompt_tokens"]
+    sums, counts = np.full((n, e, 4), np.nan), np.full((n, e, 4), np.nan)
+    for i, q in enumerate(questions):
+        for j, name in enumerate(experts):
+            r = records.get((q.qid, name))
+            if r is not None and r["ok"] and r.get("option_logprobs"):
+                sums[i, j], counts[i, j] = r["option_logprobs"], r["option_tokens"]
+                if normalize is not None:
+                    probs[i, j] = continuation_distribution(
+                        r["option_logprobs"], r["option_tokens"], list(q.options), normalize
+                    )
+    answer = np.array([q.answer for q in questions])
+    return AnswerTable(
+        [q.qid for q in questions], list(experts), probs, available, answer, **fields,
+        option_logprobs=sums, option_tokens=counts,
+    )  # fmt: skip
+
+
+def start_local_pool(
+    pool: tuple[tuple[str, str], ...] = DEFAULT_POOL,
+    smollm2_dir: str | None = None,
+    device: str = "cpu",
+    method: str = "continuation",
+    normalize: str = DEFAULT_NORMALIZE,
+) -> tuple[list, list[EdgeExpert]]:
+    """Serve ``pool`` on 127.0.0.1 (one HTTP server per device profile, weights loaded once).
+
+    Returns:
+        The started :class:`~gatelab.edge.server.BackgroundServer` list (stop them when done)
+        and the matching :class:`EdgeExpert` clients.
+    """
+    from gatelab.edge.server import BackgroundServer, build_app
+    from gatelab.edge.serving import load_served_models
+
+    models = load_served_models([name for name, _ in pool], device=device, smollm2_dir=smollm2_dir)
+    servers, experts = [], []
+    try:
+        for profile in dict.fromkeys(p for _, p in pool):
+            names = [n for n, p in pool if p == profile]
+            server = BackgroundServer(build_app({n: models[n] for n in names})).start()
+            servers.append(server)
+            experts += [
+                EdgeExpert(
+                    n,
+                    server.url,
+                    PROFILES[profile],
+                    method=method,
+                    normalize=normalize,
+                    timeout_s=120.0,
+                )  # fmt: skip
+                for n in names
+            ]
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    order = [name for name, _ in pool]
+    return servers, sorted(experts, key=lambda e: order.index(e.name))

@@ -1,0 +1,159 @@
+"""The live MoE² router: pick the subset for a question's category, ask it, combine with the gate.
+
+Reads what ``gatelab edge sweep`` wrote (``gate.safetensors`` and ``router.json``): the trained
+gate, per-category expert costs (modelled), the validation quality of every subset and the
+category centroids of the training questions (a question without ``category`` goes to the
+nearest centroid in MiniLM space).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from gatelab.edge.client import EdgeExpert, ExpertAnswer, ask_experts
+from gatelab.edge.data import LETTERS
+from gatelab.edge.model import EdgeGate, GateConfig, embed_texts, mixture
+from gatelab.edge.select import delay_cost, energy_cost, monotone_hull, select_subset
+
+
+@dataclass
+class RouterState:
+    """A trained gate and the per-category tables needed to choose subsets."""
+
+    gate: EdgeGate
+    experts: list[str]
+    top_k: int
+    aggregate_s: float
+    categories: dict[str, dict]
+
+
+@dataclass
+class AskResult:
+    """The combined answer and what each expert contributed (delay/energy are *modelled*)."""
+
+    category: str
+    subset: list[str]
+    answer: str | None
+    probs: list[float]
+    weights: dict[str, float]
+    per_expert: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    modelled_energy_j: float = 0.0
+    modelled_delay_s: float = 0.0
+
+
+def load_router(run_dir: str | Path) -> RouterState:
+    """Load ``gate.safetensors`` + ``router.json`` from a sweep folder.
+
+    Raises:
+        FileNotFoundError: the sweep has not been run.
+    """
+    run_dir = Path(run_dir)
+    for name in ("gate.safetensors", "router.json"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: run `gatelab edge sweep` first")
+    info = json.loads((run_dir / "router.json").read_text())
+    gate = EdgeGate(GateConfig(**info["gate"])).double()
+    gate.load_state_dict(load_file(str(run_dir / "gate.safetensors")))
+    gate.eval()
+    return RouterState(
+        gate, info["experts"], info["top_k"], info["aggregate_s"], info["categories"]
+    )
+
+
+def plan_subset(
+    state: RouterState, category: str, energy_budget: float, delay_budget: float
+) -> frozenset[int]:
+    """The subset MoE² runs for ``category`` under the budgets (exact selector on the hull)."""
+    if category not in state.categories:
+        raise ValueError(f"unknown category {category!r}; known: {sorted(state.categories)}")
+    table = state.categories[category]
+    base = table["base_quality"]
+    quality, argmax = monotone_hull(
+        lambda s: base[",".join(map(str, sorted(s)))] if s else -math.inf
+    )
+    constraints = [
+        (energy_cost(table["energy_j"]), energy_budget),
+        (delay_cost(table["delay_s"], state.aggregate_s), delay_budget),
+    ]
+    chosen = select_subset(len(state.experts), quality, constraints).subset
+    return argmax.get(chosen, chosen)
+
+
+def nearest_category(state: RouterState, x: np.ndarray) -> str:
+    """Category whose training centroid is closest (cosine) to the embedding ``x``."""
+    names = sorted(state.categories)
+    centroids = np.array([state.categories[c]["centroid"] for c in names])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    return names[int(np.argmax(centroids @ x))]
+
+
+def ask(
+    question: str,
+    options: list[str],
+    experts: list[EdgeExpert],
+    state: RouterState,
+    energy_budget: float,
+    delay_budget: float,
+    category: str | None = None,
+) -> AskResult:
+    """Answer one question live (see module doc); failed experts are dropped and renormalised.
+
+    Raises:
+        ValueError: not four options, or a bad category.
+        ConnectionError: every selected expert failed.
+    """
+    if len(options) != len(LETTERS):
+        raise ValueError(f"give exactly {len(LETTERS)} options, got {len(options)}")
+    if energy_budget < 0 or delay_budget < 0:
+        raise ValueError("budgets must be >= 0")
+    x = embed_texts([question + " " + " | ".join(options)])[0].astype(np.float64)
+    category = category or nearest_category(state, x)
+    subset = sorted(plan_subset(state, category, energy_budget, delay_budget))
+    names = [state.experts[i] for i in subset]
+    by_name = {e.name: e for e in experts}
+    result = AskResult(category, names, None, [0.25] * 4, {})
+    if not subset:
+        result.notes.append("no expert fits these budgets: no answer")
+        return result
+    reachable = [by_name[n] for n in names if n in by_name]
+    for n in names:
+        if n not in by_name:
+            result.notes.append(f"{n} is not in the experts list: treated as failed")
+    answers = asyncio.run(ask_experts(reachable, question, options)) if reachable else {}
+    available = torch.zeros(len(state.experts), dtype=torch.bool)
+    probs = torch.full((len(state.experts), 4), 0.25, dtype=torch.float64)
+    for n in names:
+        reply = answers.get(n)
+        if isinstance(reply, ExpertAnswer):
+            i = state.experts.index(n)
+            available[i], probs[i] = True, torch.tensor(reply.probs, dtype=torch.float64)
+            result.per_expert[n] = {
+                "status": "ok",
+                "measured_s": reply.measured_s,
+                "modelled_delay_s": reply.modelled_delay_s,
+                "modelled_energy_j": reply.modelled_energy_j,
+            }
+        else:
+            result.per_expert[n] = {"status": f"failed: {reply}" if reply else "failed"}
+            result.notes.append(f"{n} failed; gate weights renormalised over the others")
+    if not available.any():
+        raise ConnectionError(f"all selected experts failed ({', '.join(names)})")
+    with torch.no_grad():
+        logits = state.gate(torch.as_tensor(x)[None])  # (1, E)
+        mixed, weights = mixture(logits, probs[None], available, state.top_k)
+    result.probs = mixed[0].tolist()
+    result.answer = LETTERS[int(mixed[0].argmax())]
+    result.weights = {n: float(weights[0, state.experts.index(n)]) for n in names}
+    ok = [v for v in result.per_expert.values() if v["status"] == "ok"]
+    result.modelled_energy_j = sum(v["modelled_energy_j"] for v in ok)
+    result.modelled_delay_s = max(v["modelled_delay_s"] for v in ok) + state.aggregate_s
+    return result

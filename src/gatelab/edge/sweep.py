@@ -1,0 +1,291 @@
+"""``gatelab edge sweep``: train the gate once, then sweep energy and delay budgets.
+
+Writes to ``out_dir`` (default ``runs/edge/``): ``config.json``, ``metrics.jsonl`` (gate training),
+``gate.safetensors`` + ``router.json`` (what ``gatelab edge ask`` loads), ``experts.json``
+(per-expert accuracy and costs), ``sweep.json`` (every method at every budget), ``summary.json``
+(AIQ per method, selector call counts), ``table.md`` and three PNG plots. Delay and energy are
+*modelled* (see :class:`gatelab.edge.client.DeviceProfile`); measured wall-clock is reported
+beside them in ``experts.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from gatelab.cost import area_under_tradeoff, plot_tradeoff
+from gatelab.edge.eval import (
+    METHODS,
+    Pool,
+    SweepConfig,
+    _gate_outputs,
+    build_pool,
+    category_models,
+    evaluate_budget,
+)
+from gatelab.edge.model import mixture, one_thread, subset_mask
+from gatelab.edge.train import TrainConfig, evaluate_gate, train_gate
+
+LABELS = {
+    "moe2": "MoE² (selector + gate)",
+    "best_single": "best single expert",
+    "greedy_per_joule": "greedy by accuracy/J",
+    "random_subset": "random feasible subset",
+    "all_uniform": "all experts, uniform",
+    "router": "per-query router (gate argmax)",
+}
+
+
+def _aggregate_seconds(gate: torch.nn.Module, pool: Pool, top_k: int, repeats: int = 50) -> float:
+    """Measured time to gate and combine one query (median of ``repeats``)."""
+    x = torch.as_tensor(pool.x[:1])
+    probs = torch.as_tensor(pool.table.probs[:1])
+    allowed = subset_mask(range(probs.shape[1]), probs.shape[1])
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mixture(gate(x), probs, allowed, top_k)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _expert_report(pool: Pool) -> dict:
+    t, test = pool.table, pool.split == "test"
+    report = {}
+    for j, name in enumerate(t.experts):
+        correct = t.probs[:, j].argmax(-1) == t.answer
+        per_cat = {
+            c: float(correct[test & (pool.category == c)].mean())
+            for c in sorted(set(pool.category))
+        }
+        every = {  # the experts are not trained on any split: all questions measure them
+            c: float(correct[pool.category == c].mean()) for c in sorted(set(pool.category))
+        }
+        report[name] = {
+            "test_accuracy": float(correct[test].mean()),
+            "test_accuracy_by_category": per_cat,
+            "accuracy_all_questions": float(correct.mean()),
+            "accuracy_by_category_all_questions": every,
+            "answered": int(t.available[:, j].sum()),
+            "missing": int((~t.available[:, j]).sum()),
+            "modelled_energy_j_mean": float(np.nanmean(t.energy_j[:, j])),
+            "modelled_delay_s_mean": float(np.nanmean(t.delay_s[:, j])),
+            "measured_s_mean": float(np.nanmean(t.measured_s[:, j])),
+            "prompt_tokens_mean": float(np.nanmean(t.prompt_tokens[:, j])),
+            "gflops_mean": float(np.nanmean(t.flops[:, j]) / 1e9),
+            "val_accuracy_by_normalization": _normalization_accuracy(pool, j),
+        }
+    return report
+
+
+def _normalization_accuracy(pool: Pool, j: int) -> dict[str, float]:
+    """Validation accuracy of expert ``j`` under each continuation length normalisation."""
+    t, val = pool.table, pool.split == "val"
+    if t.option_logprobs is None or np.isnan(t.option_logprobs[val, j]).any():
+        return {}
+    sums, tokens = t.option_logprobs[val, j], t.option_tokens[val, j]  # (V, 4)
+    options = [q.options for q, v in zip(pool.questions, val, strict=True) if v]
+    chars = np.array([[len(" " + o.strip()) for o in opts] for opts in options], dtype=float)
+    scores = {"none": sums, "tokens": sums / np.maximum(tokens, 1), "chars": sums / chars}
+    return {k: float((v.argmax(-1) == t.answer[val]).mean()) for k, v in scores.items()}
+
+
+def _grids(models: dict, aggregate_s: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    energy = np.stack([m.energy_j for m in models.values()])  # (categories, E)
+    delay = np.stack([m.delay_s for m in models.values()])
+    e_grid = np.geomspace(energy.min() * 0.95, energy.sum(1).max() * 1.05, n)
+    d_grid = np.linspace(delay.min() + aggregate_s, delay.max() * 1.05 + aggregate_s, n)
+    return e_grid, d_grid
+
+
+@one_thread()
+def run_sweep(
+    cfg: SweepConfig,
+    cache: str | Path,
+    out_dir: str | Path,
+    train_cfg: TrainConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train the gate on the cached answers and sweep budgets; returns the summary dict."""
+    # setup
+    cache, out_dir = Path(cache), Path(out_dir)
+    train_cfg = train_cfg or TrainConfig(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    pool = build_pool(cfg, cache, out_dir)
+    gate, history = train_gate(
+        pool.data(pool.split == "train"), pool.data(pool.split == "val"), train_cfg
+    )
+    with (out_dir / "metrics.jsonl").open("w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    test = pool.data(pool.split == "test")
+    gate_test = {
+        "dense": evaluate_gate(gate, test),
+        f"top{cfg.top_k}": evaluate_gate(gate, test, top_k=cfg.top_k),
+    }
+    logits = _gate_outputs(gate, pool)
+    aggregate_s = _aggregate_seconds(gate, pool, cfg.top_k)
+    models = category_models(pool, logits, cfg.top_k)
+    e_grid, d_grid = _grids(models, aggregate_s, cfg.n_budgets)
+    # sweep
+    rows, total = [], 2 * len(e_grid)
+    for axis, grid in (("energy", e_grid), ("delay", d_grid)):
+        for budget in grid:
+            e_b, d_b = (budget, math.inf) if axis == "energy" else (math.inf, budget)
+            result = evaluate_budget(pool, logits, models, e_b, d_b, aggregate_s, cfg, rng)
+            rows.append({"axis": axis, "budget": float(budget), **result})
+            if progress:
+                progress(len(rows), total)
+    preserving = _optimality_check(gate, pool, train_cfg, cfg.top_k)
+    # report
+    summary = _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir)
+    summary["gate_test"] = gate_test
+    summary["optimality_preserving"] = preserving
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def _optimality_check(gate, pool: Pool, train_cfg: TrainConfig, top_k: int) -> list[dict]:
+    """Test NLL of the full gate restricted to a subset vs a gate retrained on that subset."""
+    n = len(pool.table.experts)
+    subsets = [frozenset(range(i, i + 2)) for i in range(0, n - 1, 2)] + [frozenset(range(n - 1))]
+    train, val = pool.data(pool.split == "train"), pool.data(pool.split == "val")
+    test = pool.data(pool.split == "test")
+    rows = []
+    for subset in subsets:
+        retrained, _ = train_gate(train, val, train_cfg, subset=subset)
+        rows.append({
+            "subset": [pool.table.experts[i] for i in sorted(subset)],
+            "restricted_nll": evaluate_gate(gate, test, subset, top_k)["nll"],
+            "retrained_nll": evaluate_gate(retrained, test, subset, top_k)["nll"],
+        })  # fmt: skip
+    return rows
+
+
+def _curve(rows: list[dict], axis: str, method: str, x: str) -> np.ndarray:
+    points = [
+        (r["budget"] if x == "budget" else r[method][x], r[method]["accuracy"])
+        for r in rows
+        if r["axis"] == axis
+    ]
+    return np.array([p for p in points if np.isfinite(p[1])] or [(0.0, 0.0)])
+
+
+def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir: Path) -> dict:
+    experts = pool.table.experts
+    (out_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "sweep": dataclasses.asdict(cfg),
+                "train": dataclasses.asdict(train_cfg),
+                "experts": experts,
+                "n_questions": len(pool.questions),
+                "aggregate_s_measured": aggregate_s,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    save_file(
+        {k: v.contiguous() for k, v in gate.state_dict().items()}, str(out_dir / "gate.safetensors")
+    )
+    centroids = {
+        c: pool.x[(pool.category == c) & (pool.split == "train")].mean(0).tolist() for c in models
+    }
+    router = {
+        "experts": experts,
+        "top_k": cfg.top_k,
+        "aggregate_s": aggregate_s,
+        "gate": dataclasses.asdict(gate.config),
+        "categories": {
+            c: {
+                "energy_j": m.energy_j.tolist(),
+                "delay_s": m.delay_s.tolist(),
+                "base_quality": {
+                    ",".join(map(str, sorted(s))): m.base_quality(s)
+                    for s in _all_subsets(len(experts))
+                },
+                "centroid": centroids[c],
+            }
+            for c, m in models.items()
+        },
+    }
+    (out_dir / "router.json").write_text(json.dumps(router) + "\n")
+    (out_dir / "experts.json").write_text(json.dumps(_expert_report(pool), indent=2) + "\n")
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    figures = []
+    for axis, unit in (("energy", "J"), ("delay", "s")):
+        curves = {LABELS[m]: _curve(rows, axis, m, "budget") for m in METHODS}
+        figures.append(
+            plot_tradeoff(
+                curves,
+                out_dir / f"accuracy_vs_{axis}_budget.png",
+                xlabel=f"{axis} budget per query ({unit}, modelled)",
+                ylabel="test accuracy",
+                title=f"MoE² on {len(pool.questions)} questions: {axis} budget",
+            )
+        )
+    aiq = {}
+    for axis, key in (("energy", "energy_j"), ("delay", "delay_s")):
+        curves = {m: _curve(rows, axis, m, key) for m in METHODS}
+        costs = np.concatenate([c[:, 0] for c in curves.values()])
+        span = (float(costs.min()), float(costs.max()))
+        aiq[axis] = {m: area_under_tradeoff(c, span) for m, c in curves.items()}
+    figures.append(
+        plot_tradeoff(
+            {LABELS[m]: _curve(rows, "energy", m, "energy_j") for m in METHODS},
+            out_dir / "tradeoff_energy.png",
+            xlabel="realised energy per query (J, modelled)",
+            ylabel="test accuracy",
+            title="Accuracy vs realised energy",
+            hull=True,
+        )
+    )
+    evaluations = sum(r["selector"]["evaluations"] for r in rows)
+    feasible = sum(r["selector"]["feasible_subsets"] for r in rows)
+    table = _table(rows)
+    (out_dir / "table.md").write_text(table + "\n")
+    return {
+        "n_questions": len(pool.questions),
+        "n_test": int((pool.split == "test").sum()),
+        "experts": experts,
+        "aiq": aiq,
+        "selector_evaluations": evaluations,
+        "feasible_subsets": feasible,
+        "aggregate_s_measured": aggregate_s,
+        "figures": [str(f) for f in figures],
+        "table": table,
+    }
+
+
+def _all_subsets(n: int) -> list[frozenset[int]]:
+    return [frozenset(i for i in range(n) if m >> i & 1) for m in range(1, 1 << n)]
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [
+        "| energy budget (J, modelled) | MoE² acc | MoE² J/query | best single acc "
+        "| best single J/query | router acc | all-uniform acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["axis"] != "energy":
+            continue
+        m, s = r["moe2"], r["best_single"]
+        uni = r["all_uniform"]["accuracy"]
+        uni_text = f"{uni:.3f}" if np.isfinite(uni) else "over budget"
+        lines.append(
+            f"| {r['budget']:.3g} | {m['accuracy']:.3f} | {m['energy_j']:.3g} "
+            f"| {s['accuracy']:.3f} | "
+            f"{s['energy_j']:.3g} | {r['router']['accuracy']:.3f} | {uni_text} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+import asyncio
+import math
+
+import pytest
+
+from gatelab.edge.client import PROFILES, EdgeExpert
+from gatelab.edge.server import BackgroundServer, build_app
+from gatelab.edge.serving import llama_forward_flops, load_served_models
+
+
+@pytest.mark.slow
+def test_real_smollm2_variants_over_http(monkeypatch):
+    """Loads the 135M GGUF (~20-30 s): the real experts answer and report their FLOPs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = load_served_models(["smollm2-135m", "smollm2-135m-l16-fewshot"])
+    with BackgroundServer(build_app(models)) as server:
+        answers = {}
+        for name in models:
+            expert = EdgeExpert(name, server.url, PROFILES["jetson-agx-orin"], method="letters")
+            answers[name] = asyncio.run(expert.answer("What is 2 + 3?", ["4", "5", "6", "7"]))
+        scorer = EdgeExpert("smollm2-135m", server.url, PROFILES["cpu"])
+        capital = asyncio.run(
+            scorer.answer("What is the capital of France?", ["Berlin", "Paris", "Rome", "Madrid"])
+        )
+    full, short = answers["smollm2-135m"], answers["smollm2-135m-l16-fewshot"]
+    config = models["smollm2-135m"].model.config
+    assert config.num_hidden_layers == 30
+    assert full.flops == llama_forward_flops(config, 30, full.prompt_tokens)
+    assert short.flops == llama_forward_flops(config, 16, short.prompt_tokens)
+    assert short.prompt_tokens > full.prompt_tokens  # the few-shot prefix
+    assert full.letters_found >= 2  # the instruct model puts option letters in its top 20
+    assert max(capital.probs) == capital.probs[1]  # continuation scoring knows this one
+    assert all(n >= 1 for n in capital.option_tokens)
+    for answer in answers.values():
+        assert math.isclose(sum(answer.probs), 1.0)

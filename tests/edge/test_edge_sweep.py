@@ -1,0 +1,151 @@
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gatelab.cli import app
+from gatelab.edge.client import PROFILES, EdgeExpert
+from gatelab.edge.eval import SweepConfig, questions_for
+from gatelab.edge.router import ask, load_router, plan_subset
+from gatelab.edge.server import BackgroundServer, build_app
+from gatelab.edge.serving import load_served_models
+from gatelab.edge.sweep import run_sweep
+from gatelab.edge.train import TrainConfig
+
+EXPERTS = ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"]
+ENERGY = [0.2, 0.05, 0.5]  # J per answer: constant, so realised cost equals the planned one
+DELAY = [0.02, 0.01, 0.05]
+GOOD_AT = {"tiny-random": {"sequences", "stem"}, "tiny-random-l1-fewshot": {"kinds"}}
+
+
+def _write_cache(path, cfg):
+    """Synthetic answers: each expert is sharp and right on its categories, noisy elsewhere.
+
+    Embeddings are written too (category centre + noise), so the sweep skips MiniLM here; the
+    encoder itself is tested in test_edge_data.py.
+    """
+    rng = np.random.default_rng(0)
+    categories = sorted({q.category for q in questions_for(cfg)})
+    centres = rng.normal(size=(len(categories), 384))
+    emb = {}
+    for q in questions_for(cfg):
+        v = centres[categories.index(q.category)] + 0.5 * rng.normal(size=384)
+        emb[q.qid] = v / np.linalg.norm(v)
+    np.savez(path.parent / "embeddings.npz", **emb)
+    with path.open("w") as f:
+        for q in questions_for(cfg):
+            for j, name in enumerate(EXPERTS):
+                good = q.category in GOOD_AT.get(name, set()) or name == "tiny-random-chat"
+                p = np.full(4, 0.05)
+                p[q.answer if good and rng.random() < 0.9 else rng.integers(4)] = 0.85
+                if name == "tiny-random-chat":  # the expensive generalist: right 60%
+                    p = np.full(4, 0.2)
+                    p[q.answer if rng.random() < 0.6 else rng.integers(4)] = 0.4
+                record = {
+                    "qid": q.qid, "expert": name, "ok": True, "probs": (p / p.sum()).tolist(),
+                    "letters_found": 4, "measured_s": 0.01, "prompt_tokens": 40,
+                    "completion_tokens": 1, "flops": 1e9, "modelled_delay_s": DELAY[j],
+                    "modelled_energy_j": ENERGY[j],
+                }  # fmt: skip
+                f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edge")
+    cfg = SweepConfig(quick=True, n_budgets=5)
+    _write_cache(out / "answers.jsonl", cfg)
+    train = TrainConfig(max_steps=60, patience=30, lr=1e-2, d_hidden=16)
+    summary = run_sweep(cfg, out / "answers.jsonl", out, train)
+    return out, summary
+
+
+def test_sweep_outputs_and_budgets_hold(swept):
+    out, summary = swept
+    for name in ("config.json", "sweep.json", "summary.json", "gate.safetensors", "table.md"):
+        assert (out / name).exists()
+    assert all((out / f).name.endswith(".png") and (out / f).exists() for f in summary["figures"])
+    rows = json.loads((out / "sweep.json").read_text())
+    for row in rows:
+        limit = row["budget"] if row["axis"] == "energy" else math.inf
+        for method in ("moe2", "best_single", "greedy_per_joule", "random_subset", "router"):
+            assert row[method]["energy_j"] <= limit + 1e-9
+            assert 0 <= row[method]["accuracy"] <= 1
+        # the exact selector never does worse than the best single expert on its own objective
+        assert row["selector"]["evaluations"] <= row["selector"]["feasible_subsets"]
+    loose = [r for r in rows if r["axis"] == "energy"][-1]
+    assert loose["moe2"]["accuracy"] >= loose["best_single"]["accuracy"] - 0.05
+    assert set(summary["aiq"]["energy"]) >= {"moe2", "best_single", "router"}
+
+
+def test_router_plans_within_budget(swept):
+    out, _ = swept
+    state = load_router(out)
+    cheap = plan_subset(state, "kinds", energy_budget=0.06, delay_budget=math.inf)
+    assert cheap == frozenset({1})
+    assert plan_subset(state, "kinds", energy_budget=0.01, delay_budget=math.inf) == frozenset()
+    with pytest.raises(ValueError, match="unknown category"):
+        plan_subset(state, "cooking", 1.0, 1.0)
+
+
+def test_live_ask_with_a_failing_expert(swept):
+    out, _ = swept
+    state = load_router(out)
+    models = load_served_models(EXPERTS[:2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    with BackgroundServer(build_app(models)) as server:
+        experts = [EdgeExpert(n, server.url, PROFILES["cpu"]) for n in EXPERTS[:2]]
+        experts.append(
+            EdgeExpert(EXPERTS[2], f"http://127.0.0.1:{dead_port}", PROFILES["cpu"], backoff_s=0.01)
+        )
+        plans = {c: plan_subset(state, c, 10.0, 10.0) for c in state.categories}
+        mixed = [c for c, p in sorted(plans.items()) if 2 in p and len(p) > 1]
+        assert mixed, plans  # some category combines the (dead) generalist with another expert
+        result = ask("What is 2 + 3?", ["4", "5", "6", "7"], experts, state, 10.0, 10.0, mixed[0])
+    assert result.answer in "ABCD"
+    assert sum(result.probs) == pytest.approx(1.0)
+    answered = [n for n, v in result.per_expert.items() if v["status"] == "ok"]
+    assert sum(result.weights[n] for n in answered) == pytest.approx(1.0)
+    assert EXPERTS[2] in result.subset and len(answered) >= 1
+    assert any("renormalised" in note for note in result.notes)
+    assert result.weights[EXPERTS[2]] == 0
+
+
+def test_cli(swept, tmp_path):
+    out, _ = swept
+    runner = CliRunner()
+    assert runner.invoke(app, ["edge", "--help"]).exit_code == 0
+    missing = runner.invoke(app, ["edge", "sweep", "--cache", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yaml_path = tmp_path / "experts.yaml"
+    yaml_path.write_text(
+        "".join(
+            f"- {{name: {n}, base_url: 'http://127.0.0.1:{port}', device: cpu, backoff_s: 0.01}}\n"
+            for n in EXPERTS
+        )
+    )
+    args = ["edge", "ask", "What is 2 + 3?", "--option", "4", "--option", "5", "--option", "6"]
+    args += [
+        "--option",
+        "7",
+        "--run-dir",
+        str(out),
+        "--experts",
+        str(yaml_path),
+        "--category",
+        "kinds",
+    ]
+    dead = runner.invoke(app, args)
+    assert dead.exit_code == 1 and "all selected experts failed" in dead.output
+    assert "Traceback" not in dead.output
+    bad = runner.invoke(app, [*args[:-4], "--run-dir", str(tmp_path / "nothing")])
+    assert bad.exit_code == 2
+    assert runner.invoke(app, ["edge", "serve", "--model", "gpt-5"]).exit_code == 2
