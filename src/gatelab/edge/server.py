@@ -116,13 +116,17 @@ def _completion(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
             "text_offset": offsets,
         }
     choice = {"index": 0, "text": out["text"], "logprobs": logprobs}
-    choice["finish_reason"] = out["finish_reason"]
+    return _response("cmpl", "text_completion", model, choice, out)
+
+
+def _response(prefix: str, kind: str, model: ServedModel, choice: dict, out: dict) -> dict:
+    """The OpenAI response envelope around one choice."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex[:12]}",
-        "object": "text_completion",
+        "id": f"{prefix}-{uuid.uuid4().hex[:12]}",
+        "object": kind,
         "created": int(time.time()),
         "model": model.name,
-        "choices": [choice],
+        "choices": [{**choice, "finish_reason": out["finish_reason"]}],
         "usage": _usage(out),
         "x_gatelab": out["x_gatelab"],
     }
@@ -153,16 +157,7 @@ def _chat(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
         logprobs = {"content": content}
     message = {"role": "assistant", "content": out["text"]}
     choice = {"index": 0, "message": message, "logprobs": logprobs}
-    choice["finish_reason"] = out["finish_reason"]
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model.name,
-        "choices": [choice],
-        "usage": _usage(out),
-        "x_gatelab": out["x_gatelab"],
-    }
+    return _response("chatcmpl", "chat.completion", model, choice, out)
 
 
 def build_app(models: dict[str, ServedModel]) -> FastAPI:
