@@ -35,7 +35,7 @@ DEFAULT_BACKBONE = Path("runs/exits/backbone.safetensors")
 
 @app.command()
 def pretrain(
-    epochs: Annotated[int, typer.Option(help="Passes over the backbone split.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Passes over the backbone split.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,

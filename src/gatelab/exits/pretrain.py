@@ -35,7 +35,7 @@ BACKBONE_KIND = "gatelab.exits.vit-backbone"
 class PretrainConfig:
     """Optimisation of the ViT backbone."""
 
-    epochs: int = 8  # full passes over the backbone split (48k images)
+    epochs: int = 10  # full passes over the backbone split (48k images)
     batch_size: int = 128
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.05
