@@ -189,26 +189,27 @@ def time_pair(fn_a, fn_b, batches: list[torch.Tensor], repeats: int = 3) -> tupl
     fn_b(batches[0])
     times_a, times_b = [], []
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            for batch in batches:
-                fn(batch)
-            if batches[0].is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return sorted(times_a)[len(times_a) // 2], sorted(times_b)[len(times_b) // 2]
+        times_a.append(_seconds_over(fn_a, batches))
+        times_b.append(_seconds_over(fn_b, batches))
+    return _median(times_a), _median(times_b)
 
 
 @torch.no_grad()
 def time_inference(fn, batches: list[torch.Tensor], repeats: int = 3) -> float:
     """Median over ``repeats`` of the wall-clock seconds to run ``fn`` over all ``batches``."""
     fn(batches[0])  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            fn(batch)
-        if batches[0].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    return _median([_seconds_over(fn, batches) for _ in range(repeats)])
+
+
+def _seconds_over(fn, batches: list[torch.Tensor]) -> float:
+    """Wall-clock seconds of one pass of ``fn`` over ``batches`` (CUDA work included)."""
+    start = time.perf_counter()
+    for batch in batches:
+        fn(batch)
+    if batches[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
