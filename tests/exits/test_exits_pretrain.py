@@ -1,10 +1,18 @@
 import json
 
+import pytest
 import torch
 from test_exits_data import fake_fashion_mnist
 
 from gatelab.exits import SplitConfig, ViTConfig
-from gatelab.exits.pretrain import PretrainConfig, augment, load_backbone, lr_at, pretrain
+from gatelab.exits.pretrain import (
+    PretrainConfig,
+    augment,
+    draw_epoch,
+    load_backbone,
+    lr_at,
+    pretrain,
+)
 
 TINY = ViTConfig(patch_size=7, d_model=8, n_heads=2, n_blocks=2, mlp_ratio=2)
 SPLITS = SplitConfig(n_exits=40, n_val=20, n_calib=20)
@@ -39,12 +47,32 @@ def test_same_seed_same_backbone(tmp_path):
         torch.testing.assert_close(x, y)
 
 
-def test_lr_schedule_and_augment_shapes():
+def test_lr_schedule():
     cfg = PretrainConfig(lr=1.0, warmup_frac=0.1)
     assert lr_at(0, 100, cfg) == 0.1 and lr_at(9, 100, cfg) == 1.0
     assert abs(lr_at(99, 100, cfg)) < 1e-3
-    x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
-    out = augment(x, 0, False, torch.Generator().manual_seed(0))
-    assert torch.equal(out, x)
-    shifted = augment(x, 2, True, torch.Generator().manual_seed(0))
-    assert shifted.shape == x.shape
+
+
+def test_augment_matches_a_pixel_loop():
+    x = torch.randint(1, 256, (3, 1, 6, 6), dtype=torch.uint8)
+    shifts = torch.tensor([[1, 1], [0, 2], [2, 1]])  # identity, down-left, up
+    flips = torch.tensor([False, True, False])
+    out = augment(x, shifts, flips, shift=1)
+    expected = torch.zeros_like(x)
+    for i in range(3):
+        dy, dx = (shifts[i] - 1).tolist()
+        for r in range(6):
+            for c in range(6):
+                if 0 <= r + dy < 6 and 0 <= c + dx < 6:
+                    expected[i, 0, r, c] = x[i, 0, r + dy, c + dx]
+    expected[1] = expected[1].flip(-1)
+    assert torch.equal(out, expected)
+    assert torch.equal(augment(x, shifts, torch.zeros(3, dtype=torch.bool), 0), x)
+    draws = draw_epoch(50, 2, True, torch.Generator().manual_seed(0))
+    assert sorted(draws.order.tolist()) == list(range(50))
+    assert draws.shifts.min() >= 0 and draws.shifts.max() <= 4 and draws.flips.dtype == torch.bool
+
+
+def test_label_smoothing_is_validated():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        PretrainConfig(label_smoothing=1.0)

@@ -13,6 +13,7 @@ import typer
 
 from gatelab import _cli
 from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig, check_dataset
+from gatelab.exits.model import ViTConfig
 
 app = typer.Typer(help="JEI-DNN early exits on Fashion-MNIST.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Passes over the backbone split.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing in [0, 1).")] = 0.0,
+    d_model: Annotated[int, typer.Option(help="ViT token width.")] = ViTConfig.d_model,
+    mlp_ratio: Annotated[float, typer.Option(help="ViT MLP width / token width.")] = 2.0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     data: Data = DEFAULT_FASHION_MNIST,
@@ -45,17 +49,24 @@ def pretrain(
     out: Out = Path("runs/exits"),
     device: Device = "cpu",
 ) -> None:
-    """Train the ViT backbone; resumes from runs/exits/backbone_ckpt.pt."""
+    """Train the ViT backbone (6 blocks + CLS); resumes from <out>/backbone_ckpt.pt."""
     from gatelab.exits.pretrain import PretrainConfig
     from gatelab.exits.pretrain import pretrain as run
 
     with _cli.user_errors():
         check_dataset(dataset)
+        model_cfg = ViTConfig(d_model=d_model, mlp_ratio=mlp_ratio)
         cfg = PretrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, threads=threads, seed=seed, device=device
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            label_smoothing=label_smoothing,
+            threads=threads,
+            seed=seed,
+            device=device,
         )
         with _cli.progress_bar("pretrain") as update:
-            summary = run(out, data, cfg=cfg, progress=update)
+            summary = run(out, data, model_cfg, cfg, progress=update)
     typer.echo(f"test accuracy {summary['test_accuracy']:.4f} -> {out / 'backbone.safetensors'}")
 
 

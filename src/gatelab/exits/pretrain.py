@@ -1,7 +1,10 @@
 """Pretrain the Fashion-MNIST ViT backbone that JEI-DNN then freezes.
 
-AdamW with linear warm-up and cosine decay, light augmentation (random shifts of up to
-``shift`` pixels and horizontal flips). Trains on the ``backbone`` split only. Checkpoints every
+AdamW with linear warm-up and cosine decay, optional label smoothing, light augmentation (random
+shifts of up to ``shift`` pixels and horizontal flips). Trains on the ``backbone`` split only, kept
+as one uint8 tensor on ``device``: each epoch draws its order, shifts and flips at once (on the CPU,
+seeded by the epoch, so a resumed run is exact) and every mini-batch is gathered and augmented on
+the device, so a GPU is not starved by a per-sample loader. Checkpoints every
 ``ckpt_every`` steps to ``<out>/backbone_ckpt.pt`` (model, optimiser, step, config) and resumes
 from it; the finished backbone is ``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
 """
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +44,7 @@ class PretrainConfig:
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # fraction of steps with linear warm-up
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     shift: int = 1  # max random translation in pixels (augmentation)
     flip: bool = True  # random horizontal flips (clothes are left-right symmetric)
     seed: int = 0
@@ -55,6 +60,10 @@ class PretrainConfig:
             raise ValueError(
                 f"PretrainConfig: warmup_frac must be in [0, 1), got {self.warmup_frac}"
             )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(
+                f"PretrainConfig: label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
 
 
 def lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
@@ -66,25 +75,41 @@ def lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random integer shifts (zero padding) and horizontal flips, one draw per image.
+class Draws(NamedTuple):
+    """One epoch's random draws: order ``(N,)``, shifts ``(N, 2)`` (dy, dx), flips ``(N,)``."""
+
+    order: torch.Tensor
+    shifts: torch.Tensor
+    flips: torch.Tensor
+
+
+def draw_epoch(n: int, shift: int, flip: bool, generator: torch.Generator) -> Draws:
+    """All random draws of one epoch of ``n`` images; shifts lie in ``[0, 2 * shift]``."""
+    order = torch.randperm(n, generator=generator)
+    shifts = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return Draws(order, shifts, flips)
+
+
+def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, shift: int) -> torch.Tensor:
+    """Translate each image by ``shifts - shift`` pixels (zero fill), then flip where ``flips``.
+
+    ``shifts[i] = (dy, dx)`` in ``[0, 2 * shift]``; ``(shift, shift)`` leaves image ``i`` in place,
+    ``dx = shift + 1`` moves its content one pixel left. Works on any dtype and device.
 
     Shape:
-        ``(B, 1, S, S)`` -> ``(B, 1, S, S)``.
+        ``(B, C, S, S)``, ``(B, 2)``, ``(B,)`` -> ``(B, C, S, S)``.
     """
     b, _, s, _ = x.shape
     if shift > 0:
-        padded = F.pad(x, (shift, shift, shift, shift), value=float(x.min()))
-        dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
-        dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
-        rows = (dy[:, None] + torch.arange(s)[None]).to(x.device)  # (B, S)
-        cols = (dx[:, None] + torch.arange(s)[None]).to(x.device)  # (B, S)
+        padded = F.pad(x, (shift, shift, shift, shift))  # (B, C, S + 2 shift, S + 2 shift)
+        grid = torch.arange(s, device=x.device)
+        rows = shifts[:, 0, None] + grid[None]  # (B, S)
+        cols = shifts[:, 1, None] + grid[None]  # (B, S)
         index = torch.arange(b, device=x.device)[:, None, None]
-        x = padded[:, 0][index, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
-    if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-    return x
+        x = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # (B, S, S, C)
+        x = x.permute(0, 3, 1, 2)
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
 
 
 @torch.no_grad()
@@ -113,6 +138,8 @@ def pretrain(
     """
     # setup
     model_cfg, cfg = model_cfg or ViTConfig(), cfg or PretrainConfig()
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but torch sees no CUDA device")
     split_cfg = split_cfg or SplitConfig()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -127,8 +154,12 @@ def pretrain(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
         lr=cfg.lr,
+        fused=cfg.device.startswith("cuda") or None,  # one kernel per step on a GPU
     )
-    steps_per_epoch = len(train.labels) // cfg.batch_size
+    n = len(train.labels)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} backbone images")
     total = cfg.epochs * steps_per_epoch
     ckpt_path = out_dir / "backbone_ckpt.pt"
     step, seconds = 0, 0.0
@@ -146,17 +177,18 @@ def pretrain(
             log.info("resuming backbone pretraining at step %d/%d", step, total)
     (out_dir / "backbone_config.json").write_text(json.dumps(run_config, indent=2))
     # train
+    images, labels = train.images.to(cfg.device), train.labels.to(cfg.device)  # uint8, int64
     start = time.perf_counter()
     model.train()
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(train.labels), generator=generator)
+        draws = Draws(*(t.to(cfg.device) for t in draw_epoch(n, cfg.shift, cfg.flip, generator)))
         for i in range(offset, steps_per_epoch):
-            index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            aug_gen = torch.Generator().manual_seed(cfg.seed * 10**7 + step)  # exact on resume
-            x = augment(normalise(train.images[index]), cfg.shift, cfg.flip, aug_gen)
-            loss = F.cross_entropy(model(x.to(cfg.device)), train.labels[index].to(cfg.device))
+            index = draws.order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = augment(images[index], draws.shifts[index], draws.flips[index], cfg.shift)
+            logits = model(normalise(x))
+            loss = F.cross_entropy(logits, labels[index], label_smoothing=cfg.label_smoothing)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             opt.zero_grad(set_to_none=True)
@@ -176,6 +208,7 @@ def pretrain(
     seconds += time.perf_counter() - start
     # evaluate and export
     test_acc = accuracy(model, splits["test"], cfg.eval_batch, cfg.device)
+    val_acc = accuracy(model, splits["val"], cfg.eval_batch, cfg.device)
     save_backbone(model, out_dir / "backbone.safetensors")
     summary = {
         "kind": BACKBONE_KIND,
@@ -183,6 +216,7 @@ def pretrain(
         "pretrain": dataclasses.asdict(cfg),
         "splits": dataclasses.asdict(split_cfg),
         "test_accuracy": test_acc,
+        "val_accuracy": val_acc,
         "train_seconds": seconds,
         "steps": step,
         "schedule_history": run_config.get("resumed_with", []),
