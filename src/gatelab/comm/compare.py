@@ -31,7 +31,7 @@ class CompareConfig:
 
     base: TrainConfig  # environment and optimisation settings shared by every variant
     seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
-    comm_cost: float = 1.0  # temporal-gate communication-cost coefficient (commformer_tg)
+    comm_cost: float = 0.1  # temporal-gate communication-cost coefficient (commformer_tg)
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
     max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
