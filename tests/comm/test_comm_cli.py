@@ -43,3 +43,20 @@ def test_train_then_eval_json(tmp_path, capsys):
     assert {"success_rate", "mean_steps", "mean_return", "comm_rate"} <= set(metrics)
     assert all(isinstance(metrics[k], float) for k in ("success_rate", "mean_steps"))
     assert 0.0 <= metrics["comm_rate"] <= 1.0 and 1.0 <= metrics["mean_steps"] <= 5.0
+
+
+def test_compare_eval_only_reevaluates_without_training(tmp_path):
+    from gatelab.comm.compare import CompareConfig, compare
+    from gatelab.comm.train import TrainConfig
+
+    base = TrainConfig(agents=2, grid=3, episode_limit=4, n_envs=4, updates=2, d_model=16)
+    cfg = CompareConfig(base=base, seeds=(0,), eval_episodes=5)
+    first = compare(cfg, tmp_path)
+    run = tmp_path / "predator_prey" / "full" / "seed0"
+    (run / "eval.json").unlink()
+    lines = (run / "metrics.jsonl").read_text()
+    again = compare(CompareConfig(base=base, seeds=(0,), eval_episodes=5, eval_only=True), tmp_path)
+    assert again["runs"]["full"] == first["runs"]["full"]  # same checkpoint, same evaluation
+    assert (run / "metrics.jsonl").read_text() == lines  # nothing was trained
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        compare(CompareConfig(base=base, seeds=(1,), eval_only=True), tmp_path)

@@ -28,6 +28,7 @@ def test_reward_reach_freeze_and_success():
     step = env.step(np.array([[STAY, RIGHT, STAY]]))  # agent 1 reaches the prey at (2, 2)
     assert env.reached[0].tolist() == [False, True, False]
     np.testing.assert_allclose(step.reward[0], [-0.05, 0.0, -0.05])
+    assert env.acting()[0].tolist() == [True, False, True]  # its next action will be ignored
     env.step(np.array([[STAY, LEFT, STAY]]))  # a predator on the prey is frozen
     assert env.pos[0, 1].tolist() == [2, 2]
     env.pos[0, 0] = [2, 3]
@@ -38,6 +39,7 @@ def test_reward_reach_freeze_and_success():
     after = env.step(np.array([[UP, UP, UP]]))  # a finished episode pays nothing and stays done
     np.testing.assert_allclose(after.reward, 0.0)
     assert after.done[0] and env.t[0] == 3
+    assert not env.acting().any()  # nobody acts in a finished episode
 
 
 def test_episode_limit_is_failure():

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from gatelab import gates
-from gatelab.comm.graph import CommGraph, TemporalGate, comm_rate, gate_graph, n_senders
+from gatelab.comm.graph import (
+    CommGraph,
+    TemporalGate,
+    comm_rate,
+    gate_graph,
+    n_senders,
+    scaled_gumbel_topk,
+)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +73,27 @@ def test_relax_keeps_the_stored_value_and_reaches_alpha():
     (relaxed * weights).sum().backward()
     assert graph.alpha.grad is not None and graph.alpha.grad.abs().sum() > 0
     assert torch.all(torch.diagonal(graph.alpha.grad) == 0)  # self is never a choice
+
+
+def test_scaled_gumbel_topk_ends():
+    logits = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits.requires_grad_(True)
+    weights = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # noise 1: the shared gates.gumbel_topk, value and gradient
+    ours = scaled_gumbel_topk(logits, 2, 0.7, 1.0, torch.Generator().manual_seed(3))
+    ref = gates.gumbel_topk(logits, 2, 0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, ref)
+    (g1,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g2,) = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(g1, g2)
+    # noise 0: the plain top-2 of the logits (reference: argsort), gradient still flows
+    hard = scaled_gumbel_topk(logits, 2, 0.7, 0.0, torch.Generator().manual_seed(3))
+    top2 = logits.detach().argsort(-1, descending=True)[..., :2]
+    assert torch.equal(hard.detach(), torch.zeros_like(hard).scatter(-1, top2, 1.0))
+    (g0,) = torch.autograd.grad((hard * weights).sum(), logits)
+    assert g0.abs().sum() > 0
+    with pytest.raises(ValueError, match="noise"):
+        scaled_gumbel_topk(logits, 2, 0.7, 1.5, torch.Generator())
 
 
 def test_gumbel_first_pick_follows_softmax():

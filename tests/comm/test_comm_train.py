@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gatelab.comm.checkpoint import load_model
-from gatelab.comm.ppo import ValueNorm, collect, gae, recompute_logp
-from gatelab.comm.train import TrainConfig, build, train
+from gatelab.comm.ppo import Batch, ValueNorm, collect, gae, ppo_losses, recompute_logp
+from gatelab.comm.train import TrainConfig, build, graph_noise, train
 
 TINY = TrainConfig(
     agents=3, grid=4, episode_limit=6, n_envs=6, updates=2, d_model=16, ppo_epochs=2,
@@ -15,11 +15,12 @@ TINY = TrainConfig(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_every_ratio_is_one_before_the_first_update(gate):
+@pytest.mark.parametrize(("gate", "noise"), [(False, 1.0), (True, 1.0), (True, 0.5), (False, 0.0)])
+def test_every_ratio_is_one_before_the_first_update(gate, noise):
     cfg = replace(TINY, temporal_gate=gate, comm_cost=0.1, n_envs=16, episode_limit=10)
     env, model = build(cfg)
-    ro = collect(model, env, env_seed=3, graph_seed=11, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ro = collect(model, env, env_seed=3, graph_seed=11, generator=gen, graph_noise=noise)
     model.train()
     logp = recompute_logp(model, ro, relax=True)  # the update's path, alpha attached
     ratio = (logp - ro.logp).exp()[ro.alive]
@@ -27,6 +28,9 @@ def test_every_ratio_is_one_before_the_first_update(gate):
     assert ro.graph.sum(-1).min() < 3  # the graph is really sparse (k = 1 of 2)
     if gate:  # sampled gates: some agents did not listen at some steps
         assert ro.listen is not None and 0 < ro.listen.mean() < 1
+    if noise == 0.0:  # no noise: the rollout's graph is the execution graph in every episode
+        assert torch.equal(ro.graph, model.graph.execution().expand_as(ro.graph))
+        return
     # with a graph drawn afresh (the public code's bug) the ratios are not all one
     fresh = model.graph.sample(ro.graph.shape[0], seed=12345)
     if not torch.equal(fresh, ro.graph):
@@ -34,6 +38,39 @@ def test_every_ratio_is_one_before_the_first_update(gate):
         assert not torch.allclose(
             recompute_logp(model, ro2, relax=False)[ro.alive], ro.logp[ro.alive]
         )
+
+
+def test_graph_noise_schedule():
+    cfg = replace(TINY, updates=10, graph_anneal=0.5)
+    assert [graph_noise(cfg, u) for u in (0, 1, 5, 9)] == [1.0, 0.8, 0.0, 0.0]
+    assert graph_noise(replace(cfg, graph_anneal=0.0), 0) == 0.0
+    with pytest.raises(ValueError, match="graph_anneal"):
+        replace(cfg, graph_anneal=-1.0)
+
+
+def test_frozen_agents_leave_the_policy_loss():
+    cfg = replace(TINY, n_envs=8, episode_limit=10)
+    env, model = build(cfg)
+    ro = collect(model, env, env_seed=1, graph_seed=2, generator=torch.Generator().manual_seed(0))
+    rows = ro.alive.flatten()
+    envs = torch.arange(ro.alive.numel())[rows] % ro.alive.shape[1]  # episode of each sample
+    flat = {k: getattr(ro, k).flatten(0, 1)[rows] for k in ("obs", "actions", "logp", "acting")}
+    acting = flat["acting"]
+    assert not acting.all() and acting.any()  # some predators sat on the prey
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(acting.shape, generator=g)
+
+    def policy_and_entropy(adv):
+        batch = Batch(**flat, adv=adv, targets=torch.zeros_like(adv), listen=None,
+                      env_index=envs)  # fmt: skip
+        return ppo_losses(model, batch, ro.graph[envs], 0.2)
+
+    base = policy_and_entropy(adv)
+    # reference: the mean of -A (ratio = 1) over acting agents only, by a plain loop
+    expected = -sum(adv[i, j] for i, j in acting.nonzero().tolist()) / acting.sum()
+    torch.testing.assert_close(base.policy, torch.as_tensor(float(expected)), atol=1e-5, rtol=0)
+    moved = policy_and_entropy(torch.where(acting, adv, adv + 100.0))  # frozen agents' adv change
+    torch.testing.assert_close(moved.policy, base.policy)
 
 
 def test_gae_matches_naive_loop():

@@ -50,7 +50,12 @@ def load_checkpoint(run_dir: Path, model, value_norm, opt_theta, opt_alpha) -> i
             pid, field = key.split(".", 1)
             state.setdefault(int(pid), {})[field] = value
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    with open(run_dir / "model.safetensors", "rb") as handle:
+    return checkpoint_update(run_dir)
+
+
+def checkpoint_update(run_dir: str | Path) -> int:
+    """The update count stored in ``run_dir/model.safetensors``'s metadata."""
+    with open(Path(run_dir) / "model.safetensors", "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     return int(header["__metadata__"]["update"])
 

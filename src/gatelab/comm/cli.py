@@ -85,6 +85,10 @@ def compare(
     updates: Annotated[int, typer.Option(help="PPO updates per run; 0 = default.")] = 0,
     jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes.")] = 1,
     max_minutes: Annotated[float, typer.Option(help="Time budget per run; 0 = none.")] = 0.0,
+    comm_cost: Annotated[float, typer.Option(help="Comm cost of commformer_tg.")] = 0.1,
+    eval_only: Annotated[
+        bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")
+    ] = False,
     runs_dir: Annotated[Path, typer.Option(help="Root of the output.")] = Path("runs"),
 ) -> None:
     """Train all variants (full, commformer, commformer_tg, random, none) and write runs/comm/."""
@@ -93,7 +97,9 @@ def compare(
     from gatelab.comm.demo import compare_configs
 
     with _cli.user_errors():
-        configs = compare_configs(quick, env, seeds, updates, jobs, max_minutes)
+        configs = compare_configs(
+            quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only
+        )
         total = sum(len(c.seeds) for c in configs) * 5
         done = 0
         with _cli.progress_bar("comm compare", total) as update:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gatelab.comm.checkpoint import load_model
+from gatelab.comm.checkpoint import checkpoint_update, load_model
 from gatelab.comm.eval import evaluate
 from gatelab.comm.train import TrainConfig, train
 
@@ -31,10 +31,11 @@ class CompareConfig:
 
     base: TrainConfig  # environment and optimisation settings shared by every variant
     seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
-    comm_cost: float = 1.0  # temporal-gate communication-cost coefficient (commformer_tg)
+    comm_cost: float = 0.1  # temporal-gate communication-cost coefficient (commformer_tg)
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
     max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
+    eval_only: bool = False  # evaluate each run's last checkpoint as it is, train nothing
 
 
 def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float) -> TrainConfig:
@@ -53,21 +54,39 @@ def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float)
     return replace(base, **changes)
 
 
-def _run_one(job: tuple[dict, str, int, float]) -> dict:
-    """Train (or resume) and evaluate one run; returns its eval metrics and history."""
-    cfg_dict, run_dir, eval_episodes, max_minutes = job
+def _run_one(job: tuple[dict, str, int, float, bool]) -> dict:
+    """Train (or resume) and evaluate one run; returns its eval metrics and history.
+
+    With ``eval_only`` an unevaluated run is evaluated from its last checkpoint (e.g. one cut by
+    a time limit) and its scalars are cut back to that checkpoint's update.
+    """
+    cfg_dict, run_dir, eval_episodes, max_minutes, eval_only = job
     cfg = TrainConfig(**cfg_dict)
     run = Path(run_dir)
     done = run / "eval.json"
     if not done.exists():
-        result = train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
+        if not eval_only:
+            train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
+        elif not (run / "model.safetensors").exists():
+            raise FileNotFoundError(f"{run}: no checkpoint to evaluate (--eval-only)")
         model, train_cfg = load_model(run / "model.safetensors", cfg.device)
+        history = _history(run)
+        updates = checkpoint_update(run)
+        history = [h for h in history if h["update"] <= updates]
         metrics = evaluate(model, train_cfg, eval_episodes, seed=10_000 + cfg.seed)
-        metrics["updates"] = len(result.history)
-        metrics["agent_steps"] = result.history[-1]["agent_steps"]
+        metrics["updates"] = updates
+        metrics["agent_steps"] = history[-1]["agent_steps"] if history else 0
         done.write_text(json.dumps(metrics, indent=2) + "\n")
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    upto = json.loads(done.read_text())["updates"]
+    history = [h for h in _history(run) if h["update"] <= upto]
     return {"eval": json.loads(done.read_text()), "history": history}
+
+
+def _history(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
@@ -83,7 +102,9 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
         for seed in cfg.seeds:
             run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost)
             run_dir = str(env_dir / variant / f"seed{seed}")
-            jobs.append((asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes))
+            jobs.append(
+                (asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
+            )
             keys.append(variant)
     results: list[dict] = []
     if cfg.jobs > 1:

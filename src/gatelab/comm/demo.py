@@ -31,6 +31,8 @@ def compare_configs(
     updates: int = 0,
     jobs: int = 1,
     max_minutes: float = 0.0,
+    comm_cost: float = 0.1,
+    eval_only: bool = False,
 ) -> list[CompareConfig]:
     """The :class:`CompareConfig` of each environment for ``gatelab comm compare``."""
     table = QUICK if quick else FULL
@@ -38,6 +40,8 @@ def compare_configs(
     unknown = [e for e in envs if e not in table]
     if unknown:
         raise ValueError(f"compare supports {', '.join(table)}; got {unknown[0]!r}")
+    if comm_cost < 0:
+        raise ValueError(f"comm_cost must be >= 0, got {comm_cost}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = []
@@ -50,6 +54,8 @@ def compare_configs(
                 eval_episodes=50 if quick else 200,
                 jobs=jobs,
                 max_minutes=max_minutes,
+                comm_cost=comm_cost,
+                eval_only=eval_only,
             )
         )
     return out

@@ -13,6 +13,13 @@ gradient of the *same* Gumbel draw to the stored hard graph (:meth:`CommGraph.re
 forward value is exactly the rollout's graph (no PPO ratio mismatch, §5.4 item 1) while
 :math:`\alpha` still gets the straight-through gradient.
 
+**Noise scale** (train/execution match, gatelab's addition): the draw is
+:math:`\operatorname{top}_k(\alpha + s\,g)` with Gumbel noise :math:`g` scaled by :math:`s \in [0,
+1]` (:math:`s = 1`: exactly :func:`gatelab.gates.gumbel_topk`). The trainer anneals :math:`s` to 0,
+after which the rollouts use the execution graph itself and :math:`\alpha` still gets the
+straight-through gradient of the successive-softmax relaxation of :math:`\alpha / \tau`. Without
+it the policy only ever trains on noisy graphs but is evaluated on the one deterministic graph.
+
 The logits start as :math:`\mathcal N(0, \sigma^2)` (symmetry breaking, §5.4 item 3).
 
 **Temporal gate** (CommFormer extension, reconstructed [R]): agent :math:`i` computes
@@ -117,30 +124,31 @@ class CommGraph(nn.Module):
     def _alpha_others(self) -> torch.Tensor:
         return torch.gather(self.alpha, 1, self.others)  # (A, A-1)
 
-    def sample(self, batch: int, seed: int) -> torch.Tensor:
+    def sample(self, batch: int, seed: int, noise: float = 1.0) -> torch.Tensor:
         """A hard graph per batch element (Gumbel top-k for ``learned``), no gradient.
 
-        The draw is a deterministic function of ``seed``; pass the same seed to :meth:`relax`.
+        The draw is a deterministic function of ``seed`` and the noise scale ``noise``; pass the
+        same two to :meth:`relax`. ``noise=0`` gives the execution graph in every row.
         """
         if self.kind != "learned":
             return self.fixed.expand(batch, -1, -1).clone()
         with torch.no_grad():
-            return self._dense(self._gumbel(batch, seed)).detach()
+            return self._dense(self._gumbel(batch, seed, noise)).detach()
 
-    def _gumbel(self, batch: int, seed: int) -> torch.Tensor:
+    def _gumbel(self, batch: int, seed: int, noise: float = 1.0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         logits = self._alpha_others().expand(batch, -1, -1)  # (B, A, A-1)
-        return gates.gumbel_topk(logits, self.k, self.tau, hard=True, generator=gen)
+        return scaled_gumbel_topk(logits, self.k, self.tau, noise, gen)
 
-    def relax(self, stored: torch.Tensor, seed: int) -> torch.Tensor:
-        r"""``stored + (y - sg(y))`` for the Gumbel draw ``y`` of ``seed``: value = ``stored``.
+    def relax(self, stored: torch.Tensor, seed: int, noise: float = 1.0) -> torch.Tensor:
+        r"""``stored + (y - sg(y))`` for the draw ``y`` of ``(seed, noise)``: value = ``stored``.
 
         Shape:
             stored ``(B, A, A)`` (the whole rollout batch) -> ``(B, A, A)`` with grad to alpha.
         """
         if self.kind != "learned":
             return stored
-        y = self._gumbel(stored.shape[0], seed)  # (B, A, A-1) straight-through sample
+        y = self._gumbel(stored.shape[0], seed, noise)  # (B, A, A-1) straight-through sample
         return (
             stored
             + self._dense(y - y.detach())
@@ -157,6 +165,31 @@ class CommGraph(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"n_agents={self.n_agents}, kind={self.kind}, k={self.k}, tau={self.tau}"
+
+
+def scaled_gumbel_topk(
+    logits: torch.Tensor, k: int, tau: float, noise: float, generator: torch.Generator
+) -> torch.Tensor:
+    r"""Straight-through k-hot of :math:`\operatorname{top}_k(\alpha + s g)`, ``s = noise``.
+
+    ``noise = 1`` is :func:`gatelab.gates.gumbel_topk` (same generator stream, same value and
+    gradient); ``noise = 0`` is the deterministic top-k with the gradient of the noise-free
+    successive softmax. Shape: ``(..., E)`` -> ``(..., E)``.
+    """
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise scale must be in [0, 1], got {noise}")
+    if noise == 1.0:
+        return gates.gumbel_topk(logits, k, tau, hard=True, generator=generator)
+    exponential = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator)
+    gumbel = -exponential.clamp_min(torch.finfo(logits.dtype).tiny).log()
+    perturbed = logits + noise * gumbel.to(logits.device)
+    soft, shifted = torch.zeros_like(logits), perturbed  # successive softmax (Xie & Ermon)
+    for _ in range(k):
+        p = torch.softmax(shifted / tau, dim=-1)
+        soft = soft + p
+        shifted = shifted + torch.log1p(-p.clamp(max=1 - 1e-6))
+    khot = torch.zeros_like(logits).scatter(-1, gates.select_topk(perturbed, k), 1.0)
+    return khot + (soft - soft.detach())  # value exactly the k-hot
 
 
 class TemporalGate(nn.Module):

@@ -32,10 +32,12 @@ class Rollout(NamedTuple):
     values: torch.Tensor  # (T, B, A) normalised value predictions
     rewards: torch.Tensor  # (T, B, A)
     alive: torch.Tensor  # (T, B) bool: the episode was running before step t
+    acting: torch.Tensor  # (T, B, A) bool: the agent's action can change the environment
     done: torch.Tensor  # (T, B) bool: the episode was over after step t
     listen: torch.Tensor | None  # (T, B, A) 0/1 temporal gates, or None
     graph: torch.Tensor  # (B, A, A) graph each episode used
     graph_seed: int  # seed of the Gumbel draw that made ``graph`` (learned graphs)
+    graph_noise: float  # Gumbel noise scale of that draw
     comm: torch.Tensor  # (T, B) communication rate per step
     success: np.ndarray  # (B,)
     steps: np.ndarray  # (B,) episode lengths
@@ -92,22 +94,31 @@ def collect(
     generator: torch.Generator,
     training: bool = True,
     greedy: bool = False,
+    graph_noise: float = 1.0,
 ) -> Rollout:
-    """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones."""
+    """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
+
+    ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`).
+    An agent is *acting* at a step unless the environment ignores its action
+    (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
+    """
     device = next(model.parameters()).device
     obs = torch.as_tensor(env.reset(env_seed), device=device)
     b, t_max = env.n_envs, env.episode_limit
     if training:
-        graph = model.graph.sample(b, graph_seed).to(device)
+        graph = model.graph.sample(b, graph_seed, graph_noise).to(device)
     else:
         graph = model.graph.execution().to(device).expand(b, -1, -1).clone()
     buf: dict[str, list] = {k: [] for k in ("obs", "act", "logp", "val", "rew", "alive", "done")}
-    listens, comms = [], []
+    listens, comms, acting = [], [], []
+    acting_fn = getattr(env, "acting", None)
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
         listen = listen_gates(model, obs, training, generator)
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
+        acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
+        acting.append(torch.as_tensor(acts, device=device))
         step = env.step(actions.cpu().numpy())
         for key, value in zip(buf, (obs, actions, logp, values), strict=False):
             buf[key].append(value)
@@ -129,10 +140,12 @@ def collect(
         stack["val"],
         stack["rew"],
         stack["alive"],
+        torch.stack(acting),
         stack["done"],
         None if listens[0] is None else torch.stack(listens),
         graph,
         graph_seed,
+        graph_noise if training else 0.0,
         torch.stack(comms),
         step.success.copy(),
         steps,
@@ -171,6 +184,7 @@ class Batch(NamedTuple):
     adv: torch.Tensor  # (M, A)
     targets: torch.Tensor  # (M, A) normalised returns
     listen: torch.Tensor | None  # (M, A)
+    acting: torch.Tensor  # (M, A) bool: policy loss and entropy count only acting agents
     env_index: torch.Tensor  # (M,) which episode (graph) each sample belongs to
 
 
@@ -188,6 +202,10 @@ class LossParts(NamedTuple):
 def ppo_losses(model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float) -> LossParts:
     """Clipped surrogate, value MSE, entropy and differentiable communication rate.
 
+    The surrogate and the entropy average over *acting* agents only: an action the environment
+    ignores (a predator frozen on the prey) has no effect on the return, so its gradient is noise.
+    The value loss covers every agent.
+
     ``graph (M, A, A)`` is the stored graph of each sample, possibly re-attached to alpha's
     gradient (:meth:`CommGraph.relax`); the stored gates get a straight-through path to the gate.
     """
@@ -201,9 +219,11 @@ def ppo_losses(model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float
     log_ratio = logp - batch.logp
     ratio = log_ratio.exp()
     surrogate = torch.minimum(ratio * batch.adv, ratio.clamp(1 - clip, 1 + clip) * batch.adv)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    weight = batch.acting.to(surrogate.dtype)
+    weight = weight / weight.sum().clamp_min(1.0)
+    entropy = (-(logp_all.exp() * logp_all).sum(-1) * weight).sum()
     return LossParts(
-        -surrogate.mean(),
+        -(surrogate * weight).sum(),
         (out.values - batch.targets).square().mean(),
         entropy,
         comm_rate(gate_graph(graph, listen)).mean(),
@@ -218,7 +238,9 @@ def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> t
     With ``relax`` the graph is re-attached to alpha's gradient exactly as the update does.
     """
     t, b = rollout.actions.shape[:2]
-    graph = model.graph.relax(rollout.graph, rollout.graph_seed) if relax else rollout.graph
+    graph = rollout.graph
+    if relax:
+        graph = model.graph.relax(rollout.graph, rollout.graph_seed, rollout.graph_noise)
     graph = graph[None].expand(t, -1, -1, -1).flatten(0, 1)  # (T*B, A, A)
     listen = None if rollout.listen is None else rollout.listen.flatten(0, 1)
     if listen is not None:

@@ -63,6 +63,7 @@ class TrainConfig:
     value_coef: float = 1.0  # value-loss weight (MAPPO)
     max_grad_norm: float = 10.0  # gradient clipping (MAPPO)
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
+    graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
         if self.graph not in GRAPH_KINDS:
             raise ValueError(f"graph must be one of {', '.join(GRAPH_KINDS)}, got {self.graph!r}")
+        if self.graph_anneal < 0:
+            raise ValueError(f"graph_anneal must be >= 0, got {self.graph_anneal}")
         if self.comm_cost < 0:
             raise ValueError(f"comm_cost must be >= 0, got {self.comm_cost}")
         for name in ("n_envs", "updates", "ppo_epochs", "minibatches", "alpha_every"):
@@ -127,6 +130,15 @@ def optimizers(model: CommFormer, cfg: TrainConfig):
     return opt_theta, opt_alpha
 
 
+def graph_noise(cfg: TrainConfig, update: int) -> float:
+    """Gumbel noise scale of update ``update``: ``1 - update / (graph_anneal * updates)``, >= 0.
+
+    ``graph_anneal = 0``: no noise at all (deterministic top-k with straight-through throughout).
+    """
+    horizon = cfg.graph_anneal * cfg.updates
+    return 0.0 if horizon <= 0 else max(0.0, 1.0 - update / horizon)
+
+
 def _draws(seed: int, update: int) -> tuple[int, int, torch.Generator, np.random.Generator]:
     rng = np.random.default_rng([seed, update])
     env_seed, graph_seed, torch_seed = (int(x) for x in rng.integers(0, 2**31 - 1, 3))
@@ -175,7 +187,8 @@ def train(
         env_seed, graph_seed, generator, rng = _draws(cfg.seed, update)
         # rollout
         model.eval()
-        ro = collect(model, env, env_seed, graph_seed, generator, training=True)
+        noise = graph_noise(cfg, update)
+        ro = collect(model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise)
         values = value_norm.denormalize(ro.values)
         adv, returns = gae(ro.rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
@@ -193,6 +206,7 @@ def train(
             "logp": ro.logp.flatten(0, 1),
             "adv": adv.flatten(0, 1),
             "targets": targets.flatten(0, 1),
+            "acting": ro.acting.flatten(0, 1),
         }
         listen = None if ro.listen is None else ro.listen.flatten(0, 1)
         train_alpha = opt_alpha is not None and update >= cfg.alpha_warmup_updates
@@ -210,7 +224,7 @@ def train(
                     )
                     graph = ro.graph
                     if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
-                        graph = model.graph.relax(ro.graph, ro.graph_seed)
+                        graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
                     parts = ppo_losses(model, batch, graph[envs], cfg.clip)
                     loss = (
                         parts.policy
@@ -244,6 +258,7 @@ def train(
             "loss/comm": mean[3],
             "loss/approx_kl": mean[4],
             "loss/clipfrac": mean[5],
+            "graph/noise": noise,
             "graph/alpha_drift": float((model.graph.alpha.detach() - alpha0).abs().max()),
             "perf/steps_per_s": int(ro.steps.sum()) * cfg.agents / (time.perf_counter() - tick),
         }

@@ -124,6 +124,10 @@ class PredatorPrey:
             self.observe(), reward.astype(np.float32), self.done.copy(), self.success.copy()
         )
 
+    def acting(self) -> np.ndarray:
+        """``(B, A)`` bool: the next action moves the agent (not frozen on the prey, not done)."""
+        return ~self.reached & ~self.done[:, None]
+
     def _window(self, sees: np.ndarray) -> np.ndarray:
         """Window channels (prey, other predators / A, outside) for agents who ``sees (A,)``."""
         cells = self.pos[:, :, None, :] + self.offsets  # (B, A, W, 2)
