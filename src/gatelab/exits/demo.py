@@ -32,7 +32,7 @@ def sweep_config(quick: bool, variants: tuple[str, ...] = ("jei-dnn",)) -> Sweep
         return SweepConfig(variants=variants)
     return SweepConfig(
         variants=variants,
-        lams=(0.0, 0.05, 0.2, 0.6, 1.5),
+        lams=(0.01, 0.05, 0.2, 0.6, 1.5),
         n_timed=1024,
         repeats=1,
         max_baseline_points=12,
