@@ -12,7 +12,7 @@ import typer
 
 from gatelab import _cli
 from gatelab.exits.data import DEFAULT_FASHION_MNIST, check_dataset
-from gatelab.exits.model import ViTConfig
+from gatelab.exits.vit import ViTConfig
 
 app = typer.Typer(help="JEI-DNN early exits on Fashion-MNIST.", no_args_is_help=True)
 log = logging.getLogger(__name__)
