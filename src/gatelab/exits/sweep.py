@@ -45,6 +45,25 @@ VARIANTS = {
     "jei-dnn+ctx": (True, None),
     "jei-dnn-balanced": (False, 1.0),  # the paper's fully class-balanced gate BCE
 }
+LAMS = (
+    0.0,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.6,
+    0.8,
+    1.5,
+    3.0,
+)
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
 
 
@@ -58,24 +77,8 @@ def checkpoint_name(variant: str, lam: float) -> str:
 class SweepConfig:
     """What the sweep covers."""
 
-    # JEI-DNN lambdas: dense below 0.1, where the exits move late (lambda = 0 was dominated)
-    lams: tuple[float, ...] = (
-        0.005,
-        0.01,
-        0.02,
-        0.035,
-        0.05,
-        0.075,
-        0.1,
-        0.15,
-        0.2,
-        0.3,
-        0.4,
-        0.6,
-        0.8,
-        1.5,
-        3.0,
-    )
+    # JEI-DNN lambdas: dense below 0.1, where the exits move late
+    lams: tuple[float, ...] = LAMS
     alpha: float = 0.05  # conformal level reported per point
     n_timed: int = 2048  # test images timed per point (real early exit)
     batch_size: int = 256  # inference batch for timing
