@@ -59,3 +59,22 @@ def test_sweep_config_and_checkpoint_names():
     assert len(names) == len(VARIANTS) and "jei_lam0.2.safetensors" in names
     with pytest.raises(ValueError, match="variant"):
         sweep_config(True, ("jei-dnn-typo",))
+
+
+def test_sweep_keeps_points_on_the_validation_front_whatever_their_test_scores():
+    from gatelab.exits.sweep import selected_points
+
+    rng = np.random.default_rng(3)
+    val = rng.random((30, 2))
+    points = [
+        {"val_flops_fraction": c, "val_accuracy": a, "accuracy": rng.random()} for c, a in val
+    ]
+    kept = [points.index(p) for p in selected_points(points)]
+    naive = [
+        i
+        for i, (c, a) in enumerate(val)
+        if not any((c2 <= c and a2 > a) or (c2 < c and a2 >= a) for c2, a2 in val)
+    ]
+    assert sorted(kept) == naive and 0 < len(naive) < 30
+    oracle = [{"accuracy": 0.9, "flops_fraction": 0.2}]
+    assert selected_points(oracle) == oracle

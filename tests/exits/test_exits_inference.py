@@ -12,8 +12,8 @@ from gatelab.exits import (
     run_early_exit,
     simulate_exits,
 )
-from gatelab.exits.model import Block
 from gatelab.exits.train import clone_exits
+from gatelab.exits.vit import Block
 
 
 def _spread_gates(model):

@@ -26,9 +26,6 @@ from gatelab.exits.inference import (
 from gatelab.exits.model import (
     EarlyExitModel,
     ExitGate,
-    ViT,
-    ViTConfig,
-    cls_token,
     confidence_features,
     global_pool,
     vit_early_exit,
@@ -42,6 +39,7 @@ from gatelab.exits.train import (
     train,
     weighted_im_loss,
 )
+from gatelab.exits.vit import ViT, ViTConfig, cls_token
 
 __all__ = [
     "EarlyExitModel",

@@ -17,7 +17,8 @@ from gatelab.cost import pareto_front
 from gatelab.exits.inference import EntropyPolicy, MaxProbPolicy, PatiencePolicy, simulate_exits
 
 
-def _point(exit_logits: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, policy):
+def validation_point(exit_logits: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, policy):
+    """Mean cost and accuracy of ``policy`` on ``(L, N, C)`` exit logits (floats)."""
     out = simulate_exits(exit_logits, policy)
     acc = float((out.logits.argmax(-1) == labels).double().mean())
     return float(cost.double()[out.exit_index].mean()), acc
@@ -45,7 +46,7 @@ def select_on_validation(
     policies: list, val_logits: torch.Tensor, val_labels: torch.Tensor, cost: torch.Tensor
 ) -> list:
     """The policies whose validation (cost, accuracy) point lies on the Pareto front."""
-    points = np.array([_point(val_logits, val_labels, cost, p) for p in policies])
+    points = np.array([validation_point(val_logits, val_labels, cost, p) for p in policies])
     return [policies[i] for i in pareto_front(points)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,8 +11,8 @@ import torch
 import typer
 
 from gatelab import _cli
-from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig, check_dataset
-from gatelab.exits.model import ViTConfig
+from gatelab.exits.data import DEFAULT_FASHION_MNIST, check_dataset
+from gatelab.exits.vit import ViTConfig
 
 app = typer.Typer(help="JEI-DNN early exits on Fashion-MNIST.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -84,8 +83,8 @@ def train_cmd(
     device: Device = "cpu",
 ) -> None:
     """Train JEI-DNN IMs and gates for one lambda; writes <out>.safetensors and .json."""
-    from gatelab.exits.experiment import prepare, save_exits
-    from gatelab.exits.train import TrainConfig, train
+    from gatelab.exits.experiment import train_checkpoint
+    from gatelab.exits.train import TrainConfig
 
     torch.set_num_threads(threads)
     with _cli.user_errors():
@@ -94,22 +93,8 @@ def train_cmd(
             lam=lam, n_rounds=n_rounds, phase_steps=phase_steps, seed=seed, device=device
         )
         out = out or backbone.parent / f"jei_lam{lam:g}.safetensors"
-        prep = prepare(backbone, data, SplitConfig(), device, cache_dir=backbone.parent)
-        run_dir = out.with_suffix("")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         with _cli.progress_bar(f"train lam={lam:g}") as update:
-            metrics = train(
-                prep.model,
-                prep.caches["exits"],
-                prep.caches["val"],
-                prep.flops.fraction,
-                cfg,
-                run_dir,
-                update,
-            )
-        meta = {"lam": lam, "backbone": str(backbone), "train": dataclasses.asdict(cfg)}
-        save_exits(prep.model, out, meta | {"metrics": metrics})
+            metrics = train_checkpoint(backbone, data, out, cfg, update)
     typer.echo(f"val objective {metrics['eval/objective']:.4f} -> {out}")
 
 
@@ -129,35 +114,12 @@ def eval_cmd(
     device: Device = "cpu",
 ) -> None:
     """Real early exit on the 10k test images: accuracy, FLOPs, speed-up, ECE, conformal sets."""
-    from gatelab.exits.experiment import evaluate, load_exits, prepare, read_exits_meta
+    from gatelab.exits.experiment import evaluate_checkpoint
 
     with _cli.user_errors():
         check_dataset(dataset)
-        if not 0 < alpha < 1:
-            raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
         torch.set_num_threads(threads)
-        meta = read_exits_meta(checkpoint)
-        if meta.get("arch") != "vit":
-            raise ValueError(
-                f"{checkpoint} holds exits for arch={meta.get('arch')!r}; "
-                "`gatelab exits eval` evaluates ViT checkpoints (arch='vit')"
-            )
-        backbone = backbone or Path(meta["backbone"])
-        context = bool(meta.get("gate_context", False))
-        prep = prepare(backbone, data, SplitConfig(), device, backbone.parent, context)
-        load_exits(prep.model, checkpoint)
-        metrics = evaluate(prep, alpha, batch_size, repeats)
-    keys = (
-        "accuracy",
-        "flops_fraction",
-        "seconds",
-        "speedup",
-        "ece",
-        "coverage",
-        "mean_set_size",
-        "exit_histogram",
-    )
-    flat = {k: metrics[k] for k in keys}
+        flat = evaluate_checkpoint(checkpoint, data, alpha, batch_size, repeats, backbone, device)
     if json_out is not None:
         _cli.write_json(json_out, flat)
     typer.echo(json.dumps(flat))

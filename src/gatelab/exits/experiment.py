@@ -35,7 +35,7 @@ from gatelab.exits.inference import (
 )
 from gatelab.exits.model import EarlyExitModel, vit_early_exit
 from gatelab.exits.pretrain import load_backbone
-from gatelab.exits.train import FeatureCache, extract_features
+from gatelab.exits.train import FeatureCache, TrainConfig, extract_features, train
 
 EXITS_KIND = "gatelab.exits.jei-dnn"
 CACHE_SPLITS = ("exits", "val", "calib", "test")
@@ -224,3 +224,60 @@ def evaluate(
             "accuracy": rel.accuracy.tolist(),
         },
     }
+
+
+def train_checkpoint(
+    backbone: Path, data_root: Path, out: Path, cfg: TrainConfig, progress=None
+) -> dict:
+    """Train JEI-DNN for ``cfg.lam`` on a ViT backbone; write ``out`` (+ .json) and a run folder.
+
+    The run folder ``out`` without suffix holds ``config.json``, ``metrics.jsonl`` and the
+    resumable ``train_ckpt.pt``.
+    """
+    prep = prepare(backbone, data_root, SplitConfig(), cfg.device, cache_dir=backbone.parent)
+    run_dir = Path(out).with_suffix("")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    caches, cost = prep.caches, prep.flops.fraction
+    metrics = train(prep.model, caches["exits"], caches["val"], cost, cfg, run_dir, progress)
+    meta = {"lam": cfg.lam, "backbone": str(backbone), "train": dataclasses.asdict(cfg)}
+    save_exits(prep.model, out, meta | {"metrics": metrics})
+    return metrics
+
+
+EVAL_KEYS = (
+    "accuracy",
+    "flops_fraction",
+    "seconds",
+    "speedup",
+    "ece",
+    "coverage",
+    "mean_set_size",
+    "exit_histogram",
+)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_root: Path,
+    alpha: float = 0.05,
+    batch_size: int = 256,
+    repeats: int = 3,
+    backbone: Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """:func:`evaluate` a ViT JEI-DNN checkpoint; the flat keys ``EVAL_KEYS`` of the issue."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
+    meta = read_exits_meta(checkpoint)
+    if meta.get("arch") != "vit":
+        raise ValueError(
+            f"{checkpoint} holds exits for arch={meta.get('arch')!r}; "
+            "`gatelab exits eval` evaluates ViT checkpoints (arch='vit')"
+        )
+    backbone = Path(backbone or meta["backbone"])
+    context = bool(meta.get("gate_context", False))
+    prep = prepare(backbone, data_root, SplitConfig(), device, backbone.parent, context)
+    load_exits(prep.model, checkpoint)
+    metrics = evaluate(prep, alpha, batch_size, repeats)
+    return {k: metrics[k] for k in EVAL_KEYS}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits, normalise
-from gatelab.exits.model import ViT, ViTConfig
+from gatelab.exits.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None

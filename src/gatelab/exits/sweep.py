@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gatelab.cost import area_under_tradeoff, plot_tradeoff
+from gatelab.cost import area_under_tradeoff, pareto_front, plot_tradeoff
 from gatelab.exits.baselines import (
     baseline_policies,
     margins,
     oracle_exits,
     select_on_validation,
+    validation_point,
 )
 from gatelab.exits.eval import (
     conformal_thresholds,
@@ -44,6 +45,25 @@ VARIANTS = {
     "jei-dnn+ctx": (True, None),
     "jei-dnn-balanced": (False, 1.0),  # the paper's fully class-balanced gate BCE
 }
+LAMS = (
+    0.0,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.6,
+    0.8,
+    1.5,
+    3.0,
+)
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
 
 
@@ -57,12 +77,13 @@ def checkpoint_name(variant: str, lam: float) -> str:
 class SweepConfig:
     """What the sweep covers."""
 
-    lams: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3.0)  # JEI-DNN lambdas
+    # JEI-DNN lambdas: dense below 0.1, where the exits move late
+    lams: tuple[float, ...] = LAMS
     alpha: float = 0.05  # conformal level reported per point
     n_timed: int = 2048  # test images timed per point (real early exit)
     batch_size: int = 256  # inference batch for timing
     repeats: int = 2  # timing repeats (median)
-    max_baseline_points: int = 8  # baseline thresholds kept after validation selection
+    max_baseline_points: int = 40  # baseline thresholds kept after validation selection
     cost_range: tuple[float, float] = (0.3, 0.9)  # FLOPs-fraction range of the targets
     variants: tuple[str, ...] = ("jei-dnn",)  # JEI-DNN gate variants (see VARIANTS)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,6 +161,9 @@ def run_sweep(
             policy = GatePolicy(model.gates)
             seconds = _time(prep, model, policy, batches, cfg.repeats)
             point = point_metrics(prep, model, policy, cfg.alpha)
+            point |= _val_point(
+                _logits(model, prep.caches["val"], device), labels_val, cost, policy
+            )
             curves[variant].append(
                 {"lam": lam, "seconds": seconds, "speedup": t_full / seconds} | point
             )
@@ -151,6 +175,7 @@ def run_sweep(
             seconds = _time(prep, warm, policy, batches, cfg.repeats)
             param = getattr(policy, "threshold", getattr(policy, "patience", None))
             point = point_metrics(prep, warm, policy, cfg.alpha)
+            point |= _val_point(_logits(warm, prep.caches["val"], device), labels_val, cost, policy)
             curves[name].append(
                 {"param": param, "seconds": seconds, "speedup": t_full / seconds} | point
             )
@@ -159,6 +184,26 @@ def run_sweep(
                 progress(done, total)
     curves["oracle"] = _oracle_curve(prep, warm)
     return _summarise(curves, t_full, cfg, out_dir)
+
+
+def _val_point(val_logits, labels, cost, policy) -> dict:
+    """Validation cost and accuracy of one operating point (for selection, never test)."""
+    val_cost, val_acc = validation_point(val_logits, labels, cost, policy)
+    return {"val_flops_fraction": val_cost, "val_accuracy": val_acc}
+
+
+def selected_points(points: list[dict]) -> list[dict]:
+    """The points whose *validation* (cost, accuracy) lies on the validation Pareto front.
+
+    JEI-DNN's lambdas and the baselines' thresholds are filtered by the same rule, so no method
+    picks its operating points on the test split. Points without validation metrics (the
+    oracle) are all kept.
+    """
+    if not points or "val_accuracy" not in points[0]:
+        return points
+    val = np.array([[p["val_flops_fraction"], p["val_accuracy"]] for p in points])
+    keep = set(pareto_front(val).tolist())
+    return [p for i, p in enumerate(points) if i in keep]
 
 
 def _oracle_curve(prep: Prepared, model) -> list[dict]:
@@ -177,8 +222,12 @@ def _oracle_curve(prep: Prepared, model) -> list[dict]:
 
 
 def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> dict:
+    for pts in curves.values():
+        kept = {id(p) for p in selected_points(pts)}
+        for p in pts:
+            p["selected_on_val"] = id(p) in kept
     xy = {
-        m: np.array([[p["flops_fraction"], p["accuracy"]] for p in pts])
+        m: np.array([[p["flops_fraction"], p["accuracy"]] for p in pts if p["selected_on_val"]])
         for m, pts in curves.items()
         if pts
     }

@@ -1,0 +1,113 @@
+"""Choose JEI-DNN's gate class-weight exponent (and gate features) on the validation split.
+
+Usage: python benchmarks/exits_gate_choice.py --backbone runs/exits_gpu100/backbone.safetensors
+    [--balances 0.5,0.75] [--context] [--lams 0.005,0.01,...] [--out runs/exits_choice/plain.json]
+
+For every exponent b (gate positive weight (neg/pos)^b) it trains JEI-DNN over the lambda grid
+from one IM warm-up, keeps the lambdas whose *validation* (cost, accuracy) point is on the
+validation Pareto front, and compares that front with the threshold baselines (their thresholds
+also selected on validation): area under the accuracy-FLOPs hull over 30-90% cost and the
+min/max margin over the best baseline, on validation (used for the choice) and on test
+(reported only). No gatelab default changes here: the sweep's defaults are set by hand from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gatelab.cost import area_under_tradeoff, pareto_front
+from gatelab.exits.baselines import (
+    baseline_policies,
+    margins,
+    select_on_validation,
+    validation_point,
+)
+from gatelab.exits.experiment import prepare
+from gatelab.exits.inference import GatePolicy
+from gatelab.exits.sweep import SweepConfig
+from gatelab.exits.train import TrainConfig, clone_exits, train
+
+COST_RANGE = (0.3, 0.9)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _compare(points: np.ndarray, baselines: dict[str, np.ndarray], keep: np.ndarray) -> dict:
+    m = margins(baselines | {"jei": points[keep]}, "jei", *COST_RANGE)
+    area = area_under_tradeoff(points[keep], cost_range=COST_RANGE)
+    return {
+        "area": area,
+        "min_margin": m["min_margin_points"],
+        "max_margin": m["max_margin_points"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", type=Path, required=True)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("GATELAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")),
+    )
+    parser.add_argument("--balances", type=_floats, default=[0.5, 0.75])
+    parser.add_argument("--lams", type=_floats, default=list(SweepConfig().lams))
+    parser.add_argument("--context", action="store_true", help="gates also read the previous exit")
+    parser.add_argument("--out", type=Path, default=Path("runs/exits_choice/choice.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prep = prepare(args.backbone, args.data, cache_dir=args.backbone.parent)
+    cost, caches = prep.flops.fraction, prep.caches
+    base_cfg = TrainConfig()
+    train(
+        prep.model, caches["exits"], caches["val"], cost, dataclasses.replace(base_cfg, n_rounds=0)
+    )
+    warm = prep.model
+
+    def logits(model, split):
+        with torch.no_grad():
+            return model.logits_from_features(caches[split].feats, caches[split].head_logits)
+
+    def point(model, split, policy):
+        return validation_point(logits(model, split), caches[split].labels, cost, policy)
+
+    baselines = {"val": {}, "test": {}}
+    for name, policies in baseline_policies(logits(warm, "val")).items():
+        kept = select_on_validation(policies, logits(warm, "val"), caches["val"].labels, cost)
+        for split in baselines:
+            baselines[split][name] = np.array([point(warm, split, p) for p in kept])
+    result = {"backbone": str(args.backbone), "context": args.context, "lams": args.lams}
+    result["baseline_area"] = {
+        split: {k: area_under_tradeoff(v, cost_range=COST_RANGE) for k, v in b.items()}
+        for split, b in baselines.items()
+    }
+    result["exponents"] = {}
+    for balance in args.balances:
+        points = {"val": [], "test": []}
+        for lam in args.lams:
+            model = clone_exits(warm, args.context)
+            cfg = dataclasses.replace(base_cfg, lam=lam, warmup_epochs=0, balance=balance)
+            train(model, caches["exits"], caches["val"], cost, cfg)
+            for split in points:
+                points[split].append(point(model, split, GatePolicy(model.gates)))
+        arrays = {split: np.array(p) for split, p in points.items()}
+        keep = pareto_front(arrays["val"])
+        summary = {s: _compare(arrays[s], baselines[s], keep) for s in arrays}
+        result["exponents"][str(balance)] = summary | {k: v.tolist() for k, v in arrays.items()}
+        print(f"exponent {balance}: " + json.dumps(summary))
+    print("baseline areas: " + json.dumps(result["baseline_area"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
