@@ -220,6 +220,8 @@ def start_local_pool(
     from gatelab.edge.server import BackgroundServer, build_app
     from gatelab.edge.serving import load_served_models
 
+    if method not in ("continuation", "letters"):  # before minutes of model loading
+        raise ValueError(f"method must be 'continuation' or 'letters', got {method!r}")
     models = load_served_models([name for name, _ in pool], device=device, smollm2_dir=smollm2_dir)
     servers, experts = [], []
     try:
