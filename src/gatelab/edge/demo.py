@@ -45,7 +45,7 @@ def seed_from_shipped(
 def run_demo(
     runs_dir: Path, quick: bool, progress: Callable[[int, int], None] | None = None
 ) -> DemoResult:
-    """Serve the five SmolLM2 experts on 127.0.0.1, collect missing answers, sweep budgets.
+    """Seed the cache from the shipped answers, collect what is missing over HTTP, sweep budgets.
 
     The cache (``runs/edge/answers.jsonl``) is reused across runs and first seeded from the
     shipped quick-set answers (:func:`seed_from_shipped`); only answers still missing are asked
