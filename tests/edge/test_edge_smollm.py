@@ -33,3 +33,20 @@ def test_real_smollm2_variants_over_http(monkeypatch):
     assert all(n >= 1 for n in capital.option_tokens)
     for answer in answers.values():
         assert math.isclose(sum(answer.probs), 1.0)
+
+
+@pytest.mark.slow
+def test_real_gemma3_over_http(monkeypatch):
+    """Loads Gemma 3 270M from its GGUF packages (~1-3 min): a second, different model family."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = load_served_models(["gemma3-270m", "gemma3-270m-l12"])
+    config = models["gemma3-270m"].model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (18, 640, 256)
+    assert models["gemma3-270m"].bos_ids == [models["gemma3-270m"].tokenizer.bos_token_id]
+    with BackgroundServer(build_app(models)) as server:
+        scorer = EdgeExpert("gemma3-270m", server.url, PROFILES["cpu"])
+        capital = asyncio.run(
+            scorer.answer("What is the capital of France?", ["Berlin", "Paris", "Rome", "Madrid"])
+        )
+    assert max(range(4), key=lambda i: capital.probs[i]) == 1
+    assert capital.flops > 0 and math.isclose(sum(capital.probs), 1.0)

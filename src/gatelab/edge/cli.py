@@ -37,7 +37,7 @@ def serve(
         if not 0 < port < 65536:
             raise ValueError(f"--port must be in [1, 65535], got {port}")
         torch.set_num_threads(threads)
-        models = load_served_models(model, device, os.environ.get("GATELAB_SMOLLM2_DIR"))
+        models = load_served_models(model, device)
     _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}")
     uvicorn.run(build_app(models), host=host, port=port, log_level="warning")
 
@@ -66,10 +66,7 @@ def collect(
         questions = questions_for(cfg)
         servers, pool = [], collect_lib.load_experts(experts) if experts else None
         if pool is None:
-            smollm2_dir = os.environ.get("GATELAB_SMOLLM2_DIR")
-            if method not in ("continuation", "letters"):
-                raise ValueError(f"--method must be continuation or letters, got {method!r}")
-            servers, pool = collect_lib.start_local_pool(smollm2_dir=smollm2_dir, method=method)
+            servers, pool = collect_lib.start_local_pool(method=method)
         try:
             with _cli.progress_bar("collect", total=len(questions)) as update:
                 counts = collect_lib.collect(pool, questions, cache, update)
@@ -152,26 +149,4 @@ def ask(
             url = "http://127.0.0.1:8000"
             pool = [EdgeExpert(n, url, PROFILES[p], timeout_s=timeout_s) for n, p in DEFAULT_POOL]
         result = ask_lib(question, option, pool, state, energy_budget, delay_budget, category)
-    if as_json:
-        typer.echo(json.dumps(asdict(result), indent=2))
-        return
-    typer.echo(
-        f"answer: {result.answer}  (category {result.category}; "
-        f"subset {', '.join(result.subset) or 'none'})"
-    )
-    for name, info in result.per_expert.items():
-        if info["status"] == "ok":
-            typer.echo(
-                f"  {name}: weight {result.weights.get(name, 0):.3f}, modelled delay "
-                f"{info['modelled_delay_s'] * 1e3:.1f} ms, "
-                f"modelled energy {info['modelled_energy_j']:.3f} J, "
-                f"measured {info['measured_s'] * 1e3:.0f} ms"
-            )
-        else:
-            typer.echo(f"  {name}: {info['status']}")
-    typer.echo(
-        f"total: modelled energy {result.modelled_energy_j:.3f} J, modelled delay "
-        f"{result.modelled_delay_s * 1e3:.1f} ms"
-    )
-    for note in result.notes:
-        typer.echo(f"note: {note}")
+    typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.describe())

@@ -27,13 +27,16 @@ from gatelab.edge.client import (
 )
 from gatelab.edge.data import MCQuestion
 
-# The demo pool: (expert/model name, device profile). One SmolLM2 checkpoint, five behaviours.
+# The demo pool: (expert/model name, device profile). Two model families: SmolLM2-135M-Instruct
+# with five behaviours, and the Gemma 3 270M base model (zero-shot; ``gemma3-270m-fewshot`` is
+# stronger but costs 2.5x the compute to collect, too slow for the shared CPUs here).
 DEFAULT_POOL = (
     ("smollm2-135m", "jetson-agx-orin"),
     ("smollm2-135m-fewshot", "rtx-4090"),
     ("smollm2-135m-chat", "jetson-agx-orin"),
     ("smollm2-135m-l20-fewshot", "jetson-agx-orin"),
     ("smollm2-135m-l16-fewshot", "cpu"),
+    ("gemma3-270m", "jetson-agx-orin"),
 )
 
 
@@ -220,6 +223,8 @@ def start_local_pool(
     from gatelab.edge.server import BackgroundServer, build_app
     from gatelab.edge.serving import load_served_models
 
+    if method not in ("continuation", "letters"):  # before minutes of model loading
+        raise ValueError(f"method must be 'continuation' or 'letters', got {method!r}")
     models = load_served_models([name for name, _ in pool], device=device, smollm2_dir=smollm2_dir)
     servers, experts = [], []
     try:

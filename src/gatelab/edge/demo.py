@@ -1,31 +1,63 @@
-"""``gatelab demo`` for MoE²: build the answer cache if needed (local servers), then sweep."""
+"""``gatelab demo`` for MoE²: seed/build the answer cache if needed, then sweep budgets."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from gatelab.edge.collect import DEFAULT_POOL, collect, read_cache, start_local_pool
+from gatelab.edge.data import MCQuestion
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.sweep import run_sweep
 from gatelab.report import DemoResult
+
+SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
+
+
+def seed_from_shipped(
+    cache: Path, questions: list[MCQuestion], shipped: Path = SHIPPED_QUICK_CACHE
+) -> int:
+    """Append the shipped answers of demo-pool experts that ``cache`` lacks; returns how many.
+
+    The package ships the quick set's answers (``gatelab edge collect --quick``, regenerate with
+    that command), so the quick demo needs no model serving. Local answers always win: only
+    ``(qid, expert)`` pairs without an ``ok`` record are seeded.
+    """
+    if not shipped.is_file():
+        return 0
+    done = {key for key, record in read_cache(cache).items() if record["ok"]}
+    wanted = {q.qid for q in questions}
+    pool = {name for name, _ in DEFAULT_POOL}
+    new = [
+        r
+        for key, r in read_cache(shipped).items()
+        if r["ok"] and key not in done and key[0] in wanted and key[1] in pool
+    ]
+    if new:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a") as out:
+            out.writelines(json.dumps(r) + "\n" for r in new)
+    return len(new)
 
 
 def run_demo(
     runs_dir: Path, quick: bool, progress: Callable[[int, int], None] | None = None
 ) -> DemoResult:
-    """Serve the five SmolLM2 experts on 127.0.0.1, collect missing answers, sweep budgets.
+    """Seed the cache from the shipped answers, collect what is missing over HTTP, sweep budgets.
 
-    The cache (``runs/edge/answers.jsonl``) is reused across runs; only missing answers are
-    asked, so a second run goes straight to the sweep. ``quick`` uses 12 questions per category
-    and writes its sweep to ``runs/edge/quick/``.
+    The cache (``runs/edge/answers.jsonl``) is reused across runs and first seeded from the
+    shipped quick-set answers (:func:`seed_from_shipped`); only answers still missing are asked
+    (which serves the models locally), so the quick demo goes straight to the sweep.
+    ``quick`` uses 12 questions per category and writes its sweep to ``runs/edge/quick/``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models ship in packages; never download
     out = Path(runs_dir) / "edge"
     cache = out / "answers.jsonl"
     cfg = SweepConfig(quick=quick)
     questions = questions_for(cfg)
+    seed_from_shipped(cache, questions)
     done = {key for key, record in read_cache(cache).items() if record["ok"]}
     todo = [q for q in questions if any((q.qid, n) not in done for n, _ in DEFAULT_POOL)]
     if todo:

@@ -49,6 +49,28 @@ class AskResult:
     modelled_energy_j: float = 0.0
     modelled_delay_s: float = 0.0
 
+    def describe(self) -> str:
+        """Human-readable lines: answer, per-expert weight and costs, totals, notes."""
+        lines = [
+            f"answer: {self.answer}  (category {self.category}; "
+            f"subset {', '.join(self.subset) or 'none'})"
+        ]
+        for name, info in self.per_expert.items():
+            if info["status"] != "ok":
+                lines.append(f"  {name}: {info['status']}")
+                continue
+            lines.append(
+                f"  {name}: weight {self.weights.get(name, 0):.3f}, modelled delay "
+                f"{info['modelled_delay_s'] * 1e3:.1f} ms, "
+                f"modelled energy {info['modelled_energy_j']:.3f} J, "
+                f"measured {info['measured_s'] * 1e3:.0f} ms"
+            )
+        lines.append(
+            f"total: modelled energy {self.modelled_energy_j:.3f} J, modelled delay "
+            f"{self.modelled_delay_s * 1e3:.1f} ms"
+        )
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
+
 
 def load_router(run_dir: str | Path) -> RouterState:
     """Load ``gate.safetensors`` + ``router.json`` from a sweep folder.

