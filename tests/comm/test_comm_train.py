@@ -140,6 +140,11 @@ def test_resume_continues_exactly(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
     assert (tmp_path / "b" / "graph.png").exists() and (tmp_path / "b" / "comm_rate.png").exists()
+    # a killed run left scalars but no checkpoint: a restart starts them afresh
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "scalars.csv").write_text("update,agent_steps\n1,10\n2,20\n")
+    train(replace(cfg, updates=1), tmp_path / "c", resume=True)
+    assert len((tmp_path / "c" / "scalars.csv").read_text().splitlines()) == 2
 
 
 def test_smoke_loss_finite_and_improving():

@@ -177,6 +177,9 @@ def train(
         if resume and (run_dir / "model.safetensors").exists():
             start = load_checkpoint(run_dir, model, value_norm, opt_theta, opt_alpha)
             history = _read_history(run_dir, start)
+        else:  # a fresh start: scalars of an earlier (e.g. killed) run in this folder go
+            for stale in ("scalars.csv", "metrics.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
         _write_config(run_dir, cfg, model.cfg)
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
