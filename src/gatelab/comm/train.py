@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 10.0  # gradient clipping (MAPPO)
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
+    gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -191,7 +192,10 @@ def train(
         # rollout
         model.eval()
         noise = graph_noise(cfg, update)
-        ro = collect(model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise)
+        ro = collect(
+            model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
+            gate_noise=noise if cfg.gate_anneal else 1.0,
+        )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         adv, returns = gae(ro.rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
