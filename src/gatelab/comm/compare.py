@@ -155,7 +155,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,
-        "targets": targets(table),
+        "targets": targets(table) if env in ("predator_prey", "predator_capture_prey") else None,
         "runs": runs,
         "figures": [str(f) for f in figures],
     }
