@@ -60,3 +60,25 @@ def test_compare_eval_only_reevaluates_without_training(tmp_path):
     assert (run / "metrics.jsonl").read_text() == lines  # nothing was trained
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         compare(CompareConfig(base=base, seeds=(1,), eval_only=True), tmp_path)
+
+
+def test_targets_from_a_hand_built_table():
+    from gatelab.comm.compare import targets
+
+    def row(success, rate):
+        return {"success_rate": [success, 0.0], "comm_rate": [rate, 0.0]}
+
+    table = {
+        "full": row(0.80, 1.0),
+        "commformer": row(0.78, 0.5),
+        "commformer_tg": row(0.74, 0.2),
+        "random": row(0.70, 0.5),
+        "none": row(0.40, 0.0),
+    }
+    t = targets(table)
+    assert t["cf_over_full"] == pytest.approx(0.975)
+    assert t["cf_minus_none"] == pytest.approx(0.38) and t["cf_minus_random"] == pytest.approx(0.08)
+    assert t["tg_rate_cut"] == pytest.approx(0.6) and t["tg_success_loss"] == pytest.approx(0.04)
+    assert all(t["met"].values())
+    table["commformer_tg"] = row(0.70, 0.2)  # 8 points lost: that target fails
+    assert not targets(table)["met"]["tg_cuts_50pct_losing_le_5pts"]

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from gatelab.comm.checkpoint import load_model
-from gatelab.comm.ppo import Batch, ValueNorm, collect, gae, ppo_losses, recompute_logp
+from gatelab.comm.ppo import (
+    Batch,
+    ValueNorm,
+    collect,
+    gae,
+    listen_gates,
+    ppo_losses,
+    recompute_logp,
+)
 from gatelab.comm.train import TrainConfig, build, graph_noise, train
 
 TINY = TrainConfig(
@@ -20,7 +28,9 @@ def test_every_ratio_is_one_before_the_first_update(gate, noise):
     cfg = replace(TINY, temporal_gate=gate, comm_cost=0.1, n_envs=16, episode_limit=10)
     env, model = build(cfg)
     gen = torch.Generator().manual_seed(0)
-    ro = collect(model, env, env_seed=3, graph_seed=11, generator=gen, graph_noise=noise)
+    ro = collect(
+        model, env, env_seed=3, graph_seed=11, generator=gen, graph_noise=noise, gate_noise=noise
+    )
     model.train()
     logp = recompute_logp(model, ro, relax=True)  # the update's path, alpha attached
     ratio = (logp - ro.logp).exp()[ro.alive]
@@ -38,6 +48,19 @@ def test_every_ratio_is_one_before_the_first_update(gate, noise):
         assert not torch.allclose(
             recompute_logp(model, ro2, relax=False)[ro.alive], ro.logp[ro.alive]
         )
+
+
+def test_gate_noise_ends():
+    cfg = replace(TINY, temporal_gate=True)
+    _, model = build(cfg)
+    obs = torch.randn(64, 3, model.cfg.obs_dim, generator=torch.Generator().manual_seed(0)) * 10
+    p = model.gate(obs).detach()
+    u = torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
+    sampled = listen_gates(model, obs, True, torch.Generator().manual_seed(1), noise=1.0)
+    assert torch.equal(sampled, (u < p).float())  # Bernoulli(p) with the same uniforms
+    threshold = listen_gates(model, obs, True, torch.Generator().manual_seed(1), noise=0.0)
+    assert torch.equal(threshold, (p > 0.5).float())
+    assert torch.equal(threshold, listen_gates(model, obs, False, None))  # = evaluation gates
 
 
 def test_graph_noise_schedule():
@@ -140,6 +163,11 @@ def test_resume_continues_exactly(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
     assert (tmp_path / "b" / "graph.png").exists() and (tmp_path / "b" / "comm_rate.png").exists()
+    # a killed run left scalars but no checkpoint: a restart starts them afresh
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "scalars.csv").write_text("update,agent_steps\n1,10\n2,20\n")
+    train(replace(cfg, updates=1), tmp_path / "c", resume=True)
+    assert len((tmp_path / "c" / "scalars.csv").read_text().splitlines()) == 2
 
 
 def test_smoke_loss_finite_and_improving():

@@ -155,12 +155,46 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,
+        "targets": targets(table) if env in ("predator_prey", "predator_capture_prey") else None,
         "runs": runs,
         "figures": [str(f) for f in figures],
     }
     (env_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (env_dir / "results.md").write_text(results_markdown(summary) + "\n")
     return summary
+
+
+def targets(table: dict) -> dict:
+    """The issue's comparisons on the mean success rates (and comm rates) of ``table``.
+
+    Returns ``cf_over_full`` (commformer / full success), ``full_minus_none`` and
+    ``cf_minus_none`` (points of success), ``cf_minus_random``, ``tg_rate_cut`` (1 - comm rate of
+    commformer_tg / commformer) and ``tg_success_loss`` (commformer - commformer_tg), with the
+    issue's pass/fail verdict of each target.
+    """
+    s = {v: table[v]["success_rate"][0] for v in VARIANTS}
+    rate = {v: table[v]["comm_rate"][0] for v in VARIANTS}
+    out = {
+        "cf_over_full": s["commformer"] / s["full"] if s["full"] > 0 else float("nan"),
+        "full_minus_none": s["full"] - s["none"],
+        "cf_minus_none": s["commformer"] - s["none"],
+        "cf_minus_random": s["commformer"] - s["random"],
+        "tg_rate_cut": 1 - rate["commformer_tg"] / rate["commformer"]
+        if rate["commformer"]
+        else 0.0,
+        "tg_success_loss": s["commformer"] - s["commformer_tg"],
+    }
+    out["met"] = {
+        "cf_95pct_of_full": bool(out["cf_over_full"] >= 0.95),
+        "full_and_cf_beat_none_by_10pts": bool(
+            min(out["full_minus_none"], out["cf_minus_none"]) >= 0.10
+        ),
+        "learned_beats_random": bool(out["cf_minus_random"] > 0),
+        "tg_cuts_50pct_losing_le_5pts": bool(
+            out["tg_rate_cut"] >= 0.5 and out["tg_success_loss"] <= 0.05
+        ),
+    }
+    return out
 
 
 def results_markdown(summary: dict) -> str:
@@ -175,4 +209,14 @@ def results_markdown(summary: dict) -> str:
     for variant, row in summary["table"].items():
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    t = summary.get("targets")
+    if t:
+        lines += [
+            "",
+            f"commformer / full success = {t['cf_over_full']:.3f}; full - none = "
+            f"{t['full_minus_none']:+.3f}; commformer - none = {t['cf_minus_none']:+.3f}; "
+            f"commformer - random = {t['cf_minus_random']:+.3f}; temporal gates cut the comm rate "
+            f"by {t['tg_rate_cut']:.1%} and lose {t['tg_success_loss']:+.3f} success.",
+            "Targets met: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in t["met"].items()),
+        ]
     return "\n".join(lines)

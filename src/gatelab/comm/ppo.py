@@ -72,9 +72,16 @@ class ValueNorm(nn.Module):
 
 
 def listen_gates(
-    model: CommFormer, obs: torch.Tensor, training: bool, generator: torch.Generator | None
+    model: CommFormer,
+    obs: torch.Tensor,
+    training: bool,
+    generator: torch.Generator | None,
+    noise: float = 1.0,
 ) -> torch.Tensor | None:
-    """Temporal gates ``(B, A)``: Bernoulli(p) in training rollouts, ``p > 0.5`` otherwise."""
+    """Temporal gates ``(B, A)``: ``1[0.5 + noise (u - 0.5) < p]``, ``u ~ U(0, 1)``, in training.
+
+    ``noise = 1``: Bernoulli(p); ``noise = 0`` (and evaluation): the threshold ``p > 0.5``.
+    """
     if model.gate is None:
         return None
     with torch.no_grad():
@@ -82,7 +89,7 @@ def listen_gates(
     if not training:
         return (p > 0.5).to(obs.dtype)
     u = torch.rand(p.shape, generator=generator).to(p.device)
-    return (u < p).to(obs.dtype)
+    return (0.5 + noise * (u - 0.5) < p).to(obs.dtype)
 
 
 @torch.no_grad()
@@ -95,10 +102,12 @@ def collect(
     training: bool = True,
     greedy: bool = False,
     graph_noise: float = 1.0,
+    gate_noise: float = 1.0,
 ) -> Rollout:
     """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
 
-    ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`).
+    ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`),
+    ``gate_noise`` that of the temporal gates (:func:`listen_gates`).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
     """
@@ -115,7 +124,7 @@ def collect(
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
-        listen = listen_gates(model, obs, training, generator)
+        listen = listen_gates(model, obs, training, generator, gate_noise)
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
         acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
         acting.append(torch.as_tensor(acts, device=device))

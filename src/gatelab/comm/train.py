@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 10.0  # gradient clipping (MAPPO)
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
+    gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -177,6 +178,9 @@ def train(
         if resume and (run_dir / "model.safetensors").exists():
             start = load_checkpoint(run_dir, model, value_norm, opt_theta, opt_alpha)
             history = _read_history(run_dir, start)
+        else:  # a fresh start: scalars of an earlier (e.g. killed) run in this folder go
+            for stale in ("scalars.csv", "metrics.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
         _write_config(run_dir, cfg, model.cfg)
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
@@ -188,7 +192,10 @@ def train(
         # rollout
         model.eval()
         noise = graph_noise(cfg, update)
-        ro = collect(model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise)
+        ro = collect(
+            model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
+            gate_noise=noise if cfg.gate_anneal else 1.0,
+        )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         adv, returns = gae(ro.rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
