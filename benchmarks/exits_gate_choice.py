@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from gatelab.exits.baselines import (
     select_on_validation,
     validation_point,
 )
+from gatelab.exits.data import fashion_mnist_root
 from gatelab.exits.experiment import prepare
 from gatelab.exits.inference import GatePolicy
 from gatelab.exits.sweep import SweepConfig
@@ -54,11 +54,7 @@ def _compare(points: np.ndarray, baselines: dict[str, np.ndarray], keep: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", type=Path, required=True)
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("GATELAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")),
-    )
+    parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     parser.add_argument("--balances", type=_floats, default=[0.5, 0.75])
     parser.add_argument("--lams", type=_floats, default=list(SweepConfig().lams))
     parser.add_argument("--context", action="store_true", help="gates also read the previous exit")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import gatelab
+from gatelab.exits.data import fashion_mnist_root
 from gatelab.exits.experiment import load_exits, prepare, read_exits_meta
 from gatelab.exits.inference import GatePolicy, run_early_exit, time_inference
 
@@ -24,11 +25,7 @@ from gatelab.exits.inference import GatePolicy, run_early_exit, time_inference
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("GATELAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")),
-    )
+    parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     parser.add_argument("--n-images", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

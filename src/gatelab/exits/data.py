@@ -11,6 +11,7 @@ that overlapped the backbone's training data.
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +20,13 @@ import numpy as np
 import torch
 
 DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_root() -> Path:
+    """The data folder: ``$GATELAB_FASHION_MNIST`` if set, else Debian's package folder."""
+    return Path(os.environ.get("GATELAB_FASHION_MNIST", DEFAULT_FASHION_MNIST))
+
+
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
