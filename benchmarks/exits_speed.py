@@ -3,7 +3,7 @@
 Usage: python benchmarks/exits_speed.py [--checkpoint runs/exits/jei_lam0.2.safetensors]
 Needs a pretrained backbone and a JEI-DNN checkpoint (`gatelab exits sweep` makes both); by
 default it takes the operating point the sweep chose (runs/exits/curves.json).
-Writes runs/exits/bench_speed.json with config, package versions and hardware.
+Writes bench_speed.json beside the backbone, with config, package versions and hardware.
 """
 
 from __future__ import annotations
