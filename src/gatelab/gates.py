@@ -224,10 +224,12 @@ def gumbel_topk(
     tau: float = 1.0,
     hard: bool = True,
     generator: torch.Generator | None = None,
+    noise: float = 1.0,
 ) -> torch.Tensor:
     r"""Relaxed k-hot sample along the last dim, straight-through when ``hard``.
 
-    Perturb :math:`\tilde\alpha = \alpha + g`, :math:`g \sim \text{Gumbel}(0,1)`; the hard sample is
+    Perturb :math:`\tilde\alpha = \alpha + s\,g`, :math:`g \sim \text{Gumbel}(0,1)`, with noise
+    scale :math:`s` = ``noise`` (0: the deterministic top-k). At :math:`s = 1` the hard sample is
     the k-hot of :math:`\operatorname{top}_k(\tilde\alpha)` (a draw without replacement from
     :math:`\operatorname{softmax}(\alpha)`). The soft relaxation is Xie & Ermon's (2019) successive
     softmax:
@@ -246,10 +248,12 @@ def gumbel_topk(
     _check_k(k, logits.shape[-1])
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     # G = -log(E), E ~ Exp(1), drawn on CPU so a CPU generator seeds any device.
     exponential = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator)
     gumbel = -exponential.clamp_min(torch.finfo(logits.dtype).tiny).log()
-    perturbed = logits + gumbel.to(logits.device)
+    perturbed = logits + noise * gumbel.to(logits.device)
     soft = torch.zeros_like(logits)
     shifted = perturbed
     for _ in range(k):
@@ -259,7 +263,7 @@ def gumbel_topk(
     if not hard:
         return soft
     khot = torch.zeros_like(logits).scatter(-1, select_topk(perturbed, k), 1.0)
-    return khot - soft.detach() + soft
+    return khot + (soft - soft.detach())  # value exactly the k-hot
 
 
 def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:

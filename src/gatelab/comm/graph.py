@@ -172,24 +172,13 @@ def scaled_gumbel_topk(
 ) -> torch.Tensor:
     r"""Straight-through k-hot of :math:`\operatorname{top}_k(\alpha + s g)`, ``s = noise``.
 
-    ``noise = 1`` is :func:`gatelab.gates.gumbel_topk` (same generator stream, same value and
-    gradient); ``noise = 0`` is the deterministic top-k with the gradient of the noise-free
-    successive softmax. Shape: ``(..., E)`` -> ``(..., E)``.
+    :func:`gatelab.gates.gumbel_topk` with its noise scale held to the annealing range [0, 1]:
+    ``noise = 1`` is a Gumbel sample, ``noise = 0`` the deterministic top-k with the gradient of
+    the noise-free successive softmax. Shape: ``(..., E)`` -> ``(..., E)``.
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise scale must be in [0, 1], got {noise}")
-    if noise == 1.0:
-        return gates.gumbel_topk(logits, k, tau, hard=True, generator=generator)
-    exponential = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator)
-    gumbel = -exponential.clamp_min(torch.finfo(logits.dtype).tiny).log()
-    perturbed = logits + noise * gumbel.to(logits.device)
-    soft, shifted = torch.zeros_like(logits), perturbed  # successive softmax (Xie & Ermon)
-    for _ in range(k):
-        p = torch.softmax(shifted / tau, dim=-1)
-        soft = soft + p
-        shifted = shifted + torch.log1p(-p.clamp(max=1 - 1e-6))
-    khot = torch.zeros_like(logits).scatter(-1, gates.select_topk(perturbed, k), 1.0)
-    return khot + (soft - soft.detach())  # value exactly the k-hot
+    return gates.gumbel_topk(logits, k, tau, hard=True, generator=generator, noise=noise)
 
 
 class TemporalGate(nn.Module):
