@@ -297,13 +297,12 @@ class ServedModel:
             logits = self.model(ids, use_cache=False).logits  # (B, T, V)
         # log p(t_i | t_<i) = logit - logsumexp, one row at a time in float64 (a 262k vocabulary
         # over B x T positions would not fit in memory at once)
-        nxt = torch.stack(
-            [
-                logits[b, :-1].double().gather(-1, ids[b, 1:, None])[:, 0]
-                - torch.logsumexp(logits[b, :-1].double(), dim=-1)
-                for b in range(len(rows))
-            ]
-        )  # (B, T-1)
+        nxt = torch.empty(ids.shape[0], ids.shape[1] - 1, dtype=torch.float64, device=device)
+        for b in range(ids.shape[0]):
+            row_logits = logits[b, :-1].double()  # (T-1, V), converted once
+            nxt[b] = row_logits.gather(-1, ids[b, 1:, None])[:, 0] - torch.logsumexp(
+                row_logits, dim=-1
+            )
         seconds = time.perf_counter() - start
         out, flops, n_prompt = [], 0, 0
         config, n_head = self.model.config, len(head_ids)
