@@ -136,12 +136,11 @@ def run_sweep(
     train(prep.model, prep.caches["exits"], prep.caches["val"], cost, warm_cfg)
     warm = prep.model
     t_full = time_inference(warm.backbone_forward, batches, cfg.repeats)
-    candidates = baseline_policies(_logits(warm, prep.caches["val"], device))
+    warm_val_logits = _logits(warm, prep.caches["val"], device)  # the baselines' IMs are fixed
+    candidates = baseline_policies(warm_val_logits)
     chosen = {}
     for name, policies in candidates.items():
-        kept = select_on_validation(
-            policies, _logits(warm, prep.caches["val"], device), labels_val, cost
-        )
+        kept = select_on_validation(policies, warm_val_logits, labels_val, cost)
         step = max(1, int(np.ceil(len(kept) / cfg.max_baseline_points)))
         chosen[name] = kept[::step]
     total = len(cfg.variants) * len(cfg.lams) + sum(len(v) for v in chosen.values())
@@ -175,7 +174,7 @@ def run_sweep(
             seconds = _time(prep, warm, policy, batches, cfg.repeats)
             param = getattr(policy, "threshold", getattr(policy, "patience", None))
             point = point_metrics(prep, warm, policy, cfg.alpha)
-            point |= _val_point(_logits(warm, prep.caches["val"], device), labels_val, cost, policy)
+            point |= _val_point(warm_val_logits, labels_val, cost, policy)
             curves[name].append(
                 {"param": param, "seconds": seconds, "speedup": t_full / seconds} | point
             )
