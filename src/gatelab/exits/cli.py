@@ -105,6 +105,9 @@ def eval_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 256,
     repeats: Annotated[int, typer.Option(help="Timing repeats (median); 0 skips timing.")] = 3,
+    gate_threshold: Annotated[
+        float, typer.Option(help="Leave at the first exit whose gate value reaches this.")
+    ] = 0.5,
     threads: Threads = 1,
     backbone: Annotated[
         Path | None, typer.Option(help="Override the checkpoint's backbone.")
@@ -119,7 +122,9 @@ def eval_cmd(
     with _cli.user_errors():
         check_dataset(dataset)
         torch.set_num_threads(threads)
-        flat = evaluate_checkpoint(checkpoint, data, alpha, batch_size, repeats, backbone, device)
+        flat = evaluate_checkpoint(
+            checkpoint, data, alpha, batch_size, repeats, backbone, device, gate_threshold
+        )
     if json_out is not None:
         _cli.write_json(json_out, flat)
     typer.echo(json.dumps(flat))

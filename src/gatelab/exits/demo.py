@@ -11,6 +11,7 @@ import torch
 
 from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig
 from gatelab.exits.experiment import evaluate, load_exits, prepare
+from gatelab.exits.inference import GatePolicy, run_early_exit
 from gatelab.exits.pretrain import PretrainConfig, pretrain
 from gatelab.exits.sweep import VARIANTS, SweepConfig, checkpoint_name, plot_reliability, run_sweep
 from gatelab.exits.train import TrainConfig, clone_exits
@@ -51,9 +52,9 @@ def sweep_and_report(
 ) -> dict:
     """Sweep, then evaluate the cheapest JEI-DNN point within 1 accuracy point of the backbone.
 
-    The point is chosen on the validation split (its accuracy there within 1 point of the
-    backbone's validation accuracy), then evaluated with real early exit on the test split;
-    writes ``curves.json``.
+    A point is a lambda (its checkpoint) read at a gate threshold tau. The point is chosen on
+    the validation split (its accuracy there within 1 point of the backbone's validation
+    accuracy), then evaluated with real early exit on the test split; writes ``curves.json``.
     """
     prep = prepare(backbone, data_root, SplitConfig(), device, cache_dir=out)
     cfg = sweep_config(quick, variants)
@@ -72,17 +73,18 @@ def sweep_and_report(
     checkpoint = out / checkpoint_name(variant, best["lam"])
     prep = prep._replace(model=clone_exits(prep.model, VARIANTS[variant][0]))
     load_exits(prep.model, checkpoint)
+    policy = GatePolicy(prep.model.gates, best["tau"])
     n_timed = cfg.n_timed if quick else None
     chosen = {
-        a: evaluate(prep, a, cfg.batch_size, cfg.repeats, n_timed, time_it=a == 0.05)
+        a: evaluate(prep, a, cfg.batch_size, cfg.repeats, n_timed, policy, time_it=a == 0.05)
         for a in ALPHAS
     }
     main = chosen[0.05]
     figure = plot_reliability(
-        _probs(prep),
+        _probs(prep, policy),
         prep.splits["test"].labels,
         out / "reliability.png",
-        f"{variant} lambda={best['lam']:g} (gated prediction)",
+        f"{variant} lambda={best['lam']:g} tau={best['tau']:g} (gated prediction)",
     )
     summary["figures"].append(str(figure))
     summary["backbone_accuracy"] = backbone_acc
@@ -91,6 +93,7 @@ def sweep_and_report(
         "checkpoint": str(checkpoint),
         "variant": variant,
         "lam": best["lam"],
+        "tau": best["tau"],
         "eval": {k: v for k, v in main.items() if k != "reliability"},
         "coverage_by_alpha": {str(a): chosen[a]["coverage"] for a in ALPHAS},
         "set_size_by_alpha": {str(a): chosen[a]["mean_set_size"] for a in ALPHAS},
@@ -99,16 +102,12 @@ def sweep_and_report(
     return summary
 
 
-def _probs(prep):
-    import torch
-
-    from gatelab.exits.inference import GatePolicy, run_early_exit
-
+def _probs(prep, policy):
     with torch.no_grad():
         x = prep.transform(prep.splits["test"].images)
         device = next(prep.model.parameters()).device
         outs = [
-            run_early_exit(prep.model, x[i : i + 1000].to(device), GatePolicy(prep.model.gates))
+            run_early_exit(prep.model, x[i : i + 1000].to(device), policy)
             for i in range(0, len(x), 1000)
         ]
         return torch.cat([o.logits.cpu() for o in outs]).double().softmax(-1)
@@ -139,6 +138,7 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         "backbone_epochs": backbone_meta["pretrain"]["epochs"],
         "jei_variant": summary["chosen"]["variant"],
         "jei_lambda": summary["chosen"]["lam"],
+        "jei_gate_threshold": summary["chosen"]["tau"],
         "jei_accuracy": chosen["accuracy"],
         "jei_flops_fraction": chosen["flops_fraction"],
         "jei_speedup": chosen["speedup"],
@@ -156,6 +156,7 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         f"{backbone_meta['pretrain']['epochs']} epochs, "
         f"test accuracy {summary['backbone_accuracy']:.4f}). "
         f"{summary['chosen']['variant']} at lambda={summary['chosen']['lam']:g}, "
+        f"gate threshold tau={summary['chosen']['tau']:g}, "
         "real batched early exit at batch 256: "
         f"accuracy {chosen['accuracy']:.4f} at {chosen['flops_fraction']:.3f} "
         "of the backbone's FLOPs, "

@@ -265,10 +265,17 @@ def evaluate_checkpoint(
     repeats: int = 3,
     backbone: Path | None = None,
     device: str = "cpu",
+    gate_threshold: float = 0.5,
 ) -> dict:
-    """:func:`evaluate` a ViT JEI-DNN checkpoint; the flat keys ``EVAL_KEYS`` of the issue."""
+    """:func:`evaluate` a ViT JEI-DNN checkpoint; the flat keys ``EVAL_KEYS`` of the issue.
+
+    A sample leaves at the first exit whose hazard gate value reaches ``gate_threshold`` (the
+    paper's 0.5 by default; the sweep reads every checkpoint at several, see ``curves.json``).
+    """
     if not 0 < alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
+    if not 0 < gate_threshold < 1:
+        raise ValueError(f"--gate-threshold must be in (0, 1), got {gate_threshold}")
     meta = read_exits_meta(checkpoint)
     if meta.get("arch") != "vit":
         raise ValueError(
@@ -279,5 +286,6 @@ def evaluate_checkpoint(
     context = bool(meta.get("gate_context", False))
     prep = prepare(backbone, data_root, SplitConfig(), device, backbone.parent, context)
     load_exits(prep.model, checkpoint)
-    metrics = evaluate(prep, alpha, batch_size, repeats)
+    policy = GatePolicy(prep.model.gates, gate_threshold)
+    metrics = evaluate(prep, alpha, batch_size, repeats, policy=policy)
     return {k: metrics[k] for k in EVAL_KEYS}

@@ -1,10 +1,14 @@
-"""The accuracy/cost sweep: JEI-DNN over a lambda grid against the threshold baselines.
+r"""The accuracy/cost sweep: JEI-DNN over a lambda grid against the threshold baselines.
 
-Every method uses the same warmed-up IMs (JEI-DNN then adapts its own in the IM phases). Accuracy,
-FLOPs, ECE and conformal sets come from the cached features of the test and calibration splits
-(identical to real early exit, which a test checks); wall-clock comes from real early exit on
-``n_timed`` test images at batch ``batch_size``. Writes ``curves.json``, four trade-off plots and a
-reliability diagram.
+Every method uses the same warmed-up IMs (JEI-DNN then adapts its own in the IM phases). Each
+JEI-DNN model (one per lambda) is read at several hazard thresholds tau (a sample leaves at the
+first exit with :math:`g_l \ge \tau`; the paper uses 0.5), just as each baseline is read at
+several confidence thresholds; only the points whose *validation* (cost, accuracy) lies on the
+validation Pareto front count, for every method alike. Accuracy, FLOPs, ECE and conformal sets
+come from the cached features of the test and calibration splits (identical to real early exit,
+which a test checks); wall-clock comes from real early exit on ``n_timed`` test images at batch
+``batch_size``, for the points selected on validation. Writes ``curves.json``, four trade-off
+plots and a reliability diagram.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ LAMS = (
     1.5,
     3.0,
 )
+# hazard thresholds each lambda's gates are read at: 0.2 ... 0.9 raised the validation area over
+# 30-90% cost from 0.9297 (0.5 only) to 0.9304 on the 92.77% ViT (README)
+GATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
 
 
@@ -79,6 +86,7 @@ class SweepConfig:
 
     # JEI-DNN lambdas: dense below 0.1, where the exits move late
     lams: tuple[float, ...] = LAMS
+    gate_thresholds: tuple[float, ...] = GATE_THRESHOLDS  # hazard thresholds tau per lambda
     alpha: float = 0.05  # conformal level reported per point
     n_timed: int = 2048  # test images timed per point (real early exit)
     batch_size: int = 256  # inference batch for timing
@@ -87,6 +95,13 @@ class SweepConfig:
     cost_range: tuple[float, float] = (0.3, 0.9)  # FLOPs-fraction range of the targets
     variants: tuple[str, ...] = ("jei-dnn",)  # JEI-DNN gate variants (see VARIANTS)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.gate_thresholds or not all(0 < t < 1 for t in self.gate_thresholds):
+            raise ValueError(
+                f"SweepConfig: gate_thresholds must be non-empty, each in (0, 1), "
+                f"got {self.gate_thresholds}"
+            )
 
 
 def _logits(model, cache, device):
@@ -147,28 +162,34 @@ def run_sweep(
     done, curves = 0, {m: [] for m in (*cfg.variants, *chosen)}
     for variant in cfg.variants:
         context, balance = VARIANTS[variant]
+        models = {}
         for lam in cfg.lams:
             model = clone_exits(warm, context)
             train_cfg = dataclasses.replace(cfg.train, lam=lam, warmup_epochs=0)
             if balance is not None:
                 train_cfg = dataclasses.replace(train_cfg, balance=balance)
             train(model, prep.caches["exits"], prep.caches["val"], cost, train_cfg)
-
             meta = {"lam": lam, "backbone": str(prep.backbone_path)}
             meta |= {"train": dataclasses.asdict(train_cfg)}
             save_exits(model, out_dir / checkpoint_name(variant, lam), meta)
-            policy = GatePolicy(model.gates)
-            seconds = _time(prep, model, policy, batches, cfg.repeats)
-            point = point_metrics(prep, model, policy, cfg.alpha)
-            point |= _val_point(
-                _logits(model, prep.caches["val"], device), labels_val, cost, policy
-            )
-            curves[variant].append(
-                {"lam": lam, "seconds": seconds, "speedup": t_full / seconds} | point
-            )
+            models[lam] = model
+            val_logits = _logits(model, prep.caches["val"], device)
+            for tau in cfg.gate_thresholds:
+                policy = GatePolicy(model.gates, tau)
+                point = point_metrics(prep, model, policy, cfg.alpha)
+                point |= _val_point(val_logits, labels_val, cost, policy)
+                curves[variant].append({"lam": lam, "tau": tau} | point)
             done += 1
             if progress:
                 progress(done, total)
+        # wall-clock for the points selected on validation only (the others are never reported)
+        kept = {id(p) for p in selected_points(curves[variant])}
+        for p in curves[variant]:
+            seconds = None
+            if id(p) in kept:
+                policy = GatePolicy(models[p["lam"]].gates, p["tau"])
+                seconds = _time(prep, models[p["lam"]], policy, batches, cfg.repeats)
+            p |= {"seconds": seconds, "speedup": None if seconds is None else t_full / seconds}
     for name, policies in chosen.items():
         for policy in policies:
             seconds = _time(prep, warm, policy, batches, cfg.repeats)
@@ -255,7 +276,7 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
         ),
         plot_tradeoff(
             {
-                m: [[p["seconds"], p["accuracy"]] for p in pts]
+                m: [[p["seconds"], p["accuracy"]] for p in pts if p.get("seconds") is not None]
                 for m, pts in curves.items()
                 if pts and "seconds" in pts[0]
             },
@@ -266,7 +287,11 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
             title="accuracy vs real wall-clock",
         ),
         plot_tradeoff(
-            {m: [[p["flops_fraction"], p["ece"]] for p in pts] for m, pts in curves.items() if pts},
+            {
+                m: [[p["flops_fraction"], p["ece"]] for p in pts if p["selected_on_val"]]
+                for m, pts in curves.items()
+                if pts
+            },
             out_dir / "ece_vs_flops.png",
             xlabel="FLOPs fraction",
             ylabel="ECE (15 bins, whole test set)",
@@ -274,7 +299,7 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
         ),
         plot_tradeoff(
             {
-                m: [[p["flops_fraction"], p["mean_set_size"]] for p in pts]
+                m: [[p["flops_fraction"], p["mean_set_size"]] for p in pts if p["selected_on_val"]]
                 for m, pts in curves.items()
                 if pts and "mean_set_size" in pts[0]
             },
