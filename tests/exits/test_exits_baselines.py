@@ -59,6 +59,12 @@ def test_sweep_config_and_checkpoint_names():
     assert len(names) == len(VARIANTS) and "jei_lam0.2.safetensors" in names
     with pytest.raises(ValueError, match="variant"):
         sweep_config(True, ("jei-dnn-typo",))
+    from gatelab.exits.sweep import SweepConfig
+
+    assert 0.5 in SweepConfig().gate_thresholds
+    for bad in ((), (0.5, 1.0), (0.0,)):
+        with pytest.raises(ValueError, match="gate_thresholds"):
+            SweepConfig(gate_thresholds=bad)
 
 
 def test_sweep_keeps_points_on_the_validation_front_whatever_their_test_scores():

@@ -47,3 +47,10 @@ def test_missing_checkpoint_and_missing_data_exit_2(tmp_path):
         app, ["exits", "pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and "dataset-fashion-mnist" in result.output
+
+
+def test_eval_bad_gate_threshold_exits_2():
+    result = runner.invoke(
+        app, ["exits", "eval", "--checkpoint", "x.safetensors", "--gate-threshold", "1.5"]
+    )
+    assert result.exit_code == 2 and "gate-threshold" in result.output

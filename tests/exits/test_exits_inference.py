@@ -91,3 +91,22 @@ def test_exit_flops_cumulative(tiny_exit_model):
     assert flops.backbone == full
     # leaving at the last exit costs the backbone plus every IM and gate before it
     assert flops.per_exit[-1] > flops.backbone
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.5, 0.9])
+def test_gate_threshold_picks_first_gate_at_or_above_tau_naive_loop(tiny_exit_model, tau):
+    model = tiny_exit_model.eval()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.linear.weight.normal_(0.0, 3.0)
+            gate.linear.bias.normal_(0.0, 1.0)
+        exit_logits = torch.randn(model.n_exits, 40, 5, dtype=torch.float64) * 3
+        values = model.gate_values(exit_logits)  # (N, L-1)
+    got = simulate_exits(exit_logits, GatePolicy(model.gates, tau)).exit_index
+    for n in range(40):
+        first = next((ell for ell in range(model.n_exits - 1) if values[n, ell] >= tau), None)
+        assert got[n].item() == (model.n_exits - 1 if first is None else first)
+    # a lower threshold never leaves later
+    later = simulate_exits(exit_logits, GatePolicy(model.gates, min(1.0, tau + 0.2))).exit_index
+    assert (got <= later).all()
