@@ -1,14 +1,17 @@
 """Choose JEI-DNN's gate class-weight exponent (and gate features) on the validation split.
 
 Usage: python benchmarks/exits_gate_choice.py --backbone runs/exits_gpu100/backbone.safetensors
-    [--balances 0.5,0.75] [--context] [--lams 0.005,0.01,...] [--out runs/exits_choice/plain.json]
+    [--balances 0.5,0.75] [--context] [--lams 0.005,0.01,...] [--taus 0.2,0.3,...]
+    [--out runs/exits_choice/plain.json]
 
 For every exponent b (gate positive weight (neg/pos)^b) it trains JEI-DNN over the lambda grid
 from one IM warm-up, keeps the lambdas whose *validation* (cost, accuracy) point is on the
 validation Pareto front, and compares that front with the threshold baselines (their thresholds
 also selected on validation): area under the accuracy-FLOPs hull over 30-90% cost and the
 min/max margin over the best baseline, on validation (used for the choice) and on test
-(reported only). No gatelab default changes here: the sweep's defaults are set by hand from it.
+(reported only). With several ``--taus`` every lambda's gates are also read at each hazard
+threshold tau, and the comparison is made twice: tau = 0.5 only (the paper's rule) and all
+taus. No gatelab default changes here: the sweep's defaults are set by hand from it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     parser.add_argument("--balances", type=_floats, default=[0.5, 0.75])
     parser.add_argument("--lams", type=_floats, default=list(SweepConfig().lams))
+    parser.add_argument("--taus", type=_floats, default=[0.5], help="gate hazard thresholds")
     parser.add_argument("--context", action="store_true", help="gates also read the previous exit")
     parser.add_argument("--out", type=Path, default=Path("runs/exits_choice/choice.json"))
     args = parser.parse_args()
@@ -82,6 +86,7 @@ def main() -> None:
         for split in baselines:
             baselines[split][name] = np.array([point(warm, split, p) for p in kept])
     result = {"backbone": str(args.backbone), "context": args.context, "lams": args.lams}
+    result["taus"] = args.taus
     result["baseline_area"] = {
         split: {k: area_under_tradeoff(v, cost_range=COST_RANGE) for k, v in b.items()}
         for split, b in baselines.items()
@@ -94,12 +99,20 @@ def main() -> None:
             cfg = dataclasses.replace(base_cfg, lam=lam, warmup_epochs=0, balance=balance)
             train(model, caches["exits"], caches["val"], cost, cfg)
             for split in points:
-                points[split].append(point(model, split, GatePolicy(model.gates)))
+                for tau in args.taus:
+                    points[split].append(point(model, split, GatePolicy(model.gates, tau)))
         arrays = {split: np.array(p) for split, p in points.items()}
-        keep = pareto_front(arrays["val"])
-        summary = {s: _compare(arrays[s], baselines[s], keep) for s in arrays}
-        result["exponents"][str(balance)] = summary | {k: v.tolist() for k, v in arrays.items()}
-        print(f"exponent {balance}: " + json.dumps(summary))
+        taus = np.tile(args.taus, len(args.lams))
+        subsets = {"tau=0.5": taus == 0.5, "all taus": np.ones(len(taus), bool)}
+        entry = {k: v.tolist() for k, v in arrays.items()} | {"tau": taus.tolist()}
+        for name, mask in subsets.items():
+            if not mask.any() or (name == "all taus" and len(args.taus) == 1):
+                continue
+            sub = {s: a[mask] for s, a in arrays.items()}
+            keep = pareto_front(sub["val"])
+            entry[name] = {s: _compare(sub[s], baselines[s], keep) for s in sub}
+            print(f"exponent {balance}, {name}: " + json.dumps(entry[name]))
+        result["exponents"][str(balance)] = entry
     print("baseline areas: " + json.dumps(result["baseline_area"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
