@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/exits_gate_choice.py --backbone runs/exits_gpu100/backbone.safetensors
     [--balances 0.5,0.75] [--context] [--lams 0.005,0.01,...] [--taus 0.2,0.3,...]
-    [--out runs/exits_choice/plain.json]
+    [--train lr_im=0.01 --train n_rounds=10] [--out runs/exits_choice/plain.json]
 
 For every exponent b (gate positive weight (neg/pos)^b) it trains JEI-DNN over the lambda grid
 from one IM warm-up, keeps the lambdas whose *validation* (cost, accuracy) point is on the
@@ -11,7 +11,9 @@ also selected on validation): area under the accuracy-FLOPs hull over 30-90% cos
 min/max margin over the best baseline, on validation (used for the choice) and on test
 (reported only). With several ``--taus`` every lambda's gates are also read at each hazard
 threshold tau, and the comparison is made twice: tau = 0.5 only (the paper's rule) and all
-taus. No gatelab default changes here: the sweep's defaults are set by hand from it.
+taus. ``--train FIELD=VALUE`` changes a ``TrainConfig`` field of the JEI-DNN phases (the shared
+IM warm-up keeps the defaults). No gatelab default changes here: the sweep's defaults are set
+by hand from it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def _compare(points: np.ndarray, baselines: dict[str, np.ndarray], keep: np.ndar
     }
 
 
+def _override(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if name not in fields or not value:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a TrainConfig field: {text}")
+    return name, int(value) if fields[name] == "int" else float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", type=Path, required=True)
@@ -61,6 +71,7 @@ def main() -> None:
     parser.add_argument("--balances", type=_floats, default=[0.5, 0.75])
     parser.add_argument("--lams", type=_floats, default=list(SweepConfig().lams))
     parser.add_argument("--taus", type=_floats, default=[0.5], help="gate hazard thresholds")
+    parser.add_argument("--train", type=_override, action="append", default=[])
     parser.add_argument("--context", action="store_true", help="gates also read the previous exit")
     parser.add_argument("--out", type=Path, default=Path("runs/exits_choice/choice.json"))
     args = parser.parse_args()
@@ -87,6 +98,7 @@ def main() -> None:
             baselines[split][name] = np.array([point(warm, split, p) for p in kept])
     result = {"backbone": str(args.backbone), "context": args.context, "lams": args.lams}
     result["taus"] = args.taus
+    result["train_overrides"] = dict(args.train)
     result["baseline_area"] = {
         split: {k: area_under_tradeoff(v, cost_range=COST_RANGE) for k, v in b.items()}
         for split, b in baselines.items()
@@ -97,6 +109,7 @@ def main() -> None:
         for lam in args.lams:
             model = clone_exits(warm, args.context)
             cfg = dataclasses.replace(base_cfg, lam=lam, warmup_epochs=0, balance=balance)
+            cfg = dataclasses.replace(cfg, **dict(args.train))
             train(model, caches["exits"], caches["val"], cost, cfg)
             for split in points:
                 for tau in args.taus:
