@@ -1,0 +1,108 @@
+"""How far can temporal gating cut communication on Predator-Prey without losing success?
+
+Takes trained CommFormer runs (no temporal gate) and evaluates each with a hand-written listen
+rule in place of a learned gate, on the evaluation episodes ``compare`` uses (200 episodes, seed
+10000 + training seed, actions sampled, the deterministic execution graph):
+
+* ``always``: every agent listens (reproduces the run's own ``eval.json``: a sanity check);
+* ``unless-reached``: a predator on the prey stops listening (its actions are ignored anyway);
+* ``unless-prey-seen``: also a predator with the prey in its view stops listening.
+
+Both rules read only what the agent's own observation shows (its ``reached`` flag, the prey
+channel of its window), so a learned gate on the observation can represent them. The
+communication rate is active edges over ``A (A - 1)`` per live step, as in
+:mod:`gatelab.comm.eval`. Run, e.g.:
+
+    .venv/bin/python benchmarks/comm_listen_rules.py runs/comm/predator_prey/commformer
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gatelab.comm.checkpoint import load_model
+from gatelab.comm.envs import make_env
+from gatelab.comm.graph import comm_rate, gate_graph
+
+RULES = ("always", "unless-reached", "unless-prey-seen")
+
+
+def listen_rule(env, rule: str) -> torch.Tensor:
+    """``(B, A)`` 0/1 listen decisions from the environment state the agent itself observes."""
+    listen = np.ones(env.reached.shape, dtype=bool)
+    if rule in ("unless-reached", "unless-prey-seen"):
+        listen &= ~env.reached
+    if rule == "unless-prey-seen":
+        listen &= np.abs(env.pos - env.prey[:, None]).max(-1) > env.vision  # prey outside window
+    return torch.as_tensor(listen, dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 200) -> dict:
+    """Success rate and communication rate of ``model`` with ``rule`` as its temporal gate."""
+    torch.manual_seed(seed)
+    success, comm, done = [], [], 0
+    graph0 = model.graph.execution()
+    while done < episodes:
+        n = min(100, episodes - done)
+        env = make_env(train_cfg["env"], n, train_cfg["agents"], train_cfg["grid"],
+                       train_cfg["vision"], train_cfg["episode_limit"] or None)  # fmt: skip
+        env_seed = seed * 1_000_003 + done  # as gatelab.comm.eval.evaluate
+        generator = torch.Generator().manual_seed(env_seed)
+        obs = torch.as_tensor(env.reset(env_seed))
+        graph = graph0.expand(n, -1, -1).clone()
+        alive = np.ones(n, dtype=bool)
+        for _ in range(env.episode_limit):
+            listen = listen_rule(env, rule)
+            actions, _, _ = model.act(obs, graph, listen, generator)
+            comm.append(comm_rate(gate_graph(graph, listen)).numpy()[alive])
+            step = env.step(actions.numpy())
+            alive = ~step.done
+            obs = torch.as_tensor(step.obs)
+            if not alive.any():
+                break
+        success.append(step.success.copy())
+        done += n
+    return {
+        "success_rate": float(np.concatenate(success).mean()),
+        "comm_rate": float(np.concatenate(comm).mean()),
+    }
+
+
+def main() -> None:
+    """Evaluate every seed of a variant's runs under each rule; print a table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant_dir", type=Path, help="folder of seed*/model.safetensors runs")
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = sorted(args.variant_dir.glob("seed*/model.safetensors"))
+    if not runs:
+        raise SystemExit(f"no seed*/model.safetensors under {args.variant_dir}")
+    results = {rule: [] for rule in RULES}
+    for path in runs:
+        model, train_cfg = load_model(path)
+        if train_cfg["env"] != "predator_prey":
+            raise SystemExit(f"{path}: the rules read Predator-Prey state, got {train_cfg['env']}")
+        for rule in RULES:
+            metrics = evaluate_rule(
+                model, train_cfg, rule, 10_000 + train_cfg["seed"], args.episodes
+            )
+            results[rule].append(metrics | {"seed": train_cfg["seed"]})
+            print(path.parent.name, rule, metrics, flush=True)
+    print(f"\n{len(runs)} seeds, {args.episodes} episodes each")
+    print("| listen rule | success rate | comm rate |\n|---|---|---|")
+    for rule, rows in results.items():
+        s = np.array([r["success_rate"] for r in rows])
+        c = np.array([r["comm_rate"] for r in rows])
+        print(f"| {rule} | {s.mean():.3f} ± {s.std():.3f} | {c.mean():.3f} ± {c.std():.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
