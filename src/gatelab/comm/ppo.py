@@ -8,6 +8,35 @@ together (see :mod:`gatelab.comm.envs.base`); steps after an episode ended are m
 The graph (one per episode) and the temporal gates (one per agent and step) that the rollout used
 are stored with it, so the update recomputes log-probabilities under *exactly* the same
 communication (papers.md §5.4 item 1).
+
+**Training the temporal gate.** Agent :math:`i` at step :math:`t` draws :math:`z_i \sim
+\text{Bernoulli}(p_i)`, :math:`p_i = \sigma(\ell_i)`, then its action :math:`a_i \sim
+\pi_\theta(\cdot \mid o, z)`. Two estimators (``TrainConfig.gate_estimator``):
+
+* ``"st"`` (straight-through only): the stored :math:`z` enters the forward pass as
+  :math:`z + p - \text{sg}(p)`, so the gate gets :math:`\partial L / \partial z` as if it were
+  :math:`\partial L / \partial p`, and the loss adds :math:`c \cdot` (communication rate of the
+  straight-through gated graph). Biased (the surrogate is not a function of :math:`p`), and the
+  cost's gradient falls on every gate alike whether or not the messages mattered.
+* ``"hybrid"``: :math:`z_i` is also part of agent :math:`i`'s stochastic action. Its joint
+  log-probability is
+
+  .. math:: \log \pi_i = m_i \log \pi_\theta(a_i \mid o, z) + z_i \log p_i + (1-z_i)\log(1-p_i)
+
+  with :math:`m_i = 1` if the agent's action can change the environment (0 for a predator frozen
+  on the prey: its action is left out as before, its listen decision stays in). The PPO ratio is
+  :math:`\exp(\log\pi_i - \log\pi_i^{\text{old}})` of this joint log-prob (the stored :math:`z`
+  are reused, so every ratio is 1 before the first step), averaged over every live agent. The
+  communication cost is a reward: :math:`r_{t,i} \leftarrow r_{t,i} - c\, z_{t,i}\,
+  |\{j \ne i: G_{ij} = 1\}| / (A - 1)` (the agent's own incoming-edge rate; its mean over agents is
+  the communication rate, so :math:`c` prices one unit of comm rate per agent and step), so GAE's
+  advantage carries it and the gate is credited through its own advantage: the score-function
+  (likelihood-ratio) gradient :math:`\hat A_i \nabla \log P(z_i)`, unbiased for the gate's
+  expected return. The straight-through path of ``"st"`` is kept inside :math:`\log \pi_\theta(a_i
+  \mid o, z + p - \text{sg}(p))`, adding its low-variance, biased term; the loss has no separate
+  cost term. The entropy bonus adds the gates' Bernoulli entropy (mean over live agents).
+
+In both, execution uses :math:`z_i = 1[p_i > 1/2]`.
 """
 
 from __future__ import annotations
@@ -19,7 +48,13 @@ import torch
 from torch import nn
 
 from gatelab.comm.envs.base import VecEnv
-from gatelab.comm.graph import comm_rate, gate_graph
+from gatelab.comm.graph import (
+    agent_comm_rate,
+    bernoulli_entropy,
+    bernoulli_logp,
+    comm_rate,
+    gate_graph,
+)
 from gatelab.comm.model import CommFormer
 
 
@@ -35,6 +70,7 @@ class Rollout(NamedTuple):
     acting: torch.Tensor  # (T, B, A) bool: the agent's action can change the environment
     done: torch.Tensor  # (T, B) bool: the episode was over after step t
     listen: torch.Tensor | None  # (T, B, A) 0/1 temporal gates, or None
+    gate_logp: torch.Tensor | None  # (T, B, A) log P(listen) under the rollout's gate, or None
     graph: torch.Tensor  # (B, A, A) graph each episode used
     graph_seed: int  # seed of the Gumbel draw that made ``graph`` (learned graphs)
     graph_noise: float  # Gumbel noise scale of that draw
@@ -119,12 +155,14 @@ def collect(
     else:
         graph = model.graph.execution().to(device).expand(b, -1, -1).clone()
     buf: dict[str, list] = {k: [] for k in ("obs", "act", "logp", "val", "rew", "alive", "done")}
-    listens, comms, acting = [], [], []
+    listens, gate_logps, comms, acting = [], [], [], []
     acting_fn = getattr(env, "acting", None)
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
         listen = listen_gates(model, obs, training, generator, gate_noise)
+        if listen is not None:  # log P(listen); exact for Bernoulli sampling (gate_noise = 1)
+            gate_logps.append(bernoulli_logp(model.gate.logits(obs), listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
         acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
         acting.append(torch.as_tensor(acts, device=device))
@@ -152,6 +190,7 @@ def collect(
         torch.stack(acting),
         stack["done"],
         None if listens[0] is None else torch.stack(listens),
+        torch.stack(gate_logps) if gate_logps else None,
         graph,
         graph_seed,
         graph_noise if training else 0.0,
@@ -195,6 +234,7 @@ class Batch(NamedTuple):
     listen: torch.Tensor | None  # (M, A)
     acting: torch.Tensor  # (M, A) bool: policy loss and entropy count only acting agents
     env_index: torch.Tensor  # (M,) which episode (graph) each sample belongs to
+    gate_logp: torch.Tensor | None = None  # (M, A) rollout log P(listen) (hybrid estimator)
 
 
 class LossParts(NamedTuple):
@@ -208,7 +248,9 @@ class LossParts(NamedTuple):
     clipfrac: torch.Tensor
 
 
-def ppo_losses(model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float) -> LossParts:
+def ppo_losses(
+    model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float, hybrid_gate: bool = False
+) -> LossParts:
     """Clipped surrogate, value MSE, entropy and differentiable communication rate.
 
     The surrogate and the entropy average over *acting* agents only: an action the environment
@@ -217,28 +259,53 @@ def ppo_losses(model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float
 
     ``graph (M, A, A)`` is the stored graph of each sample, possibly re-attached to alpha's
     gradient (:meth:`CommGraph.relax`); the stored gates get a straight-through path to the gate.
+    With ``hybrid_gate`` (needs ``batch.gate_logp``) the listen decisions are part of each agent's
+    action (module docstring): the ratio is that of the joint log-prob and the surrogate averages
+    over every agent (a frozen agent contributes its gate term only); the entropy adds the gates'.
     """
-    listen = batch.listen
+    listen, gate_logits = batch.listen, None
     if listen is not None:
-        p = model.gate(batch.obs)  # (M, A)
+        gate_logits = model.gate.logits(batch.obs)  # (M, A)
+        p = torch.sigmoid(gate_logits)
         listen = listen + (p - p.detach())  # value: the stored gates; gradient: straight-through
     out = model(batch.obs, graph, listen, batch.actions)
     logp_all = torch.log_softmax(out.logits, -1)  # (M, A, n_actions)
     logp = logp_all.gather(-1, batch.actions[..., None]).squeeze(-1)  # (M, A)
     log_ratio = logp - batch.logp
+    weight = batch.acting.to(logp.dtype)
+    if hybrid_gate:
+        if batch.gate_logp is None or batch.listen is None:
+            raise ValueError("the hybrid gate estimator needs temporal gates and their log-probs")
+        gate_log_ratio = bernoulli_logp(gate_logits, batch.listen) - batch.gate_logp
+        log_ratio = weight * log_ratio + gate_log_ratio
     ratio = log_ratio.exp()
     surrogate = torch.minimum(ratio * batch.adv, ratio.clamp(1 - clip, 1 + clip) * batch.adv)
-    weight = batch.acting.to(surrogate.dtype)
     weight = weight / weight.sum().clamp_min(1.0)
     entropy = (-(logp_all.exp() * logp_all).sum(-1) * weight).sum()
+    policy = -(surrogate * weight).sum()
+    if hybrid_gate:
+        policy = -surrogate.mean()
+        entropy = entropy + bernoulli_entropy(gate_logits).mean()
     return LossParts(
-        -(surrogate * weight).sum(),
+        policy,
         (out.values - batch.targets).square().mean(),
         entropy,
         comm_rate(gate_graph(graph, listen)).mean(),
         ((ratio - 1) - log_ratio).mean().detach(),
         ((ratio - 1).abs() > clip).float().mean().detach(),
     )
+
+
+def comm_penalty(
+    graph: torch.Tensor, listen: torch.Tensor, alive: torch.Tensor, cost: float
+) -> torch.Tensor:
+    """Per-agent reward penalty of the hybrid estimator: ``cost`` x the agent's incoming-edge rate.
+
+    Shape: graph ``(B, A, A)`` (one per episode), listen ``(T, B, A)``, alive ``(T, B)`` ->
+    ``(T, B, A)`` (zero after an episode ended). Subtract it from the rewards.
+    """
+    rate = agent_comm_rate(graph[None].to(listen.dtype), listen)  # (T, B, A)
+    return cost * rate * alive[..., None].to(rate.dtype)
 
 
 def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> torch.Tensor:
@@ -259,3 +326,10 @@ def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> t
     out = model(rollout.obs.flatten(0, 1), graph, listen, actions)
     logp = torch.log_softmax(out.logits, -1).gather(-1, actions[..., None]).squeeze(-1)
     return logp.unflatten(0, (t, b))
+
+
+def recompute_gate_logp(model: CommFormer, rollout: Rollout) -> torch.Tensor:
+    """``log P(listen)`` ``(T, B, A)`` of the rollout's stored gates under ``model``'s gate."""
+    if rollout.listen is None:
+        raise ValueError("the rollout has no temporal gates")
+    return bernoulli_logp(model.gate.logits(rollout.obs), rollout.listen)

@@ -25,11 +25,13 @@ import torch
 
 from gatelab.comm.checkpoint import load_checkpoint, save_checkpoint
 from gatelab.comm.envs import ENVS, make_env
-from gatelab.comm.graph import GRAPH_KINDS
+from gatelab.comm.graph import GRAPH_KINDS, comm_rate, gate_graph
 from gatelab.comm.model import CommConfig, CommFormer
-from gatelab.comm.ppo import Batch, ValueNorm, collect, gae, ppo_losses
+from gatelab.comm.ppo import Batch, ValueNorm, collect, comm_penalty, gae, ppo_losses
 
 log = logging.getLogger(__name__)
+
+GATE_ESTIMATORS = ("st", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class TrainConfig:
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
     gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
+    gate_estimator: str = "st"  # st | hybrid: how the temporal gate is trained (gatelab.comm.ppo)
+    gate_hidden: int = 0  # temporal gate: 0 linear, h > 0 a one-hidden-layer MLP of width h
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -81,6 +85,15 @@ class TrainConfig:
             raise ValueError(f"graph must be one of {', '.join(GRAPH_KINDS)}, got {self.graph!r}")
         if self.graph_anneal < 0:
             raise ValueError(f"graph_anneal must be >= 0, got {self.graph_anneal}")
+        if self.gate_estimator not in GATE_ESTIMATORS:
+            raise ValueError(
+                f"gate_estimator must be one of {', '.join(GATE_ESTIMATORS)}, "
+                f"got {self.gate_estimator!r}"
+            )
+        if self.gate_estimator == "hybrid" and self.gate_anneal:
+            raise ValueError("gate_anneal needs gate_estimator='st' (hybrid samples Bernoulli(p))")
+        if self.gate_hidden < 0:
+            raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
             raise ValueError(f"comm_cost must be >= 0, got {self.comm_cost}")
         for name in ("n_envs", "updates", "ppo_epochs", "minibatches", "alpha_every"):
@@ -111,6 +124,7 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
         sparsity=cfg.sparsity,
         graph=cfg.graph,
         temporal_gate=cfg.temporal_gate,
+        gate_hidden=cfg.gate_hidden,
         gumbel_tau=cfg.gumbel_tau,
         graph_seed=cfg.seed,
     )
@@ -197,7 +211,11 @@ def train(
             gate_noise=noise if cfg.gate_anneal else 1.0,
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
-        adv, returns = gae(ro.rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
+        hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
+        rewards = ro.rewards
+        if hybrid:  # the communication cost as a per-agent reward (gatelab.comm.ppo docstring)
+            rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cfg.comm_cost)
+        adv, returns = gae(rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
         value_norm.update(returns.flatten(0, 1)[alive])
         targets = value_norm.normalize(returns)
@@ -216,6 +234,7 @@ def train(
             "acting": ro.acting.flatten(0, 1),
         }
         listen = None if ro.listen is None else ro.listen.flatten(0, 1)
+        gate_logp = ro.gate_logp.flatten(0, 1) if hybrid else None
         train_alpha = opt_alpha is not None and update >= cfg.alpha_warmup_updates
         stats = []
         for epoch in range(cfg.ppo_epochs):
@@ -228,17 +247,19 @@ def train(
                         **{k: v[rows] for k, v in flat.items()},
                         listen=None if listen is None else listen[rows],
                         env_index=envs,
+                        gate_logp=None if gate_logp is None else gate_logp[rows],
                     )
                     graph = ro.graph
                     if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
                         graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                    parts = ppo_losses(model, batch, graph[envs], cfg.clip)
+                    parts = ppo_losses(model, batch, graph[envs], cfg.clip, hybrid)
                     loss = (
                         parts.policy
                         + cfg.value_coef * parts.value
                         - cfg.entropy_coef * parts.entropy
-                        + cfg.comm_cost * parts.comm
                     )
+                    if not hybrid:  # "st": the cost as a loss term (hybrid: in the rewards)
+                        loss = loss + cfg.comm_cost * parts.comm
                     opt.zero_grad(set_to_none=True)
                     if opt_alpha is not None:
                         opt_alpha.zero_grad(set_to_none=True)
@@ -259,6 +280,7 @@ def train(
             "train/success": float(ro.success.mean()),
             "train/steps": float(ro.steps.mean()),
             "train/comm_rate": float(comm_live.mean()),
+            **_threshold_rate(model, ro, alive),
             "loss/policy": mean[0],
             "loss/value": mean[1],
             "loss/entropy": mean[2],
@@ -288,6 +310,19 @@ def train(
         plot_graph(model, run_dir / "graph.png")
         plot_comm_rate(history, run_dir / "comm_rate.png")
     return TrainResult(model, value_norm, history, run_dir)
+
+
+def _threshold_rate(model: CommFormer, ro, alive: torch.Tensor) -> dict:
+    """Gated runs: the comm rate the threshold gates (p > 1/2) would give on the rollout's states.
+
+    Execution uses the thresholded gates; with sampled training gates this is the closer signal.
+    """
+    if ro.listen is None:
+        return {}
+    with torch.no_grad():
+        det = (model.gate(ro.obs) > 0.5).to(ro.obs.dtype)  # (T, B, A)
+        rate = comm_rate(gate_graph(ro.graph[None].to(det.dtype), det)).flatten()[alive]
+    return {"train/comm_rate_threshold": float(rate.mean())}
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: CommConfig) -> None:

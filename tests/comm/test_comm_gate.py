@@ -1,0 +1,165 @@
+"""The temporal gate's hybrid estimator: joint log-probs, ratio = 1, score-function gradient."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gatelab.comm.graph import (
+    CommGraph,
+    TemporalGate,
+    agent_comm_rate,
+    bernoulli_entropy,
+    bernoulli_logp,
+    comm_rate,
+    gate_graph,
+)
+from gatelab.comm.ppo import (
+    Batch,
+    collect,
+    comm_penalty,
+    ppo_losses,
+    recompute_gate_logp,
+    recompute_logp,
+)
+from gatelab.comm.train import TrainConfig, build, train
+
+TINY = TrainConfig(
+    agents=3, grid=4, episode_limit=10, n_envs=16, updates=2, d_model=16, ppo_epochs=2,
+    alpha_warmup_updates=1, checkpoint_every=1, temporal_gate=True, comm_cost=0.1,
+    gate_estimator="hybrid",
+)  # fmt: skip
+
+
+def _flat_batch(ro, adv):
+    rows = ro.alive.flatten()
+    envs = torch.arange(ro.alive.numel())[rows] % ro.alive.shape[1]
+    keys = ("obs", "actions", "logp", "acting", "listen", "gate_logp")
+    flat = {k: getattr(ro, k).flatten(0, 1)[rows] for k in keys}
+    return Batch(**flat, adv=adv(flat["acting"]), targets=torch.zeros(flat["acting"].shape),
+                 env_index=envs), envs  # fmt: skip
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_joint_ratio_is_one_before_the_first_update(hidden):
+    cfg = replace(TINY, gate_hidden=hidden)
+    env, model = build(cfg)
+    ro = collect(model, env, env_seed=3, graph_seed=11, generator=torch.Generator().manual_seed(0))
+    model.train()
+    joint = recompute_logp(model, ro, relax=True) + recompute_gate_logp(model, ro)
+    ratio = (joint - ro.logp - ro.gate_logp).exp()[ro.alive]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    assert 0 < ro.listen.mean() < 1  # sampled gates: both decisions occur
+    # the stored gate log-probs are those of the stored decisions (independent: torch.distributions)
+    p = model.gate(ro.obs).detach()
+    ref = torch.distributions.Bernoulli(probs=p).log_prob(ro.listen)
+    torch.testing.assert_close(ro.gate_logp, ref, atol=1e-5, rtol=0)
+    # the update's loss sees ratio 1 too: no KL, nothing clipped
+    batch, envs = _flat_batch(ro, lambda acting: torch.randn(acting.shape))
+    parts = ppo_losses(model, batch, ro.graph[envs], 0.2, hybrid_gate=True)
+    assert abs(parts.approx_kl.item()) < 1e-6 and parts.clipfrac.item() == 0.0
+    # a decision flipped after the fact changes the joint ratio (the gate term is really in it)
+    flipped = batch._replace(listen=1 - batch.listen)
+    assert ppo_losses(model, flipped, ro.graph[envs], 0.2, hybrid_gate=True).clipfrac > 0
+
+
+def test_gate_gets_the_score_function_gradient_closed_form():
+    # no graph at all: listening changes nothing, so the straight-through path is exactly zero and
+    # the gate's gradient is the score-function term alone, over every agent (frozen ones too):
+    #   d policy / d b = -mean_i adv_i (z_i - p_i),  d policy / d w = -mean_i adv_i (z_i - p_i) o_i
+    cfg = replace(TINY, graph="none", n_envs=24, episode_limit=12)
+    env, model = build(cfg)
+    ro = collect(model, env, env_seed=1, graph_seed=2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    batch, envs = _flat_batch(ro, lambda acting: torch.randn(acting.shape, generator=g))
+    assert not batch.acting.all()  # some predators sat on the prey: their gate term stays
+    model.train()
+    parts = ppo_losses(model, batch, ro.graph[envs], 0.2, hybrid_gate=True)
+    model.zero_grad()
+    parts.policy.backward()
+    obs, z, adv = batch.obs.double(), batch.listen.double(), batch.adv.double()
+    w, b = model.gate.linear.weight.detach().double(), model.gate.linear.bias.detach().double()
+    p = torch.sigmoid(obs @ w[0] + b)
+    score = adv * (z - p)  # (M, A)
+    n = score.numel()
+    expect_b = -score.sum() / n
+    expect_w = -(score[..., None] * obs).sum((0, 1)) / n
+    torch.testing.assert_close(model.gate.linear.bias.grad.double()[0], expect_b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        model.gate.linear.weight.grad.double()[0], expect_w, atol=1e-6, rtol=1e-4
+    )
+
+
+def test_straight_through_path_is_kept():
+    # with a graph, the gate also gets d(action log-prob)/d(listen): the hybrid gradient differs
+    # from the pure score-function one computed as in the closed-form test
+    env, model = build(replace(TINY, graph="full"))
+    ro = collect(model, env, env_seed=1, graph_seed=2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    batch, envs = _flat_batch(ro, lambda acting: torch.randn(acting.shape, generator=g))
+    model.train()
+    ppo_losses(model, batch, ro.graph[envs], 0.2, hybrid_gate=True).policy.backward()
+    p = model.gate(batch.obs).detach()
+    score_only = -(batch.adv * (batch.listen - p)).mean()
+    assert abs(model.gate.linear.bias.grad[0].item() - score_only.item()) > 1e-6
+
+
+def test_comm_penalty_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    t, b, a = 5, 3, 4
+    graph = CommGraph(a, 0.5, "learned").sample(b, seed=1)
+    listen = (torch.rand(t, b, a, generator=g) > 0.4).float()
+    alive = torch.ones(t, b, dtype=torch.bool)
+    alive[3:, 1] = False
+    pen = comm_penalty(graph, listen, alive, 0.3)
+    for s in range(t):
+        for e in range(b):
+            for i in range(a):
+                edges = sum(graph[e, i, j].item() for j in range(a) if j != i) * listen[s, e, i]
+                expect = 0.3 * edges / (a - 1) if alive[s, e] else 0.0
+                assert pen[s, e, i].item() == pytest.approx(float(expect))
+    # the agents' mean is the communication rate: c prices one unit of comm rate
+    rates = agent_comm_rate(graph[None], listen).mean(-1)
+    torch.testing.assert_close(rates, comm_rate(gate_graph(graph[None], listen)))
+
+
+def test_bernoulli_helpers_match_torch_distributions():
+    logits = torch.linspace(-30, 30, 13, dtype=torch.float64)
+    dist = torch.distributions.Bernoulli(logits=logits)
+    for z in (0.0, 1.0):
+        zz = torch.full_like(logits, z)
+        torch.testing.assert_close(bernoulli_logp(logits, zz), dist.log_prob(zz))
+    torch.testing.assert_close(bernoulli_entropy(logits), dist.entropy())
+
+
+def test_mlp_gate_shape_grad_and_open_start():
+    gate = TemporalGate(7, init_bias=1.0, hidden=16)
+    obs = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(0))
+    p = gate(obs)
+    assert p.shape == (3, 4)
+    assert torch.all((p - torch.sigmoid(torch.tensor(1.0))).abs() < 0.2)  # near the open bias
+    p.sum().backward()
+    assert gate.body[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hidden"):
+        TemporalGate(7, hidden=-1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"gate_estimator": "reinforce"}, "gate_estimator"),
+        ({"gate_estimator": "hybrid", "gate_anneal": True}, "gate_anneal"),
+        ({"gate_hidden": -2}, "gate_hidden"),
+    ],
+)
+def test_bad_gate_config(changes, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**changes)
+
+
+def test_hybrid_trains_and_logs_the_threshold_rate():
+    history = train(TINY).history
+    assert len(history) == 2
+    for h in history:
+        assert 0.0 <= h["train/comm_rate_threshold"] <= 1.0
+        assert all(torch.isfinite(torch.tensor(v)) for v in h.values())
