@@ -22,7 +22,7 @@ from gatelab.comm.ppo import (
     recompute_gate_logp,
     recompute_logp,
 )
-from gatelab.comm.train import TrainConfig, build, train
+from gatelab.comm.train import TrainConfig, build, gate_schedule, train
 
 TINY = TrainConfig(
     agents=3, grid=4, episode_limit=10, n_envs=16, updates=2, d_model=16, ppo_epochs=2,
@@ -163,3 +163,33 @@ def test_hybrid_trains_and_logs_the_threshold_rate():
     for h in history:
         assert 0.0 <= h["train/comm_rate_threshold"] <= 1.0
         assert all(torch.isfinite(torch.tensor(v)) for v in h.values())
+
+
+def test_gate_schedule_closed_form():
+    cfg = replace(TINY, updates=20, comm_cost=0.4, gate_warmup=0.5, cost_ramp=0.2)
+    got = [gate_schedule(cfg, u) for u in (0, 9, 10, 11, 13, 14, 19)]
+    # open until update 10, then the cost rises by 0.4 / 4 per update, then stays
+    want = [(False, 0.0), (False, 0.0), (True, 0.1), (True, 0.2), (True, 0.4), (True, 0.4),
+            (True, 0.4)]  # fmt: skip
+    for (on, cost), (on_ref, cost_ref) in zip(got, want, strict=True):
+        assert on == on_ref and cost == pytest.approx(cost_ref)
+    assert gate_schedule(replace(cfg, gate_warmup=0.0, cost_ramp=0.0), 0) == (True, 0.4)
+    with pytest.raises(ValueError, match="gate_warmup"):
+        replace(cfg, gate_warmup=1.5)
+
+
+def test_warmup_keeps_gates_open_and_untrained():
+    cfg = replace(TINY, updates=3, gate_warmup=0.67, checkpoint_every=10)
+    _, fresh = build(cfg)
+    result = train(cfg)
+    h = result.history
+    assert [r["train/comm_cost"] for r in h[:2]] == [0.0, 0.0]
+    assert all(r["train/comm_rate"] == pytest.approx(0.5) for r in h[:2])  # k = 1 of 2, all open
+    assert h[2]["train/comm_rate"] < 0.5  # then sampled gates close some rows
+    # a run that is all warm-up leaves the gate at its initial weights
+    two = train(replace(cfg, updates=2, gate_warmup=1.0)).model
+    for p, q in zip(two.gate.parameters(), fresh.gate.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    env, model = build(cfg)
+    ro = collect(model, env, 0, 0, torch.Generator().manual_seed(0), gates=False)
+    assert ro.listen is None and ro.gate_logp is None

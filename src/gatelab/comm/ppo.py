@@ -139,11 +139,13 @@ def collect(
     greedy: bool = False,
     graph_noise: float = 1.0,
     gate_noise: float = 1.0,
+    gates: bool = True,
 ) -> Rollout:
     """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
 
     ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`),
-    ``gate_noise`` that of the temporal gates (:func:`listen_gates`).
+    ``gate_noise`` that of the temporal gates (:func:`listen_gates`); ``gates=False`` opens every
+    temporal gate (the rollout stores no gates, as for a model without them).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
     """
@@ -160,7 +162,7 @@ def collect(
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
-        listen = listen_gates(model, obs, training, generator, gate_noise)
+        listen = listen_gates(model, obs, training, generator, gate_noise) if gates else None
         if listen is not None:  # log P(listen); exact for Bernoulli sampling (gate_noise = 1)
             gate_logps.append(bernoulli_logp(model.gate.logits(obs), listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)

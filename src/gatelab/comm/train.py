@@ -69,6 +69,9 @@ class TrainConfig:
     gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
     gate_estimator: str = "st"  # st | hybrid: how the temporal gate is trained (gatelab.comm.ppo)
     gate_hidden: int = 0  # temporal gate: 0 linear, h > 0 a one-hidden-layer MLP of width h
+    gate_init_bias: float = 1.0  # temporal gate's initial logit bias (1: p = 0.73, open)
+    gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
+    cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -92,6 +95,9 @@ class TrainConfig:
             )
         if self.gate_estimator == "hybrid" and self.gate_anneal:
             raise ValueError("gate_anneal needs gate_estimator='st' (hybrid samples Bernoulli(p))")
+        for name in ("gate_warmup", "cost_ramp"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.gate_hidden < 0:
             raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
@@ -125,6 +131,7 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
         graph=cfg.graph,
         temporal_gate=cfg.temporal_gate,
         gate_hidden=cfg.gate_hidden,
+        gate_init_bias=cfg.gate_init_bias,
         gumbel_tau=cfg.gumbel_tau,
         graph_seed=cfg.seed,
     )
@@ -152,6 +159,22 @@ def graph_noise(cfg: TrainConfig, update: int) -> float:
     """
     horizon = cfg.graph_anneal * cfg.updates
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - update / horizon)
+
+
+def gate_schedule(cfg: TrainConfig, update: int) -> tuple[bool, float]:
+    """Whether update ``update`` samples temporal gates, and its communication-cost coefficient.
+
+    For the first ``gate_warmup * updates`` updates every gate is open (the model runs as without
+    gates and the gate gets no gradient), so the policy learns to use messages before listening
+    costs anything; then the cost rises linearly from 0 to ``comm_cost`` over ``cost_ramp *
+    updates`` updates (0: at once).
+    """
+    start = round(cfg.gate_warmup * cfg.updates)
+    if update < start:
+        return False, 0.0
+    ramp = cfg.cost_ramp * cfg.updates
+    scale = 1.0 if ramp <= 0 else min(1.0, (update - start + 1) / ramp)
+    return True, cfg.comm_cost * scale
 
 
 def _draws(seed: int, update: int) -> tuple[int, int, torch.Generator, np.random.Generator]:
@@ -206,15 +229,16 @@ def train(
         # rollout
         model.eval()
         noise = graph_noise(cfg, update)
+        gates_on, cost = gate_schedule(cfg, update)
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
-            gate_noise=noise if cfg.gate_anneal else 1.0,
+            gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
         rewards = ro.rewards
         if hybrid:  # the communication cost as a per-agent reward (gatelab.comm.ppo docstring)
-            rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cfg.comm_cost)
+            rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cost)
         adv, returns = gae(rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
         value_norm.update(returns.flatten(0, 1)[alive])
@@ -258,8 +282,8 @@ def train(
                         + cfg.value_coef * parts.value
                         - cfg.entropy_coef * parts.entropy
                     )
-                    if not hybrid:  # "st": the cost as a loss term (hybrid: in the rewards)
-                        loss = loss + cfg.comm_cost * parts.comm
+                    if not hybrid and ro.listen is not None:  # "st": the cost as a loss term
+                        loss = loss + cost * parts.comm
                     opt.zero_grad(set_to_none=True)
                     if opt_alpha is not None:
                         opt_alpha.zero_grad(set_to_none=True)
@@ -280,7 +304,7 @@ def train(
             "train/success": float(ro.success.mean()),
             "train/steps": float(ro.steps.mean()),
             "train/comm_rate": float(comm_live.mean()),
-            **_threshold_rate(model, ro, alive),
+            **_threshold_rate(model, ro, alive, cost),
             "loss/policy": mean[0],
             "loss/value": mean[1],
             "loss/entropy": mean[2],
@@ -312,17 +336,17 @@ def train(
     return TrainResult(model, value_norm, history, run_dir)
 
 
-def _threshold_rate(model: CommFormer, ro, alive: torch.Tensor) -> dict:
+def _threshold_rate(model: CommFormer, ro, alive: torch.Tensor, cost: float) -> dict:
     """Gated runs: the comm rate the threshold gates (p > 1/2) would give on the rollout's states.
 
     Execution uses the thresholded gates; with sampled training gates this is the closer signal.
     """
-    if ro.listen is None:
+    if model.gate is None:
         return {}
     with torch.no_grad():
         det = (model.gate(ro.obs) > 0.5).to(ro.obs.dtype)  # (T, B, A)
         rate = comm_rate(gate_graph(ro.graph[None].to(det.dtype), det)).flatten()[alive]
-    return {"train/comm_rate_threshold": float(rate.mean())}
+    return {"train/comm_rate_threshold": float(rate.mean()), "train/comm_cost": cost}
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: CommConfig) -> None:
