@@ -72,6 +72,8 @@ class TrainConfig:
     gate_init_bias: float = 1.0  # temporal gate's initial logit bias (1: p = 0.73, open)
     gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
+    comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
+    budget_lr: float = 0.01  # step of that adaptation per update and unit of rate excess
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -98,6 +100,10 @@ class TrainConfig:
         for name in ("gate_warmup", "cost_ramp"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.comm_budget <= 1.0:
+            raise ValueError(f"comm_budget must be in [0, 1], got {self.comm_budget}")
+        if self.comm_budget > 0 and self.cost_ramp > 0:
+            raise ValueError("comm_budget adapts the cost itself: set cost_ramp = 0")
         if self.gate_hidden < 0:
             raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
@@ -161,20 +167,41 @@ def graph_noise(cfg: TrainConfig, update: int) -> float:
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - update / horizon)
 
 
-def gate_schedule(cfg: TrainConfig, update: int) -> tuple[bool, float]:
+def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = None):
     """Whether update ``update`` samples temporal gates, and its communication-cost coefficient.
 
     For the first ``gate_warmup * updates`` updates every gate is open (the model runs as without
     gates and the gate gets no gradient), so the policy learns to use messages before listening
-    costs anything; then the cost rises linearly from 0 to ``comm_cost`` over ``cost_ramp *
-    updates`` updates (0: at once).
+    costs anything. Then, with a fixed cost, it rises linearly from 0 to ``comm_cost`` over
+    ``cost_ramp * updates`` updates (0: at once); with a ``comm_budget`` it is ``budget_cost``
+    (:func:`next_budget_cost`, starting from ``comm_cost``).
+
+    Returns:
+        ``(gates_on, cost)``.
     """
     start = round(cfg.gate_warmup * cfg.updates)
     if update < start:
         return False, 0.0
+    if cfg.comm_budget > 0:
+        return True, cfg.comm_cost if budget_cost is None else budget_cost
     ramp = cfg.cost_ramp * cfg.updates
     scale = 1.0 if ramp <= 0 else min(1.0, (update - start + 1) / ramp)
     return True, cfg.comm_cost * scale
+
+
+def next_budget_cost(cfg: TrainConfig, row: dict) -> float | None:
+    r"""Dual ascent on the communication budget after an update's scalars ``row``.
+
+    The cost is a Lagrange multiplier of the constraint "comm rate <= ``comm_budget``":
+    :math:`\lambda \leftarrow \max(0, \lambda + \eta\,(r - b))` with :math:`r` the rate the
+    *execution* (threshold) gates give on the rollout's states (``train/comm_rate_threshold``),
+    :math:`\eta` = ``budget_lr``. The gate then decides *where* to stop listening, the multiplier
+    only how much. ``None`` while the gates are still in their warm-up (or without a budget).
+    """
+    if cfg.comm_budget <= 0 or row["update"] <= round(cfg.gate_warmup * cfg.updates):
+        return None
+    excess = row["train/comm_rate_threshold"] - cfg.comm_budget
+    return max(0.0, row["train/comm_cost"] + cfg.budget_lr * excess)
 
 
 def _draws(seed: int, update: int) -> tuple[int, int, torch.Generator, np.random.Generator]:
@@ -222,6 +249,7 @@ def train(
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
     agent_steps = sum(h["agent_steps"] for h in history[-1:])
+    budget_cost = next_budget_cost(cfg, history[-1]) if history and model.gate else None
     began = time.perf_counter()
     for update in range(start, cfg.updates):
         tick = time.perf_counter()
@@ -229,7 +257,7 @@ def train(
         # rollout
         model.eval()
         noise = graph_noise(cfg, update)
-        gates_on, cost = gate_schedule(cfg, update)
+        gates_on, cost = gate_schedule(cfg, update, budget_cost)
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
             gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
@@ -316,6 +344,8 @@ def train(
             "perf/steps_per_s": int(ro.steps.sum()) * cfg.agents / (time.perf_counter() - tick),
         }
         history.append(row)
+        if model.gate is not None:
+            budget_cost = next_budget_cost(cfg, row)
         if run_dir is not None:
             _append_scalars(run_dir, row)
             out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
