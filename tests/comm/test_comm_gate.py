@@ -221,3 +221,17 @@ def test_budget_cost_is_dual_ascent_and_resumes_exactly(tmp_path):
     assert strip == [{k: v for k, v in r.items() if k not in skip} for r in h]
     with pytest.raises(ValueError, match="cost_ramp"):
         replace(cfg, cost_ramp=0.2)
+
+
+def test_hybrid_critic_reads_the_ungated_graph():
+    # the baseline may not depend on the listen decisions: stored values = the encoder's value
+    # head on the *ungated* graph, and they differ from the gated graph's values
+    env, model = build(replace(TINY, graph="full"))
+    ro = collect(model, env, 1, 2, torch.Generator().manual_seed(0), open_critic=True)
+    t, b = ro.obs.shape[:2]
+    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)
+    with torch.no_grad():
+        open_values = model.encode(ro.obs.flatten(0, 1), graph)[1].unflatten(0, (t, b))
+        gated = model.encode(ro.obs.flatten(0, 1), gate_graph(graph, ro.listen.flatten(0, 1)))[1]
+    torch.testing.assert_close(ro.values, open_values)
+    assert not torch.allclose(ro.values, gated.unflatten(0, (t, b)))

@@ -35,6 +35,12 @@ communication (papers.md §5.4 item 1).
   expected return. The straight-through path of ``"st"`` is kept inside :math:`\log \pi_\theta(a_i
   \mid o, z + p - \text{sg}(p))`, adding its low-variance, biased term; the loss has no separate
   cost term. The entropy bonus adds the gates' Bernoulli entropy (mean over live agents).
+  The baseline must not depend on :math:`z_i`: the critic (the encoder's value head) would
+  otherwise see the messages the agent chose to hear, :math:`V(s, z)` would absorb listening's
+  benefit and leave the gate an advantage of about zero minus the cost (measured: the gates then
+  shut and never reopen, even at zero cost). So with ``"hybrid"`` the critic always reads the
+  *ungated* graph (a centralised critic, as MAPPO's, used only in training); the policy still
+  reads the gated one.
 
 In both, execution uses :math:`z_i = 1[p_i > 1/2]`.
 """
@@ -140,12 +146,14 @@ def collect(
     graph_noise: float = 1.0,
     gate_noise: float = 1.0,
     gates: bool = True,
+    open_critic: bool = False,
 ) -> Rollout:
     """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
 
     ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`),
     ``gate_noise`` that of the temporal gates (:func:`listen_gates`); ``gates=False`` opens every
-    temporal gate (the rollout stores no gates, as for a model without them).
+    temporal gate (the rollout stores no gates, as for a model without them). ``open_critic``:
+    the stored values read the ungated graph (the hybrid estimator's baseline, module docstring).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
     """
@@ -166,6 +174,8 @@ def collect(
         if listen is not None:  # log P(listen); exact for Bernoulli sampling (gate_noise = 1)
             gate_logps.append(bernoulli_logp(model.gate.logits(obs), listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
+        if open_critic and listen is not None:
+            values = model.encode(obs, graph)[1]  # baseline independent of the listen decisions
         acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
         acting.append(torch.as_tensor(acts, device=device))
         step = env.step(actions.cpu().numpy())
@@ -263,7 +273,8 @@ def ppo_losses(
     gradient (:meth:`CommGraph.relax`); the stored gates get a straight-through path to the gate.
     With ``hybrid_gate`` (needs ``batch.gate_logp``) the listen decisions are part of each agent's
     action (module docstring): the ratio is that of the joint log-prob and the surrogate averages
-    over every agent (a frozen agent contributes its gate term only); the entropy adds the gates'.
+    over every agent (a frozen agent contributes its gate term only); the entropy adds the gates';
+    the value loss reads the ungated ``graph`` (the baseline may not depend on the gates).
     """
     listen, gate_logits = batch.listen, None
     if listen is not None:
@@ -288,9 +299,12 @@ def ppo_losses(
     if hybrid_gate:
         policy = -surrogate.mean()
         entropy = entropy + bernoulli_entropy(gate_logits).mean()
+    values = out.values
+    if hybrid_gate:
+        values = model.encode(batch.obs, graph)[1]
     return LossParts(
         policy,
-        (out.values - batch.targets).square().mean(),
+        (values - batch.targets).square().mean(),
         entropy,
         comm_rate(gate_graph(graph, listen)).mean(),
         ((ratio - 1) - log_ratio).mean().detach(),

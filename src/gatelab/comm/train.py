@@ -261,6 +261,7 @@ def train(
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
             gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
+            open_critic=cfg.gate_estimator == "hybrid",
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
