@@ -18,11 +18,12 @@ from gatelab.comm.ppo import (
     Batch,
     collect,
     comm_penalty,
+    listen_gates,
     ppo_losses,
     recompute_gate_logp,
     recompute_logp,
 )
-from gatelab.comm.train import TrainConfig, build, gate_schedule, train
+from gatelab.comm.train import TrainConfig, build, gate_schedule, gate_temperature, train
 
 TINY = TrainConfig(
     agents=3, grid=4, episode_limit=10, n_envs=16, updates=2, d_model=16, ppo_epochs=2,
@@ -40,27 +41,45 @@ def _flat_batch(ro, adv):
                  env_index=envs), envs  # fmt: skip
 
 
-@pytest.mark.parametrize("hidden", [0, 8])
-def test_joint_ratio_is_one_before_the_first_update(hidden):
+@pytest.mark.parametrize(("hidden", "temp"), [(0, 1.0), (8, 1.0), (0, 0.3)])
+def test_joint_ratio_is_one_before_the_first_update(hidden, temp):
     cfg = replace(TINY, gate_hidden=hidden)
     env, model = build(cfg)
-    ro = collect(model, env, env_seed=3, graph_seed=11, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ro = collect(model, env, env_seed=3, graph_seed=11, generator=gen, gate_temp=temp)
     model.train()
-    joint = recompute_logp(model, ro, relax=True) + recompute_gate_logp(model, ro)
+    joint = recompute_logp(model, ro, relax=True) + recompute_gate_logp(model, ro, temp)
     ratio = (joint - ro.logp - ro.gate_logp).exp()[ro.alive]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     assert 0 < ro.listen.mean() < 1  # sampled gates: both decisions occur
     # the stored gate log-probs are those of the stored decisions (independent: torch.distributions)
-    p = model.gate(ro.obs).detach()
+    p = torch.sigmoid(model.gate.logits(ro.obs).detach() / temp)
     ref = torch.distributions.Bernoulli(probs=p).log_prob(ro.listen)
     torch.testing.assert_close(ro.gate_logp, ref, atol=1e-5, rtol=0)
     # the update's loss sees ratio 1 too: no KL, nothing clipped
     batch, envs = _flat_batch(ro, lambda acting: torch.randn(acting.shape))
-    parts = ppo_losses(model, batch, ro.graph[envs], 0.2, hybrid_gate=True)
+    parts = ppo_losses(model, batch, ro.graph[envs], 0.2, hybrid_gate=True, gate_temp=temp)
     assert abs(parts.approx_kl.item()) < 1e-6 and parts.clipfrac.item() == 0.0
     # a decision flipped after the fact changes the joint ratio (the gate term is really in it)
     flipped = batch._replace(listen=1 - batch.listen)
-    assert ppo_losses(model, flipped, ro.graph[envs], 0.2, hybrid_gate=True).clipfrac > 0
+    assert ppo_losses(model, flipped, ro.graph[envs], 0.2, True, temp).clipfrac > 0
+    if temp != 1.0:  # the temperature is really used: at T = 1 the same rollout's ratios move
+        assert ppo_losses(model, batch, ro.graph[envs], 0.2, True, 1.0).approx_kl > 1e-4
+
+
+def test_gate_temperature_schedule_and_sampling():
+    cfg = replace(TINY, updates=11, gate_warmup=0.0, gate_temp_min=0.2)
+    assert [gate_temperature(cfg, u) for u in (0, 5, 10)] == pytest.approx([1.0, 0.6, 0.2])
+    assert gate_temperature(replace(cfg, gate_temp_min=1.0), 7) == 1.0
+    with pytest.raises(ValueError, match="hybrid"):
+        replace(cfg, gate_estimator="st")
+    _, model = build(cfg)
+    obs = torch.randn(4000, 3, model.cfg.obs_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.gate.linear.bias.fill_(0.3)  # p = sigmoid(0.3 + small) ~ 0.57; at T = 0.2 ~ 0.82
+        want = torch.sigmoid(model.gate.logits(obs) / 0.2).mean()
+    z = listen_gates(model, obs, True, torch.Generator().manual_seed(1), temp=0.2)
+    assert z.mean().item() == pytest.approx(want.item(), abs=0.01)
 
 
 def test_gate_gets_the_score_function_gradient_closed_form():

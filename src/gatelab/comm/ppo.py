@@ -42,7 +42,11 @@ communication (papers.md §5.4 item 1).
   *ungated* graph (a centralised critic, as MAPPO's, used only in training); the policy still
   reads the gated one.
 
-In both, execution uses :math:`z_i = 1[p_i > 1/2]`.
+In both, execution uses :math:`z_i = 1[p_i > 1/2]`. With ``"hybrid"`` the training gates may be
+drawn at a temperature :math:`T \le 1`, :math:`z_i \sim \text{Bernoulli}(\sigma(\ell_i / T))`,
+and every log-prob, ratio, straight-through value and entropy above uses that tempered
+distribution, so the estimator stays exact; :math:`T \to 0` makes the training gates the
+execution gates (:math:`\sigma(\ell/T) > 1/2 \iff \ell > 0`).
 """
 
 from __future__ import annotations
@@ -119,15 +123,17 @@ def listen_gates(
     training: bool,
     generator: torch.Generator | None,
     noise: float = 1.0,
+    temp: float = 1.0,
 ) -> torch.Tensor | None:
     """Temporal gates ``(B, A)``: ``1[0.5 + noise (u - 0.5) < p]``, ``u ~ U(0, 1)``, in training.
 
     ``noise = 1``: Bernoulli(p); ``noise = 0`` (and evaluation): the threshold ``p > 0.5``.
+    In training ``p = sigmoid(logit / temp)`` (the hybrid estimator's tempered gates).
     """
     if model.gate is None:
         return None
     with torch.no_grad():
-        p = model.gate(obs)
+        p = torch.sigmoid(model.gate.logits(obs) / temp) if training else model.gate(obs)
     if not training:
         return (p > 0.5).to(obs.dtype)
     u = torch.rand(p.shape, generator=generator).to(p.device)
@@ -147,13 +153,15 @@ def collect(
     gate_noise: float = 1.0,
     gates: bool = True,
     open_critic: bool = False,
+    gate_temp: float = 1.0,
 ) -> Rollout:
     """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
 
     ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`),
     ``gate_noise`` that of the temporal gates (:func:`listen_gates`); ``gates=False`` opens every
     temporal gate (the rollout stores no gates, as for a model without them). ``open_critic``:
-    the stored values read the ungated graph (the hybrid estimator's baseline, module docstring).
+    the stored values read the ungated graph (the hybrid estimator's baseline, module docstring);
+    ``gate_temp``: the training gates' temperature.
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
     """
@@ -170,9 +178,10 @@ def collect(
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
-        listen = listen_gates(model, obs, training, generator, gate_noise) if gates else None
+        temp = gate_temp if training else 1.0
+        listen = listen_gates(model, obs, training, generator, gate_noise, temp) if gates else None
         if listen is not None:  # log P(listen); exact for Bernoulli sampling (gate_noise = 1)
-            gate_logps.append(bernoulli_logp(model.gate.logits(obs), listen))
+            gate_logps.append(bernoulli_logp(model.gate.logits(obs) / temp, listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
         if open_critic and listen is not None:
             values = model.encode(obs, graph)[1]  # baseline independent of the listen decisions
@@ -261,7 +270,12 @@ class LossParts(NamedTuple):
 
 
 def ppo_losses(
-    model: CommFormer, batch: Batch, graph: torch.Tensor, clip: float, hybrid_gate: bool = False
+    model: CommFormer,
+    batch: Batch,
+    graph: torch.Tensor,
+    clip: float,
+    hybrid_gate: bool = False,
+    gate_temp: float = 1.0,
 ) -> LossParts:
     """Clipped surrogate, value MSE, entropy and differentiable communication rate.
 
@@ -275,10 +289,11 @@ def ppo_losses(
     action (module docstring): the ratio is that of the joint log-prob and the surrogate averages
     over every agent (a frozen agent contributes its gate term only); the entropy adds the gates';
     the value loss reads the ungated ``graph`` (the baseline may not depend on the gates).
+    ``gate_temp``: the rollout gates' temperature (hybrid only; module docstring).
     """
     listen, gate_logits = batch.listen, None
     if listen is not None:
-        gate_logits = model.gate.logits(batch.obs)  # (M, A)
+        gate_logits = model.gate.logits(batch.obs) / gate_temp  # (M, A)
         p = torch.sigmoid(gate_logits)
         listen = listen + (p - p.detach())  # value: the stored gates; gradient: straight-through
     out = model(batch.obs, graph, listen, batch.actions)
@@ -344,8 +359,8 @@ def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> t
     return logp.unflatten(0, (t, b))
 
 
-def recompute_gate_logp(model: CommFormer, rollout: Rollout) -> torch.Tensor:
+def recompute_gate_logp(model: CommFormer, rollout: Rollout, temp: float = 1.0) -> torch.Tensor:
     """``log P(listen)`` ``(T, B, A)`` of the rollout's stored gates under ``model``'s gate."""
     if rollout.listen is None:
         raise ValueError("the rollout has no temporal gates")
-    return bernoulli_logp(model.gate.logits(rollout.obs), rollout.listen)
+    return bernoulli_logp(model.gate.logits(rollout.obs) / temp, rollout.listen)

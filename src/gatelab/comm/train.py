@@ -74,6 +74,7 @@ class TrainConfig:
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
     comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
     budget_lr: float = 0.01  # step of that adaptation per update and unit of rate excess
+    gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -104,6 +105,10 @@ class TrainConfig:
             raise ValueError(f"comm_budget must be in [0, 1], got {self.comm_budget}")
         if self.comm_budget > 0 and self.cost_ramp > 0:
             raise ValueError("comm_budget adapts the cost itself: set cost_ramp = 0")
+        if not 0.0 < self.gate_temp_min <= 1.0:
+            raise ValueError(f"gate_temp_min must be in (0, 1], got {self.gate_temp_min}")
+        if self.gate_temp_min < 1.0 and self.gate_estimator != "hybrid":
+            raise ValueError("gate_temp_min < 1 needs gate_estimator='hybrid'")
         if self.gate_hidden < 0:
             raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
@@ -189,6 +194,17 @@ def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = Non
     return True, cfg.comm_cost * scale
 
 
+def gate_temperature(cfg: TrainConfig, update: int) -> float:
+    """Training-gate temperature of update ``update`` (hybrid estimator).
+
+    1 up to the end of the warm-up, then linearly to ``gate_temp_min`` at the last update
+    (``gate_temp_min = 1``: always 1).
+    """
+    start = round(cfg.gate_warmup * cfg.updates)
+    span = max(1, cfg.updates - 1 - start)
+    return 1.0 - (1.0 - cfg.gate_temp_min) * min(1.0, max(0.0, (update - start) / span))
+
+
 def next_budget_cost(cfg: TrainConfig, row: dict) -> float | None:
     r"""Dual ascent on the communication budget after an update's scalars ``row``.
 
@@ -258,10 +274,11 @@ def train(
         model.eval()
         noise = graph_noise(cfg, update)
         gates_on, cost = gate_schedule(cfg, update, budget_cost)
+        temp = gate_temperature(cfg, update)
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
             gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
-            open_critic=cfg.gate_estimator == "hybrid",
+            open_critic=cfg.gate_estimator == "hybrid", gate_temp=temp,
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
@@ -305,7 +322,7 @@ def train(
                     graph = ro.graph
                     if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
                         graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                    parts = ppo_losses(model, batch, graph[envs], cfg.clip, hybrid)
+                    parts = ppo_losses(model, batch, graph[envs], cfg.clip, hybrid, temp)
                     loss = (
                         parts.policy
                         + cfg.value_coef * parts.value
@@ -333,7 +350,7 @@ def train(
             "train/success": float(ro.success.mean()),
             "train/steps": float(ro.steps.mean()),
             "train/comm_rate": float(comm_live.mean()),
-            **_threshold_rate(model, ro, alive, cost),
+            **_threshold_rate(model, ro, alive, cost, temp),
             "loss/policy": mean[0],
             "loss/value": mean[1],
             "loss/entropy": mean[2],
@@ -367,7 +384,7 @@ def train(
     return TrainResult(model, value_norm, history, run_dir)
 
 
-def _threshold_rate(model: CommFormer, ro, alive: torch.Tensor, cost: float) -> dict:
+def _threshold_rate(model: CommFormer, ro, alive, cost: float, temp: float) -> dict:
     """Gated runs: the comm rate the threshold gates (p > 1/2) would give on the rollout's states.
 
     Execution uses the thresholded gates; with sampled training gates this is the closer signal.
@@ -377,7 +394,11 @@ def _threshold_rate(model: CommFormer, ro, alive: torch.Tensor, cost: float) -> 
     with torch.no_grad():
         det = (model.gate(ro.obs) > 0.5).to(ro.obs.dtype)  # (T, B, A)
         rate = comm_rate(gate_graph(ro.graph[None].to(det.dtype), det)).flatten()[alive]
-    return {"train/comm_rate_threshold": float(rate.mean()), "train/comm_cost": cost}
+    return {
+        "train/comm_rate_threshold": float(rate.mean()),
+        "train/comm_cost": cost,
+        "train/gate_temp": temp,
+    }
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: CommConfig) -> None:
