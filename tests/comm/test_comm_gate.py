@@ -254,3 +254,17 @@ def test_hybrid_critic_reads_the_ungated_graph():
         gated = model.encode(ro.obs.flatten(0, 1), gate_graph(graph, ro.listen.flatten(0, 1)))[1]
     torch.testing.assert_close(ro.values, open_values)
     assert not torch.allclose(ro.values, gated.unflatten(0, (t, b)))
+
+
+def test_budget_changes_only_the_gated_variant():
+    from gatelab.comm.compare import BUDGETED_GATES, VARIANTS, variant_config
+
+    base = TrainConfig(updates=200)
+    for variant in VARIANTS:
+        plain = variant_config(base, variant, 3, 0.1)
+        budgeted = variant_config(base, variant, 3, 0.1, comm_budget=0.24)
+        if variant != "commformer_tg":
+            assert budgeted == plain  # the baselines' runs stay valid
+            continue
+        assert budgeted == replace(plain, **BUDGETED_GATES, comm_budget=0.24)
+        assert plain.gate_estimator == "st" and plain.comm_cost == 0.1
