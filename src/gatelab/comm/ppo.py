@@ -180,7 +180,7 @@ def collect(
     for _ in range(t_max):
         temp = gate_temp if training else 1.0
         listen = listen_gates(model, obs, training, generator, gate_noise, temp) if gates else None
-        if listen is not None:  # log P(listen); exact for Bernoulli sampling (gate_noise = 1)
+        if listen is not None and model.gate is not None:  # log P(listen) (gate_noise = 1)
             gate_logps.append(bernoulli_logp(model.gate.logits(obs) / temp, listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
         if open_critic and listen is not None:
