@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from gatelab.comm.gating import gate_schedule, gate_temperature
 from gatelab.comm.graph import (
     CommGraph,
     TemporalGate,
@@ -23,7 +24,7 @@ from gatelab.comm.ppo import (
     recompute_gate_logp,
     recompute_logp,
 )
-from gatelab.comm.train import TrainConfig, build, gate_schedule, gate_temperature, train
+from gatelab.comm.train import TrainConfig, build, train
 
 TINY = TrainConfig(
     agents=3, grid=4, episode_limit=10, n_envs=16, updates=2, d_model=16, ppo_epochs=2,
