@@ -28,6 +28,9 @@ def train(
     graph: Annotated[str, typer.Option(help="learned | random | full | none")] = "learned",
     temporal_gate: Annotated[bool, typer.Option(help="Per-agent listen gate.")] = False,
     comm_cost: Annotated[float, typer.Option(help="Communication-cost coefficient.")] = 0.0,
+    comm_budget: Annotated[
+        float, typer.Option(help="> 0: budgeted temporal gates meeting this comm rate.")
+    ] = 0.0,
     updates: Annotated[int, typer.Option(help="PPO updates.")] = 300,
     n_envs: Annotated[int, typer.Option(help="Episodes per rollout.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
@@ -47,6 +50,12 @@ def train(
             graph=graph, sparsity=sparsity, temporal_gate=temporal_gate, comm_cost=comm_cost,
             updates=updates, n_envs=n_envs, seed=seed, device=device,
         )  # fmt: skip
+        if comm_budget > 0:
+            from gatelab.comm.compare import BUDGETED_GATES
+
+            cfg = replace(
+                cfg, **{**BUDGETED_GATES, "comm_cost": comm_cost}, comm_budget=comm_budget
+            )
         if quick:
             cfg = replace(cfg, **QUICK)
         tag = f"{env}_a{agents}_{graph}_s{sparsity:g}{'_tg' if temporal_gate else ''}_seed{seed}"
@@ -86,6 +95,9 @@ def compare(
     jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes.")] = 1,
     max_minutes: Annotated[float, typer.Option(help="Time budget per run; 0 = none.")] = 0.0,
     comm_cost: Annotated[float, typer.Option(help="Comm cost of commformer_tg.")] = 0.1,
+    comm_budget: Annotated[
+        float, typer.Option(help="> 0: commformer_tg meets this comm rate (budgeted gates).")
+    ] = 0.0,
     eval_only: Annotated[
         bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")
     ] = False,
@@ -98,7 +110,7 @@ def compare(
 
     with _cli.user_errors():
         configs = compare_configs(
-            quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only
+            quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only, comm_budget
         )
         total = sum(len(c.seeds) for c in configs) * 5
         done = 0

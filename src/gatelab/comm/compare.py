@@ -32,14 +32,29 @@ class CompareConfig:
     base: TrainConfig  # environment and optimisation settings shared by every variant
     seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
     comm_cost: float = 0.1  # temporal-gate communication-cost coefficient (commformer_tg)
+    comm_budget: float = 0.0  # > 0: commformer_tg trains budgeted gates (BUDGETED_GATES)
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
     max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
     eval_only: bool = False  # evaluate each run's last checkpoint as it is, train nothing
 
 
-def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float) -> TrainConfig:
-    """The training config of one (variant, seed)."""
+# commformer_tg with a communication budget: the hybrid gate estimator, gates open for the first
+# half (the policy learns to use messages first), training gates tempered 1 -> 0.1 towards the
+# execution threshold, and the cost adapted by dual ascent to meet the budget (gatelab.comm.train)
+BUDGETED_GATES = {
+    "gate_estimator": "hybrid",
+    "gate_warmup": 0.5,
+    "gate_temp_min": 0.1,
+    "budget_lr": 0.01,
+    "comm_cost": 0.0,
+}
+
+
+def variant_config(
+    base: TrainConfig, variant: str, seed: int, comm_cost: float, comm_budget: float = 0.0
+) -> TrainConfig:
+    """The training config of one (variant, seed); ``comm_budget > 0``: budgeted gates."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     changes: dict = {"seed": seed, "temporal_gate": False, "comm_cost": 0.0}
@@ -49,6 +64,8 @@ def variant_config(base: TrainConfig, variant: str, seed: int, comm_cost: float)
         changes.update(graph="learned")
     elif variant == "commformer_tg":
         changes.update(graph="learned", temporal_gate=True, comm_cost=comm_cost)
+        if comm_budget > 0:
+            changes.update(BUDGETED_GATES, comm_budget=comm_budget)
     else:
         changes.update(graph=variant)
     return replace(base, **changes)
@@ -100,7 +117,7 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     jobs, keys = [], []
     for variant in VARIANTS:
         for seed in cfg.seeds:
-            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost)
+            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget)
             run_dir = str(env_dir / variant / f"seed{seed}")
             jobs.append(
                 (asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
@@ -152,6 +169,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "seeds": list(cfg.seeds),
         "base": asdict(cfg.base),
         "comm_cost": cfg.comm_cost,
+        "comm_budget": cfg.comm_budget,
         "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,

@@ -33,6 +33,7 @@ def compare_configs(
     max_minutes: float = 0.0,
     comm_cost: float = 0.1,
     eval_only: bool = False,
+    comm_budget: float = 0.0,
 ) -> list[CompareConfig]:
     """The :class:`CompareConfig` of each environment for ``gatelab comm compare``."""
     table = QUICK if quick else FULL
@@ -40,6 +41,8 @@ def compare_configs(
     unknown = [e for e in envs if e not in table]
     if unknown:
         raise ValueError(f"compare supports {', '.join(table)}; got {unknown[0]!r}")
+    if not 0.0 <= comm_budget <= 1.0:
+        raise ValueError(f"comm_budget must be in [0, 1], got {comm_budget}")
     if comm_cost < 0:
         raise ValueError(f"comm_cost must be >= 0, got {comm_cost}")
     if seeds < 1:
@@ -55,6 +58,7 @@ def compare_configs(
                 jobs=jobs,
                 max_minutes=max_minutes,
                 comm_cost=comm_cost,
+                comm_budget=comm_budget,
                 eval_only=eval_only,
             )
         )

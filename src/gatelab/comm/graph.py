@@ -23,11 +23,12 @@ it the policy only ever trains on noisy graphs but is evaluated on the one deter
 The logits start as :math:`\mathcal N(0, \sigma^2)` (symmetry breaking, §5.4 item 3).
 
 **Temporal gate** (CommFormer extension, reconstructed [R]): agent :math:`i` computes
-:math:`p_i = \sigma(w^\top o_i + b)` from its own observation and receives messages this step iff
-:math:`z_i = 1` (:math:`z_i \sim \text{Bernoulli}(p_i)` in training rollouts, :math:`z_i =
-1[p_i > 1/2]` at execution); the gradient is straight-through, :math:`z + p - \text{sg}(p)`.
-A closed gate zeroes receiver :math:`i`'s whole row except itself, in the encoder *and* in the
-decoder's action messages.
+:math:`p_i = \sigma(f(o_i))` from its own observation (:math:`f` linear, or a one-hidden-layer MLP)
+and receives messages this step iff :math:`z_i = 1` (:math:`z_i \sim \text{Bernoulli}(p_i)` in
+training rollouts, :math:`z_i = 1[p_i > 1/2]` at execution). A closed gate zeroes receiver
+:math:`i`'s whole row except itself, in the encoder *and* in the decoder's action messages. How the
+gate is trained (straight-through only, or the hybrid estimator that also treats :math:`z_i` as
+part of the agent's stochastic action) is in :mod:`gatelab.comm.ppo`.
 
 **Communication rate**: active sender->receiver edges (self excluded) over :math:`A(A-1)`, per step.
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gatelab import gates
@@ -182,27 +184,69 @@ def scaled_gumbel_topk(
 
 
 class TemporalGate(nn.Module):
-    r"""Per-agent listen/not-listen gate :math:`p_i = \sigma(w^\top o_i + b)` on its own obs.
+    r"""Per-agent listen/not-listen gate :math:`p_i = \sigma(f(o_i))` on its own observation.
+
+    Args:
+        obs_dim: ``O``.
+        init_bias: output bias at init (positive: open at start, everyone listens).
+        hidden: ``0``: :math:`f(o) = w^\top o + b`; ``h > 0``: :math:`f(o) = w_2^\top
+            \tanh(W_1 o + b_1) + b_2` with ``h`` hidden units.
 
     Shape:
-        obs ``(B, A, O)`` -> probabilities ``(B, A)``.
+        obs ``(B, A, O)`` -> probabilities (:meth:`forward`) or logits (:meth:`logits`) ``(B, A)``.
 
-    Init: ``w ~ N(0, 0.01/O)``, ``b = init_bias`` (open at start: everyone listens).
+    Init: the output layer's weights ``~ N(0, 0.01/fan_in)``, its bias ``init_bias``; the hidden
+    layer PyTorch's default.
     """
 
-    def __init__(self, obs_dim: int, init_bias: float = 2.0) -> None:
+    def __init__(self, obs_dim: int, init_bias: float = 2.0, hidden: int = 0) -> None:
         super().__init__()
-        self.obs_dim, self.init_bias = obs_dim, init_bias
-        self.linear = nn.Linear(obs_dim, 1)
+        if hidden < 0:
+            raise ValueError(f"gate hidden width must be >= 0, got {hidden}")
+        self.obs_dim, self.init_bias, self.hidden = obs_dim, init_bias, hidden
+        if hidden:
+            self.body = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh())
+        else:
+            self.register_module("body", None)
+        self.linear = nn.Linear(hidden or obs_dim, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Small weights, open bias."""
-        nn.init.normal_(self.linear.weight, std=0.1 / math.sqrt(self.obs_dim))
+        """Small output weights, open bias."""
+        nn.init.normal_(self.linear.weight, std=0.1 / math.sqrt(self.linear.in_features))
         nn.init.constant_(self.linear.bias, self.init_bias)
 
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """:math:`f(o_i)`, ``(B, A)``."""
+        return self.linear(obs if self.body is None else self.body(obs)).squeeze(-1)
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.sigmoid(self.linear(obs).squeeze(-1))  # (B, A)
+        return torch.sigmoid(self.logits(obs))  # (B, A)
+
+
+def bernoulli_logp(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log P(z)` under :math:`\text{Bernoulli}(\sigma(\ell))`, computed stably.
+
+    ``z log sigma(l) + (1 - z) log sigma(-l)``; shapes broadcast.
+    """
+    return z * F.logsigmoid(logits) + (1 - z) * F.logsigmoid(-logits)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    r"""Entropy of :math:`\text{Bernoulli}(\sigma(\ell))` in nats, elementwise."""
+    p = torch.sigmoid(logits)
+    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+
+
+def agent_comm_rate(graph: torch.Tensor, listen: torch.Tensor | None) -> torch.Tensor:
+    """Each receiver's active incoming edges (self excluded) over ``A - 1``.
+
+    The mean over agents is :func:`comm_rate` of the gated graph. Shape: graph ``(..., A, A)``,
+    listen ``(..., A)`` or None -> ``(..., A)``.
+    """
+    gated = gate_graph(graph, listen)
+    n = gated.shape[-1]
+    return (gated.sum(-1) - torch.diagonal(gated, dim1=-2, dim2=-1)) / (n - 1)
 
 
 def gate_graph(graph: torch.Tensor, listen: torch.Tensor | None) -> torch.Tensor:

@@ -52,6 +52,7 @@ class CommConfig:
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     alpha_init_std: float = 1.0  # symmetry-breaking init of the graph logits
     gate_init_bias: float = 1.0  # temporal gate starts mostly open (sigmoid(1) = 0.73)
+    gate_hidden: int = 0  # temporal gate: 0 linear on the observation, h > 0 an MLP of width h
     graph_seed: int = 0  # seeds alpha's init and the fixed random graph
 
     def __post_init__(self) -> None:
@@ -189,7 +190,7 @@ class CommFormer(nn.Module):
             a, cfg.sparsity, cfg.graph, cfg.gumbel_tau, cfg.alpha_init_std, cfg.graph_seed
         )
         if cfg.temporal_gate:
-            self.gate = TemporalGate(cfg.obs_dim, cfg.gate_init_bias)
+            self.gate = TemporalGate(cfg.obs_dim, cfg.gate_init_bias, cfg.gate_hidden)
         else:
             self.register_module("gate", None)
         self.obs_in = nn.Sequential(nn.LayerNorm(cfg.obs_dim), nn.Linear(cfg.obs_dim, d), nn.GELU())

@@ -25,11 +25,14 @@ import torch
 
 from gatelab.comm.checkpoint import load_checkpoint, save_checkpoint
 from gatelab.comm.envs import ENVS, make_env
+from gatelab.comm.gating import gate_schedule, gate_temperature, next_budget_cost, threshold_rate
 from gatelab.comm.graph import GRAPH_KINDS
 from gatelab.comm.model import CommConfig, CommFormer
-from gatelab.comm.ppo import Batch, ValueNorm, collect, gae, ppo_losses
+from gatelab.comm.ppo import Batch, ValueNorm, collect, comm_penalty, gae, ppo_losses
 
 log = logging.getLogger(__name__)
+
+GATE_ESTIMATORS = ("st", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,14 @@ class TrainConfig:
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
     gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
+    gate_estimator: str = "st"  # st | hybrid: how the temporal gate is trained (gatelab.comm.ppo)
+    gate_hidden: int = 0  # temporal gate: 0 linear, h > 0 a one-hidden-layer MLP of width h
+    gate_init_bias: float = 1.0  # temporal gate's initial logit bias (1: p = 0.73, open)
+    gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
+    cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
+    comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
+    budget_lr: float = 0.01  # step of that adaptation per update and unit of rate excess
+    gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
@@ -81,6 +92,26 @@ class TrainConfig:
             raise ValueError(f"graph must be one of {', '.join(GRAPH_KINDS)}, got {self.graph!r}")
         if self.graph_anneal < 0:
             raise ValueError(f"graph_anneal must be >= 0, got {self.graph_anneal}")
+        if self.gate_estimator not in GATE_ESTIMATORS:
+            raise ValueError(
+                f"gate_estimator must be one of {', '.join(GATE_ESTIMATORS)}, "
+                f"got {self.gate_estimator!r}"
+            )
+        if self.gate_estimator == "hybrid" and self.gate_anneal:
+            raise ValueError("gate_anneal needs gate_estimator='st' (hybrid samples Bernoulli(p))")
+        for name in ("gate_warmup", "cost_ramp"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.comm_budget <= 1.0:
+            raise ValueError(f"comm_budget must be in [0, 1], got {self.comm_budget}")
+        if self.comm_budget > 0 and self.cost_ramp > 0:
+            raise ValueError("comm_budget adapts the cost itself: set cost_ramp = 0")
+        if not 0.0 < self.gate_temp_min <= 1.0:
+            raise ValueError(f"gate_temp_min must be in (0, 1], got {self.gate_temp_min}")
+        if self.gate_temp_min < 1.0 and self.gate_estimator != "hybrid":
+            raise ValueError("gate_temp_min < 1 needs gate_estimator='hybrid'")
+        if self.gate_hidden < 0:
+            raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
             raise ValueError(f"comm_cost must be >= 0, got {self.comm_cost}")
         for name in ("n_envs", "updates", "ppo_epochs", "minibatches", "alpha_every"):
@@ -111,6 +142,8 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
         sparsity=cfg.sparsity,
         graph=cfg.graph,
         temporal_gate=cfg.temporal_gate,
+        gate_hidden=cfg.gate_hidden,
+        gate_init_bias=cfg.gate_init_bias,
         gumbel_tau=cfg.gumbel_tau,
         graph_seed=cfg.seed,
     )
@@ -185,6 +218,9 @@ def train(
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
     agent_steps = sum(h["agent_steps"] for h in history[-1:])
+    budget_cost = None
+    if history and model.gate is not None:  # resumed: the multiplier after the last update
+        budget_cost = next_budget_cost(cfg, history[-1])
     began = time.perf_counter()
     for update in range(start, cfg.updates):
         tick = time.perf_counter()
@@ -192,12 +228,19 @@ def train(
         # rollout
         model.eval()
         noise = graph_noise(cfg, update)
+        gates_on, cost = gate_schedule(cfg, update, budget_cost)
+        temp = gate_temperature(cfg, update)
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
-            gate_noise=noise if cfg.gate_anneal else 1.0,
+            gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
+            open_critic=cfg.gate_estimator == "hybrid", gate_temp=temp,
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
-        adv, returns = gae(ro.rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
+        hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
+        rewards = ro.rewards
+        if hybrid:  # the communication cost as a per-agent reward (gatelab.comm.ppo docstring)
+            rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cost)
+        adv, returns = gae(rewards, values, ro.done, cfg.gamma, cfg.gae_lambda)
         alive = ro.alive.flatten()  # (T*B,)
         value_norm.update(returns.flatten(0, 1)[alive])
         targets = value_norm.normalize(returns)
@@ -216,6 +259,7 @@ def train(
             "acting": ro.acting.flatten(0, 1),
         }
         listen = None if ro.listen is None else ro.listen.flatten(0, 1)
+        gate_logp = ro.gate_logp.flatten(0, 1) if hybrid else None
         train_alpha = opt_alpha is not None and update >= cfg.alpha_warmup_updates
         stats = []
         for epoch in range(cfg.ppo_epochs):
@@ -228,17 +272,19 @@ def train(
                         **{k: v[rows] for k, v in flat.items()},
                         listen=None if listen is None else listen[rows],
                         env_index=envs,
+                        gate_logp=None if gate_logp is None else gate_logp[rows],
                     )
                     graph = ro.graph
                     if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
                         graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                    parts = ppo_losses(model, batch, graph[envs], cfg.clip)
+                    parts = ppo_losses(model, batch, graph[envs], cfg.clip, hybrid, temp)
                     loss = (
                         parts.policy
                         + cfg.value_coef * parts.value
                         - cfg.entropy_coef * parts.entropy
-                        + cfg.comm_cost * parts.comm
                     )
+                    if not hybrid and ro.listen is not None:  # "st": the cost as a loss term
+                        loss = loss + cost * parts.comm
                     opt.zero_grad(set_to_none=True)
                     if opt_alpha is not None:
                         opt_alpha.zero_grad(set_to_none=True)
@@ -259,6 +305,7 @@ def train(
             "train/success": float(ro.success.mean()),
             "train/steps": float(ro.steps.mean()),
             "train/comm_rate": float(comm_live.mean()),
+            **threshold_rate(model, ro, alive, cost, temp),
             "loss/policy": mean[0],
             "loss/value": mean[1],
             "loss/entropy": mean[2],
@@ -270,6 +317,8 @@ def train(
             "perf/steps_per_s": int(ro.steps.sum()) * cfg.agents / (time.perf_counter() - tick),
         }
         history.append(row)
+        if model.gate is not None:
+            budget_cost = next_budget_cost(cfg, row)
         if run_dir is not None:
             _append_scalars(run_dir, row)
             out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
