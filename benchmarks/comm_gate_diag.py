@@ -5,7 +5,8 @@ actions, episodes seeded by ``--seed``) and, per live agent-step, whether the ag
 split into *frozen* predators (already on the prey: ``env.acting()`` false) and *searching* ones.
 With ``--drop`` it also evaluates the same model with each receiver's listening further kept only
 with probability q (independent coin per agent and step): how much success a *random* cut of the
-searchers' listening costs. Run, e.g.:
+searchers' listening costs (``benchmarks/comm_listen_rules.py``: what hand-written listen rules
+on the agent's own view cut at no loss). Run, e.g.:
 
     .venv/bin/python benchmarks/comm_gate_diag.py \
         runs/comm_pp6/comm/predator_prey/commformer/seed0 --drop 0.75 0.5

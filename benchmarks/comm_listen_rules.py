@@ -11,7 +11,8 @@ rule in place of a learned gate, on the evaluation episodes ``compare`` uses (20
 Both rules read only what the agent's own observation shows (its ``reached`` flag, the prey
 channel of its window), so a learned gate on the observation can represent them. The
 communication rate is active edges over ``A (A - 1)`` per live step, as in
-:mod:`gatelab.comm.eval`. Run, e.g.:
+:mod:`gatelab.comm.eval`. ``benchmarks/comm_gate_diag.py`` is the companion: who listens in a
+*gated* run, and what a random cut of listening costs. Run, e.g.:
 
     .venv/bin/python benchmarks/comm_listen_rules.py runs/comm/predator_prey/commformer
 """
