@@ -310,12 +310,10 @@ def ppo_losses(
     surrogate = torch.minimum(ratio * batch.adv, ratio.clamp(1 - clip, 1 + clip) * batch.adv)
     weight = weight / weight.sum().clamp_min(1.0)
     entropy = (-(logp_all.exp() * logp_all).sum(-1) * weight).sum()
-    policy = -(surrogate * weight).sum()
-    if hybrid_gate:
+    policy, values = -(surrogate * weight).sum(), out.values
+    if hybrid_gate:  # every live agent decides whether to listen; the critic ignores the gates
         policy = -surrogate.mean()
         entropy = entropy + bernoulli_entropy(gate_logits).mean()
-    values = out.values
-    if hybrid_gate:
         values = model.encode(batch.obs, graph)[1]
     return LossParts(
         policy,
