@@ -27,7 +27,7 @@ def rollout(model, cfg: dict, episodes: int, seed: int):
     env = make_env(cfg["env"], episodes, cfg["agents"], cfg["grid"], cfg["vision"],
                    cfg["episode_limit"] or None)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    return ppo.collect(model, env, seed, 0, gen, training=False)
+    return ppo.collect(model, env, seed, 0, gen, training=False, memory=cfg.get("memory", False))
 
 
 def main() -> None:

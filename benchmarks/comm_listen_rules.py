@@ -27,6 +27,7 @@ import torch
 from gatelab.comm.checkpoint import load_model
 from gatelab.comm.envs import make_env
 from gatelab.comm.graph import comm_rate, gate_graph
+from gatelab.comm.ppo import with_memory
 
 RULES = ("always", "unless-reached", "unless-prey-seen")
 
@@ -53,7 +54,9 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
                        train_cfg["vision"], train_cfg["episode_limit"] or None)  # fmt: skip
         env_seed = seed * 1_000_003 + done  # as gatelab.comm.eval.evaluate
         generator = torch.Generator().manual_seed(env_seed)
+        memory = bool(train_cfg.get("memory", False))
         obs = torch.as_tensor(env.reset(env_seed))
+        obs = with_memory(obs, None, env.n_actions) if memory else obs
         graph = graph0.expand(n, -1, -1).clone()
         alive = np.ones(n, dtype=bool)
         for _ in range(env.episode_limit):
@@ -63,6 +66,7 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
             step = env.step(actions.numpy())
             alive = ~step.done
             obs = torch.as_tensor(step.obs)
+            obs = with_memory(obs, actions, env.n_actions) if memory else obs
             if not alive.any():
                 break
         success.append(step.success.copy())

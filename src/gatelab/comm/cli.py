@@ -31,6 +31,9 @@ def train(
     comm_budget: Annotated[
         float, typer.Option(help="> 0: budgeted temporal gates meeting this comm rate.")
     ] = 0.0,
+    memory: Annotated[
+        bool, typer.Option(help="Append each agent's previous action to its observation.")
+    ] = False,
     updates: Annotated[int, typer.Option(help="PPO updates.")] = 300,
     n_envs: Annotated[int, typer.Option(help="Episodes per rollout.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
@@ -48,7 +51,7 @@ def train(
         cfg = TrainConfig(
             env=env, agents=agents, grid=grid, vision=vision, episode_limit=episode_limit,
             graph=graph, sparsity=sparsity, temporal_gate=temporal_gate, comm_cost=comm_cost,
-            updates=updates, n_envs=n_envs, seed=seed, device=device,
+            updates=updates, n_envs=n_envs, seed=seed, device=device, memory=memory,
         )  # fmt: skip
         if comm_budget > 0:
             from gatelab.comm.compare import BUDGETED_GATES
@@ -58,7 +61,8 @@ def train(
             )
         if quick:
             cfg = replace(cfg, **QUICK)
-        tag = f"{env}_a{agents}_{graph}_s{sparsity:g}{'_tg' if temporal_gate else ''}_seed{seed}"
+        flags = ("_tg" if temporal_gate else "") + ("_mem" if memory else "")
+        tag = f"{env}_a{agents}_{graph}_s{sparsity:g}{flags}_seed{seed}"
         out = run_dir or Path("runs/comm/train") / tag
         with _cli.progress_bar("comm train", cfg.updates) as update:
             result = run_train(cfg, out, progress=update, resume=resume)
@@ -101,6 +105,9 @@ def compare(
     eval_only: Annotated[
         bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")
     ] = False,
+    memory: Annotated[
+        bool, typer.Option(help="Append each agent's previous action to its observation.")
+    ] = False,
     runs_dir: Annotated[Path, typer.Option(help="Root of the output.")] = Path("runs"),
 ) -> None:
     """Train all variants (full, commformer, commformer_tg, random, none) and write runs/comm/."""
@@ -110,8 +117,9 @@ def compare(
 
     with _cli.user_errors():
         configs = compare_configs(
-            quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only, comm_budget
-        )
+            quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only, comm_budget,
+            memory,
+        )  # fmt: skip
         total = sum(len(c.seeds) for c in configs) * 5
         done = 0
         with _cli.progress_bar("comm compare", total) as update:

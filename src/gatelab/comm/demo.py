@@ -34,6 +34,7 @@ def compare_configs(
     comm_cost: float = 0.1,
     eval_only: bool = False,
     comm_budget: float = 0.0,
+    memory: bool = False,
 ) -> list[CompareConfig]:
     """The :class:`CompareConfig` of each environment for ``gatelab comm compare``."""
     table = QUICK if quick else FULL
@@ -50,6 +51,7 @@ def compare_configs(
     out = []
     for env in envs:
         base = table[env] if not updates else replace(table[env], updates=updates)
+        base = replace(base, memory=memory)  # every variant alike
         out.append(
             CompareConfig(
                 base=base,

@@ -47,7 +47,8 @@ def evaluate(
         )
         env_seed = seed * 1_000_003 + done  # episode j of the evaluation uses seed*1000003 + j
         generator = torch.Generator().manual_seed(env_seed)
-        ro = collect(model, env, env_seed, 0, generator, training=False, greedy=greedy)
+        memory = bool(train_cfg.get("memory", False))
+        ro = collect(model, env, env_seed, 0, generator, False, greedy, memory=memory)
         env.close()
         success.append(ro.success)
         steps.append(ro.steps)

@@ -55,6 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gatelab.comm.envs.base import VecEnv
@@ -140,6 +141,18 @@ def listen_gates(
     return (0.5 + noise * (u - 0.5) < p).to(obs.dtype)
 
 
+def with_memory(obs: torch.Tensor, previous: torch.Tensor | None, n_actions: int) -> torch.Tensor:
+    """Append each agent's previous action as a one-hot: ``(B, A, O)`` -> ``(B, A, O + n_actions)``.
+
+    The policy is otherwise memoryless; this one-step memory lets an agent keep a heading it took
+    on the strength of earlier messages. ``previous (B, A)`` or None (first step: zeros).
+    """
+    memory = torch.zeros(*obs.shape[:-1], n_actions, dtype=obs.dtype, device=obs.device)
+    if previous is not None:
+        memory = F.one_hot(previous, n_actions).to(obs.dtype)
+    return torch.cat([obs, memory], -1)
+
+
 @torch.no_grad()
 def collect(
     model: CommFormer,
@@ -154,6 +167,7 @@ def collect(
     gates: bool = True,
     open_critic: bool = False,
     gate_temp: float = 1.0,
+    memory: bool = False,
 ) -> Rollout:
     """Run one batch of episodes; ``training`` samples graph and gates, else deterministic ones.
 
@@ -161,13 +175,17 @@ def collect(
     ``gate_noise`` that of the temporal gates (:func:`listen_gates`); ``gates=False`` opens every
     temporal gate (the rollout stores no gates, as for a model without them). ``open_critic``:
     the stored values read the ungated graph (the hybrid estimator's baseline, module docstring);
-    ``gate_temp``: the training gates' temperature.
+    ``gate_temp``: the training gates' temperature. ``memory``: each agent's observation ends
+    with the one-hot of its own previous action (zeros at the first step), stored with the
+    rollout, so the recomputed log-probs see exactly what the rollout saw (:func:`with_memory`).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
     """
     device = next(model.parameters()).device
     obs = torch.as_tensor(env.reset(env_seed), device=device)
     b, t_max = env.n_envs, env.episode_limit
+    if memory:
+        obs = with_memory(obs, None, env.n_actions)
     if training:
         graph = model.graph.sample(b, graph_seed, graph_noise).to(device)
     else:
@@ -198,6 +216,8 @@ def collect(
         steps += alive.cpu().numpy()
         alive = ~buf["done"][-1]
         obs = torch.as_tensor(step.obs, device=device)
+        if memory:
+            obs = with_memory(obs, actions, env.n_actions)
         if not alive.any():
             break
     stack = {k: torch.stack(v) for k, v in buf.items()}

@@ -75,6 +75,7 @@ class TrainConfig:
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
     comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
     budget_lr: float = 0.01  # step of that adaptation per update and unit of rate excess
+    memory: bool = False  # append each agent's previous action (one-hot) to its observation
     gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
@@ -134,7 +135,7 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
         cfg.env, n_envs or cfg.n_envs, cfg.agents, cfg.grid, cfg.vision, cfg.episode_limit or None
     )
     model_cfg = CommConfig(
-        obs_dim=env.obs_dim,
+        obs_dim=env.obs_dim + (env.n_actions if cfg.memory else 0),
         n_actions=env.n_actions,
         n_agents=cfg.agents,
         d_model=cfg.d_model,
@@ -233,7 +234,7 @@ def train(
         ro = collect(
             model, env, env_seed, graph_seed, generator, training=True, graph_noise=noise,
             gate_noise=noise if cfg.gate_anneal else 1.0, gates=gates_on,
-            open_critic=cfg.gate_estimator == "hybrid", gate_temp=temp,
+            open_critic=cfg.gate_estimator == "hybrid", gate_temp=temp, memory=cfg.memory,
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
