@@ -15,6 +15,11 @@ app = typer.Typer(help="CommFormer: learned sparse communication graphs with tem
 QUICK = {"updates": 20, "n_envs": 32}  # --quick: a smoke-sized run (seconds to a minute)
 
 
+Memory = Annotated[
+    bool, typer.Option(help="Append each agent's previous action to its observation.")
+]
+
+
 @app.command()
 def train(
     env: Annotated[
@@ -31,9 +36,7 @@ def train(
     comm_budget: Annotated[
         float, typer.Option(help="> 0: budgeted temporal gates meeting this comm rate.")
     ] = 0.0,
-    memory: Annotated[
-        bool, typer.Option(help="Append each agent's previous action to its observation.")
-    ] = False,
+    memory: Memory = False,
     updates: Annotated[int, typer.Option(help="PPO updates.")] = 300,
     n_envs: Annotated[int, typer.Option(help="Episodes per rollout.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
@@ -105,9 +108,7 @@ def compare(
     eval_only: Annotated[
         bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")
     ] = False,
-    memory: Annotated[
-        bool, typer.Option(help="Append each agent's previous action to its observation.")
-    ] = False,
+    memory: Memory = False,
     runs_dir: Annotated[Path, typer.Option(help="Root of the output.")] = Path("runs"),
 ) -> None:
     """Train all variants (full, commformer, commformer_tg, random, none) and write runs/comm/."""
