@@ -1,7 +1,23 @@
-"""The temporal gates' training schedule: warm-up, cost ramp or budget, temperature.
+r"""Training the temporal gates: their schedule and the causal estimator's targets.
 
-Used by :func:`gatelab.comm.train.train`; the estimators themselves are in
-:mod:`gatelab.comm.ppo`.
+The schedule: warm-up, cost ramp or budget, temperature.
+
+**Causal gates** (``TrainConfig(gate_estimator="causal")``, after I2C: Ding, Huang, Lu, "Learning
+Individually Inferred Communication for Multi-Agent Cooperation", NeurIPS 2020,
+arXiv:2006.06455). The worth of agent :math:`i` listening at a step is the causal effect of the
+messages on its policy,
+
+.. math:: \Delta_i = \mathrm{KL}\big(\pi_\theta(\cdot \mid o, z_i = 1)\,\big\|\,
+          \pi_\theta(\cdot \mid o, z_i = 0)\big),
+
+the other agents' gates as the rollout drew them (:func:`causal_effect`; zero for an agent whose
+action the environment ignores). The gate is a classifier of its own observation trained by binary
+cross-entropy on :math:`y_i = 1[\Delta_i > q]`, :math:`q` the quantile that labels the budgeted
+share of live agent-steps as "listen" (:func:`causal_labels`): the budget fixes *how much* is
+heard, the causal effect *where*. The gate gets no policy-gradient or straight-through signal; the
+policy trains by PPO on the stored gates, so ratios stay exact.
+
+Used by :func:`gatelab.comm.train.train`; the RL estimators are in :mod:`gatelab.comm.ppo`.
 """
 
 from __future__ import annotations
@@ -9,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from gatelab.comm.graph import comm_rate, gate_graph
 
@@ -62,6 +79,8 @@ def next_budget_cost(cfg: TrainConfig, row: dict) -> float | None:
     """
     if cfg.comm_budget <= 0 or row["update"] <= round(cfg.gate_warmup * cfg.updates):
         return None
+    if cfg.gate_estimator == "causal":  # the budget sets the label share, not a price
+        return None
     excess = row["train/comm_rate_threshold"] - cfg.comm_budget
     return max(0.0, row["train/comm_cost"] + cfg.budget_lr * excess)
 
@@ -81,3 +100,50 @@ def threshold_rate(model: CommFormer, ro: Rollout, alive, cost: float, temp: flo
         "train/comm_cost": cost,
         "train/gate_temp": temp,
     }
+
+
+@torch.no_grad()
+def causal_effect(model: CommFormer, ro: Rollout) -> torch.Tensor:
+    """Delta_i: KL of agent ``i``'s policy listening vs not, per step ``(T, B, A)``.
+
+    Teacher-forced on the rollout's actions and graph; the other agents keep the rollout's gates.
+    Zero where the agent's action is ignored (``ro.acting``) or the episode is over.
+    """
+    if ro.listen is None:
+        raise ValueError("causal_effect needs a rollout with temporal gates")
+    t, b, a = ro.actions.shape
+    obs, actions = ro.obs.flatten(0, 1), ro.actions.flatten(0, 1)
+    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)  # (T*B, A, A)
+    listen = ro.listen.flatten(0, 1)  # (T*B, A)
+    effect = torch.zeros_like(listen)
+    for i in range(a):
+        logp = []
+        for z in (1.0, 0.0):
+            counterfactual = listen.clone()
+            counterfactual[:, i] = z
+            logits = model(obs, graph, counterfactual, actions).logits[:, i]  # (T*B, n_act)
+            logp.append(F.log_softmax(logits, -1))
+        effect[:, i] = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+    live = ro.acting & ro.alive[..., None]
+    return effect.unflatten(0, (t, b)).clamp_min(0.0) * live
+
+
+def causal_labels(effect: torch.Tensor, live: torch.Tensor, share: float) -> torch.Tensor:
+    """0/1 listen targets: 1 where ``effect`` is among the largest ``share`` of ``live`` entries.
+
+    ``y = 1[effect > q]``, ``q`` the ``1 - share`` quantile of ``effect[live]`` (ties at ``q``,
+    e.g. the zeros of ignored agents, get 0). Shapes: effect, live ``(...)`` -> ``(...)``.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"listen share must be in (0, 1], got {share}")
+    values = effect[live]
+    if values.numel() == 0:
+        return torch.zeros_like(effect)
+    threshold = torch.quantile(values.double(), 1.0 - share).to(effect.dtype)
+    return (effect > threshold).to(effect.dtype)
+
+
+def listen_share(cfg: TrainConfig, ro: Rollout) -> float:
+    """The share of agent-steps the budget lets listen: ``comm_budget`` / the ungated comm rate."""
+    ungated = float(comm_rate(ro.graph).mean())
+    return 1.0 if ungated <= 0 else min(1.0, cfg.comm_budget / ungated)

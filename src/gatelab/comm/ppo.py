@@ -296,6 +296,7 @@ def ppo_losses(
     clip: float,
     hybrid_gate: bool = False,
     gate_temp: float = 1.0,
+    straight_through: bool = True,
 ) -> LossParts:
     """Clipped surrogate, value MSE, entropy and differentiable communication rate.
 
@@ -310,9 +311,11 @@ def ppo_losses(
     over every agent (a frozen agent contributes its gate term only); the entropy adds the gates';
     the value loss reads the ungated ``graph`` (the baseline may not depend on the gates).
     ``gate_temp``: the rollout gates' temperature (hybrid only; module docstring).
+    ``straight_through=False``: the stored gates enter as constants (the ``"causal"`` estimator
+    trains the gate by its own loss, :mod:`gatelab.comm.gating`).
     """
     listen, gate_logits = batch.listen, None
-    if listen is not None:
+    if listen is not None and (straight_through or hybrid_gate):
         gate_logits = model.gate.logits(batch.obs) / gate_temp  # (M, A)
         p = torch.sigmoid(gate_logits)
         listen = listen + (p - p.detach())  # value: the stored gates; gradient: straight-through

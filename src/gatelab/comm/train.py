@@ -22,17 +22,26 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gatelab.comm.checkpoint import load_checkpoint, save_checkpoint
 from gatelab.comm.envs import ENVS, make_env
-from gatelab.comm.gating import gate_schedule, gate_temperature, next_budget_cost, threshold_rate
+from gatelab.comm.gating import (
+    causal_effect,
+    causal_labels,
+    gate_schedule,
+    gate_temperature,
+    listen_share,
+    next_budget_cost,
+    threshold_rate,
+)
 from gatelab.comm.graph import GRAPH_KINDS
 from gatelab.comm.model import CommConfig, CommFormer
 from gatelab.comm.ppo import Batch, ValueNorm, collect, comm_penalty, gae, ppo_losses
 
 log = logging.getLogger(__name__)
 
-GATE_ESTIMATORS = ("st", "hybrid")
+GATE_ESTIMATORS = ("st", "hybrid", "causal")
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class TrainConfig:
     gumbel_tau: float = 1.0  # Gumbel top-k temperature
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
     gate_anneal: bool = False  # anneal the temporal gates' sampling to the threshold likewise
-    gate_estimator: str = "st"  # st | hybrid: how the temporal gate is trained (gatelab.comm.ppo)
+    gate_estimator: str = "st"  # st | hybrid | causal: how the gate trains (ppo.py, gating.py)
     gate_hidden: int = 0  # temporal gate: 0 linear, h > 0 a one-hidden-layer MLP of width h
     gate_init_bias: float = 1.0  # temporal gate's initial logit bias (1: p = 0.73, open)
     gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
@@ -109,8 +118,10 @@ class TrainConfig:
             raise ValueError("comm_budget adapts the cost itself: set cost_ramp = 0")
         if not 0.0 < self.gate_temp_min <= 1.0:
             raise ValueError(f"gate_temp_min must be in (0, 1], got {self.gate_temp_min}")
-        if self.gate_temp_min < 1.0 and self.gate_estimator != "hybrid":
-            raise ValueError("gate_temp_min < 1 needs gate_estimator='hybrid'")
+        if self.gate_temp_min < 1.0 and self.gate_estimator == "st":
+            raise ValueError("gate_temp_min < 1 needs gate_estimator='hybrid' or 'causal'")
+        if self.gate_estimator == "causal" and self.comm_budget <= 0:
+            raise ValueError("gate_estimator='causal' needs comm_budget > 0 (its listen share)")
         if self.gate_hidden < 0:
             raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.comm_cost < 0:
@@ -238,6 +249,14 @@ def train(
         )  # fmt: skip
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
+        causal = cfg.gate_estimator == "causal" and ro.listen is not None
+        labels, causal_row = None, {}
+        if causal:  # the gate's targets (gatelab.comm.gating docstring)
+            live = ro.alive[..., None].expand_as(ro.listen)
+            effect = causal_effect(model, ro)
+            share = listen_share(cfg, ro)
+            labels = causal_labels(effect, live, share).flatten(0, 1)
+            causal_row = {"train/causal_effect": float(effect[live].mean()), "train/share": share}
         rewards = ro.rewards
         if hybrid:  # the communication cost as a per-agent reward (gatelab.comm.ppo docstring)
             rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cost)
@@ -278,14 +297,19 @@ def train(
                     graph = ro.graph
                     if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
                         graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                    parts = ppo_losses(model, batch, graph[envs], cfg.clip, hybrid, temp)
+                    parts = ppo_losses(
+                        model, batch, graph[envs], cfg.clip, hybrid, temp, not causal
+                    )
                     loss = (
                         parts.policy
                         + cfg.value_coef * parts.value
                         - cfg.entropy_coef * parts.entropy
                     )
-                    if not hybrid and ro.listen is not None:  # "st": the cost as a loss term
+                    if cfg.gate_estimator == "st" and ro.listen is not None:  # cost as a loss
                         loss = loss + cost * parts.comm
+                    if causal:  # the gate classifies its own observation (causal labels)
+                        gate_logits = model.gate.logits(batch.obs)
+                        loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
                     opt.zero_grad(set_to_none=True)
                     if opt_alpha is not None:
                         opt_alpha.zero_grad(set_to_none=True)
@@ -307,6 +331,7 @@ def train(
             "train/steps": float(ro.steps.mean()),
             "train/comm_rate": float(comm_live.mean()),
             **threshold_rate(model, ro, alive, cost, temp),
+            **causal_row,
             "loss/policy": mean[0],
             "loss/value": mean[1],
             "loss/entropy": mean[2],
