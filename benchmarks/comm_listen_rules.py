@@ -6,7 +6,10 @@ rule in place of a learned gate, on the evaluation episodes ``compare`` uses (20
 
 * ``always``: every agent listens (reproduces the run's own ``eval.json``: a sanity check);
 * ``unless-reached``: a predator on the prey stops listening (its actions are ignored anyway);
-* ``unless-prey-seen``: also a predator with the prey in its view stops listening.
+* ``unless-prey-seen``: also a predator with the prey in its view stops listening;
+* ``every-other-step`` and ``random-half``: blind 50% cuts (each agent listens at alternate
+  steps, in a random phase; or with probability 1/2 at each step). With ``--memory`` runs they
+  show how much one-step memory lets an agent act on the previous step's messages.
 
 Both rules read only what the agent's own observation shows (its ``reached`` flag, the prey
 channel of its window), so a learned gate on the observation can represent them. The
@@ -29,17 +32,22 @@ from gatelab.comm.envs import make_env
 from gatelab.comm.graph import comm_rate, gate_graph
 from gatelab.comm.ppo import with_memory
 
-RULES = ("always", "unless-reached", "unless-prey-seen")
+RULES = ("always", "unless-reached", "unless-prey-seen", "every-other-step", "random-half")
 
 
-def listen_rule(env, rule: str) -> torch.Tensor:
-    """``(B, A)`` 0/1 listen decisions from the environment state the agent itself observes."""
+def listen_rule(env, rule: str, step: int, phase: np.ndarray, rng: np.random.Generator):
+    """``(B, A)`` 0/1 listen decisions of step ``step`` (the state rules read only what the agent
+    itself observes; ``phase`` ``(B, A)`` in {0, 1} staggers ``every-other-step``)."""
     listen = np.ones(env.reached.shape, dtype=bool)
+    if rule == "every-other-step":
+        listen = (step + phase) % 2 == 0
+    if rule == "random-half":
+        listen = rng.random(listen.shape) < 0.5
     if rule in ("unless-reached", "unless-prey-seen"):
         listen &= ~env.reached
     if rule == "unless-prey-seen":
         listen &= np.abs(env.pos - env.prey[:, None]).max(-1) > env.vision  # prey outside window
-    return torch.as_tensor(listen, dtype=torch.float32)
+    return listen
 
 
 @torch.no_grad()
@@ -59,8 +67,10 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
         obs = with_memory(obs, None, env.n_actions) if memory else obs
         graph = graph0.expand(n, -1, -1).clone()
         alive = np.ones(n, dtype=bool)
-        for _ in range(env.episode_limit):
-            listen = listen_rule(env, rule)
+        rng = np.random.default_rng(env_seed)
+        phase = rng.integers(0, 2, env.reached.shape)
+        for t in range(env.episode_limit):
+            listen = torch.as_tensor(listen_rule(env, rule, t, phase, rng), dtype=torch.float32)
             actions, _, _ = model.act(obs, graph, listen, generator)
             comm.append(comm_rate(gate_graph(graph, listen)).numpy()[alive])
             step = env.step(actions.numpy())
