@@ -13,9 +13,14 @@ messages on its policy,
 the other agents' gates as the rollout drew them (:func:`causal_effect`; zero for an agent whose
 action the environment ignores). The gate is a classifier of its own observation trained by binary
 cross-entropy on :math:`y_i = 1[\Delta_i > q]`, :math:`q` the quantile that labels the budgeted
-share of live agent-steps as "listen" (:func:`causal_labels`): the budget fixes *how much* is
-heard, the causal effect *where*. The gate gets no policy-gradient or straight-through signal; the
-policy trains by PPO on the stored gates, so ratios stay exact.
+share :math:`s` of live agent-steps as "listen" (:func:`causal_labels`): the budget fixes *how
+much* is heard, the causal effect *where*. A classifier thresholded at 1/2 listens more often than
+its label share where the labels are uncertain, so :math:`s` starts at budget / ungated rate and
+follows :math:`s \leftarrow \mathrm{clip}(s - \eta\,(r - b), 0.01, 1)` after each update
+(:func:`next_label_share`; :math:`r` the execution gates' comm rate, :math:`\eta` = ``budget_lr``).
+
+The gate gets no policy-gradient or straight-through signal; the policy trains by PPO on the
+stored gates, so ratios stay exact.
 
 Used by :func:`gatelab.comm.train.train`; the RL estimators are in :mod:`gatelab.comm.ppo`.
 """
@@ -143,7 +148,37 @@ def causal_labels(effect: torch.Tensor, live: torch.Tensor, share: float) -> tor
     return (effect > threshold).to(effect.dtype)
 
 
+def next_label_share(cfg: TrainConfig, row: dict) -> float | None:
+    """Causal estimator: the label share after an update's scalars ``row`` (module docstring).
+
+    ``None`` while the gates are still in their warm-up (then :func:`listen_share` starts it).
+    """
+    if cfg.gate_estimator != "causal" or row["update"] <= round(cfg.gate_warmup * cfg.updates):
+        return None
+    excess = row["train/comm_rate_threshold"] - cfg.comm_budget
+    return min(1.0, max(0.01, row["train/share"] - cfg.budget_lr * excess))
+
+
 def listen_share(cfg: TrainConfig, ro: Rollout) -> float:
     """The share of agent-steps the budget lets listen: ``comm_budget`` / the ungated comm rate."""
     ungated = float(comm_rate(ro.graph).mean())
     return 1.0 if ungated <= 0 else min(1.0, cfg.comm_budget / ungated)
+
+
+def causal_targets(
+    cfg: TrainConfig, model: CommFormer, ro: Rollout, share: float | None
+) -> tuple[torch.Tensor | None, dict]:
+    """The causal gate's labels ``(T*B, A)`` for a rollout, and their scalars.
+
+    ``share``: the current label share (``None``: start from :func:`listen_share`). Other
+    estimators: ``(None, {})``; the warm-up (no gates): ``(None, share 1, effect 0)``.
+    """
+    if cfg.gate_estimator != "causal":
+        return None, {}
+    if ro.listen is None:
+        return None, {"train/causal_effect": 0.0, "train/share": 1.0}
+    live = ro.alive[..., None].expand_as(ro.listen)
+    effect = causal_effect(model, ro)
+    share = listen_share(cfg, ro) if share is None else share
+    labels = causal_labels(effect, live, share).flatten(0, 1)
+    return labels, {"train/causal_effect": float(effect[live].mean()), "train/share": share}

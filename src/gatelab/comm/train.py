@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from gatelab.comm.checkpoint import load_checkpoint, save_checkpoint
 from gatelab.comm.envs import ENVS, make_env
 from gatelab.comm.gating import (
-    causal_effect,
-    causal_labels,
+    causal_targets,
     gate_schedule,
     gate_temperature,
-    listen_share,
     next_budget_cost,
+    next_label_share,
     threshold_rate,
 )
 from gatelab.comm.graph import GRAPH_KINDS
@@ -83,7 +82,7 @@ class TrainConfig:
     gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
     comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
-    budget_lr: float = 0.01  # step of that adaptation per update and unit of rate excess
+    budget_lr: float = 0.01  # step of that adaptation (causal: of the label share) per unit excess
     memory: bool = False  # append each agent's previous action (one-hot) to its observation
     gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
     seed: int = 0  # seeds everything
@@ -230,9 +229,10 @@ def train(
     log.info("comm run %s from update %d: %s", run_dir, start, asdict(cfg))
     alpha0 = model.graph.alpha.detach().clone()
     agent_steps = sum(h["agent_steps"] for h in history[-1:])
-    budget_cost = None
+    budget_cost = label_share = None
     if history and model.gate is not None:  # resumed: the multiplier after the last update
         budget_cost = next_budget_cost(cfg, history[-1])
+        label_share = next_label_share(cfg, history[-1])
     began = time.perf_counter()
     for update in range(start, cfg.updates):
         tick = time.perf_counter()
@@ -250,13 +250,7 @@ def train(
         values = value_norm.denormalize(ro.values)
         hybrid = cfg.gate_estimator == "hybrid" and ro.listen is not None
         causal = cfg.gate_estimator == "causal" and ro.listen is not None
-        labels, causal_row = None, {}
-        if causal:  # the gate's targets (gatelab.comm.gating docstring)
-            live = ro.alive[..., None].expand_as(ro.listen)
-            effect = causal_effect(model, ro)
-            share = listen_share(cfg, ro)
-            labels = causal_labels(effect, live, share).flatten(0, 1)
-            causal_row = {"train/causal_effect": float(effect[live].mean()), "train/share": share}
+        labels, causal_row = causal_targets(cfg, model, ro, label_share)
         rewards = ro.rewards
         if hybrid:  # the communication cost as a per-agent reward (gatelab.comm.ppo docstring)
             rewards = rewards - comm_penalty(ro.graph, ro.listen, ro.alive, cost)
@@ -345,6 +339,7 @@ def train(
         history.append(row)
         if model.gate is not None:
             budget_cost = next_budget_cost(cfg, row)
+            label_share = next_label_share(cfg, row)
         if run_dir is not None:
             _append_scalars(run_dir, row)
             out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
