@@ -64,7 +64,8 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
         generator = torch.Generator().manual_seed(env_seed)
         memory = bool(train_cfg.get("memory", False))
         obs = torch.as_tensor(env.reset(env_seed))
-        obs = with_memory(obs, None, env.n_actions) if memory else obs
+        gated = model.gate is not None
+        obs = with_memory(obs, None, env.n_actions, None, gated) if memory else obs
         graph = graph0.expand(n, -1, -1).clone()
         alive = np.ones(n, dtype=bool)
         rng = np.random.default_rng(env_seed)
@@ -76,7 +77,7 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
             step = env.step(actions.numpy())
             alive = ~step.done
             obs = torch.as_tensor(step.obs)
-            obs = with_memory(obs, actions, env.n_actions) if memory else obs
+            obs = with_memory(obs, actions, env.n_actions, listen, gated) if memory else obs
             if not alive.any():
                 break
         success.append(step.success.copy())

@@ -54,3 +54,24 @@ def test_memory_run_saves_loads_and_evaluates(tmp_path):
     metrics = evaluate(model, train_cfg, episodes=4, seed=1)
     assert 0.0 <= metrics["success_rate"] <= 1.0 and 0.0 <= metrics["comm_rate"] <= 1.0
     assert result.model.cfg.obs_dim == model.cfg.obs_dim
+
+
+def test_gated_memory_also_remembers_whether_the_agent_listened():
+    cfg = replace(TINY, temporal_gate=True, comm_cost=0.1)
+    env, model = build(cfg)
+    assert model.cfg.obs_dim == env.obs_dim + env.n_actions + 1
+    with torch.no_grad():  # p = 1/2 for every state: both decisions occur
+        model.gate.linear.weight.zero_()
+        model.gate.linear.bias.zero_()
+    ro = collect(model, env, env_seed=2, graph_seed=5, generator=torch.Generator().manual_seed(0),
+                 memory=True)  # fmt: skip
+    heard = ro.obs[..., -1]  # (T, B, A)
+    assert not heard[0].any()  # nothing heard before the first step
+    assert torch.equal(heard[1:], ro.listen[:-1])
+    assert 0 < ro.listen.mean() < 1
+    model.train()
+    ratio = (recompute_logp(model, ro, relax=True) - ro.logp).exp()[ro.alive]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    # gates open (warm-up): every agent heard at every step after the first
+    open_ro = collect(model, env, 2, 5, torch.Generator().manual_seed(0), gates=False, memory=True)
+    assert not open_ro.obs[0, ..., -1].any() and open_ro.obs[1:, ..., -1].all()

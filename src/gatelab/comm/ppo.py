@@ -141,16 +141,31 @@ def listen_gates(
     return (0.5 + noise * (u - 0.5) < p).to(obs.dtype)
 
 
-def with_memory(obs: torch.Tensor, previous: torch.Tensor | None, n_actions: int) -> torch.Tensor:
+def with_memory(
+    obs: torch.Tensor,
+    previous: torch.Tensor | None,
+    n_actions: int,
+    listened: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
     """Append each agent's previous action as a one-hot: ``(B, A, O)`` -> ``(B, A, O + n_actions)``.
 
     The policy is otherwise memoryless; this one-step memory lets an agent keep a heading it took
     on the strength of earlier messages. ``previous (B, A)`` or None (first step: zeros).
+    ``gated`` (a model with temporal gates): one more column, whether the agent listened at the
+    previous step (``listened (B, A)``; ``None`` with a ``previous``: gates open, 1), so a gate
+    can also pace its listening (e.g. skip the step after one it listened at).
     """
     memory = torch.zeros(*obs.shape[:-1], n_actions, dtype=obs.dtype, device=obs.device)
     if previous is not None:
         memory = F.one_hot(previous, n_actions).to(obs.dtype)
-    return torch.cat([obs, memory], -1)
+    parts = [obs, memory]
+    if gated:
+        heard = torch.zeros(*obs.shape[:-1], 1, dtype=obs.dtype, device=obs.device)
+        if previous is not None:
+            heard = torch.ones_like(heard) if listened is None else listened[..., None]
+        parts.append(heard.to(obs.dtype))
+    return torch.cat(parts, -1)
 
 
 @torch.no_grad()
@@ -176,7 +191,8 @@ def collect(
     temporal gate (the rollout stores no gates, as for a model without them). ``open_critic``:
     the stored values read the ungated graph (the hybrid estimator's baseline, module docstring);
     ``gate_temp``: the training gates' temperature. ``memory``: each agent's observation ends
-    with the one-hot of its own previous action (zeros at the first step), stored with the
+    with the one-hot of its own previous action (zeros at the first step) and, for a gated model,
+    whether it listened at the previous step, stored with the
     rollout, so the recomputed log-probs see exactly what the rollout saw (:func:`with_memory`).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
@@ -184,8 +200,9 @@ def collect(
     device = next(model.parameters()).device
     obs = torch.as_tensor(env.reset(env_seed), device=device)
     b, t_max = env.n_envs, env.episode_limit
+    gated = model.gate is not None
     if memory:
-        obs = with_memory(obs, None, env.n_actions)
+        obs = with_memory(obs, None, env.n_actions, None, gated)
     if training:
         graph = model.graph.sample(b, graph_seed, graph_noise).to(device)
     else:
@@ -217,7 +234,7 @@ def collect(
         alive = ~buf["done"][-1]
         obs = torch.as_tensor(step.obs, device=device)
         if memory:
-            obs = with_memory(obs, actions, env.n_actions)
+            obs = with_memory(obs, actions, env.n_actions, listen, gated)
         if not alive.any():
             break
     stack = {k: torch.stack(v) for k, v in buf.items()}

@@ -83,7 +83,7 @@ class TrainConfig:
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
     comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
     budget_lr: float = 0.01  # step of that adaptation (causal: of the label share) per unit excess
-    memory: bool = False  # append each agent's previous action (one-hot) to its observation
+    memory: bool = False  # append the agent's previous action (one-hot; gated: + listened) to obs
     gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
@@ -145,7 +145,7 @@ def build(cfg: TrainConfig, n_envs: int | None = None):
         cfg.env, n_envs or cfg.n_envs, cfg.agents, cfg.grid, cfg.vision, cfg.episode_limit or None
     )
     model_cfg = CommConfig(
-        obs_dim=env.obs_dim + (env.n_actions if cfg.memory else 0),
+        obs_dim=env.obs_dim + (env.n_actions + int(cfg.temporal_gate) if cfg.memory else 0),
         n_actions=env.n_actions,
         n_agents=cfg.agents,
         d_model=cfg.d_model,
