@@ -17,6 +17,7 @@ def test_help(capsys):
         (["--sparsity", "-0.1"], "sparsity must be in [0, 1]"),
         (["--agents", "1"], "agents must be >= 2"),
         (["--env", "starcraft"], "unknown env"),
+        (["--temporal-gate", "--comm-budget", "0.2", "--gate-estimator", "st"], "budgeted gates"),
     ],
 )
 def test_bad_train_config_is_one_line_exit_2(args, match, capsys, tmp_path):
@@ -36,6 +37,11 @@ def test_train_then_eval_json(tmp_path, capsys):
     args = ["comm", "train", "--agents", "2", "--grid", "3", "--episode-limit", "5"]
     args += ["--updates", "1", "--n-envs", "4", "--temporal-gate", "--comm-cost", "0.1"]
     assert main([*args, "--run-dir", str(run)]) == 0
+    causal = tmp_path / "causal"
+    budget = ["--comm-budget", "0.2", "--memory", "--updates", "2"]
+    assert main([*args[:-2], *budget, "--run-dir", str(causal)]) == 0
+    saved = json.loads((causal / "config.json").read_text())["train"]
+    assert saved["gate_estimator"] == "causal" and saved["comm_budget"] == 0.2
     out = tmp_path / "out.json"
     ckpt = str(run / "model.safetensors")
     assert main(["comm", "eval", "--checkpoint", ckpt, "--episodes", "7", "--json", str(out)]) == 0

@@ -267,5 +267,10 @@ def test_budget_changes_only_the_gated_variant():
         if variant != "commformer_tg":
             assert budgeted == plain  # the baselines' runs stay valid
             continue
-        assert budgeted == replace(plain, **BUDGETED_GATES, comm_budget=0.24)
+        assert budgeted == replace(plain, **BUDGETED_GATES["causal"], comm_budget=0.24)
+        assert budgeted.gate_estimator == "causal"  # the default budgeted estimator
+        hybrid = variant_config(base, variant, 3, 0.1, 0.24, "hybrid")
+        assert hybrid == replace(plain, **BUDGETED_GATES["hybrid"], comm_budget=0.24)
         assert plain.gate_estimator == "st" and plain.comm_cost == 0.1
+    with pytest.raises(ValueError, match="budgeted gates"):
+        variant_config(base, "commformer_tg", 3, 0.1, 0.24, "st")

@@ -18,6 +18,9 @@ QUICK = {"updates": 20, "n_envs": 32}  # --quick: a smoke-sized run (seconds to 
 Memory = Annotated[
     bool, typer.Option(help="Append each agent's previous action to its observation.")
 ]
+Estimator = Annotated[
+    str, typer.Option(help="Budgeted gates' estimator: causal | hybrid (with --comm-budget).")
+]
 
 
 @app.command()
@@ -37,6 +40,7 @@ def train(
         float, typer.Option(help="> 0: budgeted temporal gates meeting this comm rate.")
     ] = 0.0,
     memory: Memory = False,
+    gate_estimator: Estimator = "causal",
     updates: Annotated[int, typer.Option(help="PPO updates.")] = 300,
     n_envs: Annotated[int, typer.Option(help="Episodes per rollout.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
@@ -57,11 +61,10 @@ def train(
             updates=updates, n_envs=n_envs, seed=seed, device=device, memory=memory,
         )  # fmt: skip
         if comm_budget > 0:
-            from gatelab.comm.compare import BUDGETED_GATES
+            from gatelab.comm.compare import budgeted_gates
 
-            cfg = replace(
-                cfg, **{**BUDGETED_GATES, "comm_cost": comm_cost}, comm_budget=comm_budget
-            )
+            gates = {**budgeted_gates(gate_estimator), "comm_cost": comm_cost}
+            cfg = replace(cfg, **gates, comm_budget=comm_budget)
         if quick:
             cfg = replace(cfg, **QUICK)
         flags = ("_tg" if temporal_gate else "") + ("_mem" if memory else "")
@@ -109,6 +112,7 @@ def compare(
         bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")
     ] = False,
     memory: Memory = False,
+    gate_estimator: Estimator = "causal",
     runs_dir: Annotated[Path, typer.Option(help="Root of the output.")] = Path("runs"),
 ) -> None:
     """Train all variants (full, commformer, commformer_tg, random, none) and write runs/comm/."""
@@ -119,7 +123,7 @@ def compare(
     with _cli.user_errors():
         configs = compare_configs(
             quick, env, seeds, updates, jobs, max_minutes, comm_cost, eval_only, comm_budget,
-            memory,
+            memory, gate_estimator,
         )  # fmt: skip
         total = sum(len(c.seeds) for c in configs) * 5
         done = 0

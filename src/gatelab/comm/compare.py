@@ -33,26 +33,43 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
     comm_cost: float = 0.1  # temporal-gate communication-cost coefficient (commformer_tg)
     comm_budget: float = 0.0  # > 0: commformer_tg trains budgeted gates (BUDGETED_GATES)
+    gate_estimator: str = "causal"  # the budgeted gates' estimator: causal | hybrid
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
     max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
     eval_only: bool = False  # evaluate each run's last checkpoint as it is, train nothing
 
 
-# commformer_tg with a communication budget: the hybrid gate estimator, gates open for the first
-# half (the policy learns to use messages first), training gates tempered 1 -> 0.1 towards the
-# execution threshold, and the cost adapted by dual ascent to meet the budget (gatelab.comm.train)
+# commformer_tg with a communication budget (gatelab.comm.gating): gates open for the first half
+# (the policy learns to use messages first), training gates tempered 1 -> 0.1 towards the
+# execution threshold, then either the causal estimator (the gate classifies its observation on
+# labels of the messages' effect on the policy; the label share adapts to meet the budget) or the
+# hybrid one (listening as a PPO action; the comm cost adapted by dual ascent)
 BUDGETED_GATES = {
-    "gate_estimator": "hybrid",
-    "gate_warmup": 0.5,
-    "gate_temp_min": 0.1,
-    "budget_lr": 0.01,
-    "comm_cost": 0.0,
+    "causal": {
+        "gate_estimator": "causal",
+        "gate_warmup": 0.5,
+        "gate_temp_min": 0.1,
+        "budget_lr": 0.2,
+        "comm_cost": 0.0,
+    },
+    "hybrid": {
+        "gate_estimator": "hybrid",
+        "gate_warmup": 0.5,
+        "gate_temp_min": 0.1,
+        "budget_lr": 0.01,
+        "comm_cost": 0.0,
+    },
 }
 
 
 def variant_config(
-    base: TrainConfig, variant: str, seed: int, comm_cost: float, comm_budget: float = 0.0
+    base: TrainConfig,
+    variant: str,
+    seed: int,
+    comm_cost: float,
+    comm_budget: float = 0.0,
+    gate_estimator: str = "causal",
 ) -> TrainConfig:
     """The training config of one (variant, seed); ``comm_budget > 0``: budgeted gates."""
     if variant not in VARIANTS:
@@ -65,10 +82,19 @@ def variant_config(
     elif variant == "commformer_tg":
         changes.update(graph="learned", temporal_gate=True, comm_cost=comm_cost)
         if comm_budget > 0:
-            changes.update(BUDGETED_GATES, comm_budget=comm_budget)
+            changes.update(budgeted_gates(gate_estimator), comm_budget=comm_budget)
     else:
         changes.update(graph=variant)
     return replace(base, **changes)
+
+
+def budgeted_gates(estimator: str) -> dict:
+    """The :data:`BUDGETED_GATES` settings of ``estimator`` (one-line error if unknown)."""
+    if estimator not in BUDGETED_GATES:
+        raise ValueError(
+            f"budgeted gates use one of {', '.join(BUDGETED_GATES)}, got {estimator!r}"
+        )
+    return BUDGETED_GATES[estimator]
 
 
 def _run_one(job: tuple[dict, str, int, float, bool]) -> dict:
@@ -117,7 +143,9 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     jobs, keys = [], []
     for variant in VARIANTS:
         for seed in cfg.seeds:
-            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget)
+            run_cfg = variant_config(
+                cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget, cfg.gate_estimator
+            )
             run_dir = str(env_dir / variant / f"seed{seed}")
             jobs.append(
                 (asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
@@ -170,6 +198,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "base": asdict(cfg.base),
         "comm_cost": cfg.comm_cost,
         "comm_budget": cfg.comm_budget,
+        "gate_estimator": cfg.gate_estimator if cfg.comm_budget > 0 else "st",
         "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,

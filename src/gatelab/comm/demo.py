@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from gatelab.comm.compare import VARIANTS, CompareConfig, compare, results_markdown
+from gatelab.comm.compare import (
+    VARIANTS,
+    CompareConfig,
+    budgeted_gates,
+    compare,
+    results_markdown,
+)
 from gatelab.comm.train import TrainConfig
 from gatelab.report import DemoResult
 
@@ -35,6 +41,7 @@ def compare_configs(
     eval_only: bool = False,
     comm_budget: float = 0.0,
     memory: bool = False,
+    gate_estimator: str = "causal",
 ) -> list[CompareConfig]:
     """The :class:`CompareConfig` of each environment for ``gatelab comm compare``."""
     table = QUICK if quick else FULL
@@ -46,6 +53,8 @@ def compare_configs(
         raise ValueError(f"comm_budget must be in [0, 1], got {comm_budget}")
     if comm_cost < 0:
         raise ValueError(f"comm_cost must be >= 0, got {comm_cost}")
+    if comm_budget > 0:
+        budgeted_gates(gate_estimator)  # an unknown estimator: one-line error before any run
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = []
@@ -61,6 +70,7 @@ def compare_configs(
                 max_minutes=max_minutes,
                 comm_cost=comm_cost,
                 comm_budget=comm_budget,
+                gate_estimator=gate_estimator,
                 eval_only=eval_only,
             )
         )
