@@ -40,15 +40,16 @@ class CompareConfig:
     eval_only: bool = False  # evaluate each run's last checkpoint as it is, train nothing
 
 
-# commformer_tg with a communication budget (gatelab.comm.gating): gates open for the first half
-# (the policy learns to use messages first), training gates tempered 1 -> 0.1 towards the
-# execution threshold, then either the causal estimator (the gate classifies its observation on
-# labels of the messages' effect on the policy; the label share adapts to meet the budget) or the
-# hybrid one (listening as a PPO action; the comm cost adapted by dual ascent)
+# commformer_tg with a communication budget (gatelab.comm.gating): gates open at first (the
+# policy learns to use messages), then training gates tempered 1 -> 0.1 towards the execution
+# threshold, and either the causal estimator (the gate classifies its observation on labels of
+# the messages' effect on the policy; the label share adapts to meet the budget; gated from 30%
+# of training) or the hybrid one (listening as a PPO action; the comm cost adapted by dual ascent;
+# gated from half-way: earlier, its gates shut for good)
 BUDGETED_GATES = {
     "causal": {
         "gate_estimator": "causal",
-        "gate_warmup": 0.5,
+        "gate_warmup": 0.3,
         "gate_temp_min": 0.1,
         "budget_lr": 0.2,
         "comm_cost": 0.0,
