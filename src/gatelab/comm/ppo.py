@@ -11,7 +11,8 @@ communication (papers.md §5.4 item 1).
 
 **Training the temporal gate.** Agent :math:`i` at step :math:`t` draws :math:`z_i \sim
 \text{Bernoulli}(p_i)`, :math:`p_i = \sigma(\ell_i)`, then its action :math:`a_i \sim
-\pi_\theta(\cdot \mid o, z)`. Two estimators (``TrainConfig.gate_estimator``):
+\pi_\theta(\cdot \mid o, z)`. Two estimators here (``TrainConfig.gate_estimator``; a third,
+``"causal"``, trains the gate outside PPO as a classifier, :mod:`gatelab.comm.gating`):
 
 * ``"st"`` (straight-through only): the stored :math:`z` enters the forward pass as
   :math:`z + p - \text{sg}(p)`, so the gate gets :math:`\partial L / \partial z` as if it were
