@@ -118,7 +118,7 @@ def test_bad_causal_config(changes, match):
         replace(TINY, **changes)
 
 
-def test_label_share_follows_the_budget_and_resumes_exactly(tmp_path):
+def test_label_share_follows_the_budget_and_resumes_exactly(tmp_path, assert_resumes_exactly):
     cfg = replace(TINY, updates=5, gate_warmup=0.4, budget_lr=0.5, n_envs=4)
     h = train(cfg, tmp_path / "a").history
     assert [r["train/share"] for r in h[:2]] == [1.0, 1.0]  # warm-up: gates open, no labels
@@ -129,16 +129,4 @@ def test_label_share_follows_the_budget_and_resumes_exactly(tmp_path):
         want = min(1.0, max(0.01, prev["train/share"] - 0.5 * excess))
         assert row["train/share"] == pytest.approx(want)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_3(done, _total):
-        if done == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "b", progress=stop_after_3)
-    resumed = train(cfg, tmp_path / "b", resume=True).history
-    skip = ("perf/steps_per_s", "graph/alpha_drift")
-    strip = [{k: v for k, v in r.items() if k not in skip} for r in resumed]
-    assert strip == [{k: v for k, v in r.items() if k not in skip} for r in h]
+    assert_resumes_exactly(cfg, tmp_path / "b", 3, h)

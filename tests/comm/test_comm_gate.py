@@ -215,7 +215,7 @@ def test_warmup_keeps_gates_open_and_untrained():
     assert ro.listen is None and ro.gate_logp is None
 
 
-def test_budget_cost_is_dual_ascent_and_resumes_exactly(tmp_path):
+def test_budget_cost_is_dual_ascent_and_resumes_exactly(tmp_path, assert_resumes_exactly):
     cfg = replace(TINY, updates=5, gate_warmup=0.4, comm_cost=0.05, comm_budget=0.2,
                   budget_lr=0.5, checkpoint_every=1)  # fmt: skip
     h = train(cfg, tmp_path / "a").history
@@ -225,20 +225,7 @@ def test_budget_cost_is_dual_ascent_and_resumes_exactly(tmp_path):
         want = max(0.0, prev["train/comm_cost"] + 0.5 * (prev["train/comm_rate_threshold"] - 0.2))
         assert row["train/comm_cost"] == pytest.approx(want)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_3(done, _total):
-        if done == 3:
-            raise Stop  # a run killed after update 3 (its checkpoint is written)
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "b", progress=stop_after_3)
-    resumed = train(cfg, tmp_path / "b", resume=True).history
-    # (alpha_drift is measured from the alpha a process started with, so it differs on resume)
-    skip = ("perf/steps_per_s", "graph/alpha_drift")
-    strip = [{k: v for k, v in r.items() if k not in skip} for r in resumed]
-    assert strip == [{k: v for k, v in r.items() if k not in skip} for r in h]
+    assert_resumes_exactly(cfg, tmp_path / "b", 3, h)
     with pytest.raises(ValueError, match="cost_ramp"):
         replace(cfg, cost_ramp=0.2)
 

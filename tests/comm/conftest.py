@@ -1,0 +1,32 @@
+"""Shared test helpers for gatelab.comm."""
+
+import pytest
+
+from gatelab.comm.train import train
+
+
+class _Killed(Exception):
+    """Raised by the progress callback: the run "dies" after an update (its checkpoint written)."""
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    # speed, and alpha_drift (measured from the alpha a process started with), differ on resume
+    skip = ("perf/steps_per_s", "graph/alpha_drift")
+    return [{k: v for k, v in row.items() if k not in skip} for row in history]
+
+
+@pytest.fixture
+def assert_resumes_exactly():
+    """``check(cfg, run_dir, kill_after, history)``: a run of ``cfg`` killed after ``kill_after``
+    updates and resumed from its checkpoint logs exactly ``history`` (an uninterrupted run's)."""
+
+    def check(cfg, run_dir, kill_after: int, history: list[dict]) -> None:
+        def kill(done, _total):
+            if done == kill_after:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            train(cfg, run_dir, progress=kill)
+        assert _strip(train(cfg, run_dir, resume=True).history) == _strip(history)
+
+    return check
