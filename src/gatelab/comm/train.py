@@ -81,10 +81,10 @@ class TrainConfig:
     gate_init_bias: float = 1.0  # temporal gate's initial logit bias (1: p = 0.73, open)
     gate_warmup: float = 0.0  # share of the updates with every gate open (= no gate, untrained)
     cost_ramp: float = 0.0  # then the comm cost rises linearly from 0 over this share of updates
-    comm_budget: float = 0.0  # > 0: adapt the cost (from comm_cost) so the comm rate meets this
+    comm_budget: float = 0.0  # > 0: adapt the cost (causal: label share) so the rate meets this
     budget_lr: float = 0.01  # step of that adaptation (causal: of the label share) per unit excess
     memory: bool = False  # append the agent's previous action (one-hot; gated: + listened) to obs
-    gate_temp_min: float = 1.0  # hybrid: gate temperature falls 1 -> this over the gated updates
+    gate_temp_min: float = 1.0  # hybrid/causal: training gates tempered 1 -> this when gated
     seed: int = 0  # seeds everything
     device: str = "cpu"  # torch device
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
