@@ -40,6 +40,11 @@ if TYPE_CHECKING:
     from gatelab.comm.train import TrainConfig
 
 
+def gated_from(cfg: TrainConfig) -> int:
+    """The first update whose rollout samples temporal gates (``gate_warmup * updates``)."""
+    return round(cfg.gate_warmup * cfg.updates)
+
+
 def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = None):
     """Whether update ``update`` samples temporal gates, and its communication-cost coefficient.
 
@@ -52,7 +57,7 @@ def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = Non
     Returns:
         ``(gates_on, cost)``.
     """
-    start = round(cfg.gate_warmup * cfg.updates)
+    start = gated_from(cfg)
     if update < start:
         return False, 0.0
     if cfg.comm_budget > 0:
@@ -63,12 +68,12 @@ def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = Non
 
 
 def gate_temperature(cfg: TrainConfig, update: int) -> float:
-    """Training-gate temperature of update ``update`` (hybrid estimator).
+    """Training-gate temperature of update ``update`` (hybrid and causal estimators).
 
     1 up to the end of the warm-up, then linearly to ``gate_temp_min`` at the last update
     (``gate_temp_min = 1``: always 1).
     """
-    start = round(cfg.gate_warmup * cfg.updates)
+    start = gated_from(cfg)
     span = max(1, cfg.updates - 1 - start)
     return 1.0 - (1.0 - cfg.gate_temp_min) * min(1.0, max(0.0, (update - start) / span))
 
@@ -82,7 +87,7 @@ def next_budget_cost(cfg: TrainConfig, row: dict) -> float | None:
     :math:`\eta` = ``budget_lr``. The gate then decides *where* to stop listening, the multiplier
     only how much. ``None`` while the gates are still in their warm-up (or without a budget).
     """
-    if cfg.comm_budget <= 0 or row["update"] <= round(cfg.gate_warmup * cfg.updates):
+    if cfg.comm_budget <= 0 or row["update"] <= gated_from(cfg):
         return None
     if cfg.gate_estimator == "causal":  # the budget sets the label share, not a price
         return None
@@ -153,7 +158,7 @@ def next_label_share(cfg: TrainConfig, row: dict) -> float | None:
 
     ``None`` while the gates are still in their warm-up (then :func:`listen_share` starts it).
     """
-    if cfg.gate_estimator != "causal" or row["update"] <= round(cfg.gate_warmup * cfg.updates):
+    if cfg.gate_estimator != "causal" or row["update"] <= gated_from(cfg):
         return None
     excess = row["train/comm_rate_threshold"] - cfg.comm_budget
     return min(1.0, max(0.01, row["train/share"] - cfg.budget_lr * excess))
