@@ -175,4 +175,5 @@ def efficientnet(
     torch.set_num_threads(threads)
     with _cli.user_errors(), _cli.progress_bar("efficientnet") as update:
         summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
-    typer.echo(json.dumps({"head_test_accuracy": summary["head_test_accuracy"]}))
+    keys = ("head_test_accuracy", "area_under_tradeoff", "jei_vs_best_baseline")
+    typer.echo(json.dumps({k: summary[k] for k in keys}, indent=2))

@@ -94,6 +94,7 @@ class SweepConfig:
     max_baseline_points: int = 40  # baseline thresholds kept after validation selection
     cost_range: tuple[float, float] = (0.3, 0.9)  # FLOPs-fraction range of the targets
     variants: tuple[str, ...] = ("jei-dnn",)  # JEI-DNN gate variants (see VARIANTS)
+    backbone_name: str = "Fashion-MNIST ViT"  # in the plots' titles
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -271,7 +272,7 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
             out_dir / "accuracy_vs_flops.png",
             xlabel="FLOPs fraction of the backbone",
             ylabel="test accuracy",
-            title="Fashion-MNIST ViT: accuracy vs FLOPs",
+            title=f"{cfg.backbone_name}: accuracy vs FLOPs",
             hull=True,
         ),
         plot_tradeoff(
