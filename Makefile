@@ -34,8 +34,11 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# the speed benchmarks; the other scripts in benchmarks/ are experiments that take arguments
+SPEED_BENCHMARKS = gmoe_fit moe_layer comm_env edge_selector exits_speed
+
 bench: setup
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in $(SPEED_BENCHMARKS); do echo "== benchmarks/$$f.py"; $(PY) benchmarks/$$f.py || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check .
