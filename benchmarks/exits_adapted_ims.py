@@ -33,7 +33,7 @@ def _effnet_caches(run_dir: Path, summary: dict, data: Path):
     """The EfficientNet run's model (saved head) and its val/test features."""
     from gatelab.exits.data import SplitConfig
     from gatelab.exits.efficientnet import efficientnet_early_exit
-    from gatelab.exits.effnet_run import HEAD_FILE, _extract, _subset
+    from gatelab.exits.effnet_run import HEAD_FILE, extract_stage_features, first_n
 
     cfg = summary["effnet_config"]
     splits = make_splits(load_fashion_mnist(data), SplitConfig(**cfg["splits"]))
@@ -41,8 +41,8 @@ def _effnet_caches(run_dir: Path, summary: dict, data: Path):
     model.head.fc.load_state_dict(load_file(run_dir / HEAD_FILE))
     caches = {}
     for name in ("val", "test"):
-        part = _subset(splits[name], cfg[f"n_{name}"])
-        feats, pooled = _extract(model, part, cfg["resolution"])
+        part = first_n(splits[name], cfg[f"n_{name}"])
+        feats, pooled = extract_stage_features(model, part, cfg["resolution"])
         with torch.no_grad():
             caches[name] = (feats, model.head.fc(pooled), part.labels)
     return model, caches, torch.tensor(summary["flops_per_exit_fraction"])

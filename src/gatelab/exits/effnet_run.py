@@ -69,7 +69,13 @@ class EffNetConfig:
 
 
 @torch.no_grad()
-def _extract(model: EarlyExitModel, split: Split, resolution: int, batch: int = 250):
+def extract_stage_features(
+    model: EarlyExitModel, split: Split, resolution: int, batch: int = 250
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled features after stages 1..6 ``(N, C_l)`` and the head's pooled input ``(N, 1280)``.
+
+    The head's input rather than its logits, because the new ``fc`` is trained on it.
+    """
     feats, pooled = [], []
     for i in range(0, len(split.labels), batch):
         state = model.stem(fmnist_to_effnet(split.images[i : i + batch], resolution))
@@ -83,7 +89,8 @@ def _extract(model: EarlyExitModel, split: Split, resolution: int, batch: int = 
     return [torch.cat(p) for p in zip(*feats, strict=True)], torch.cat(pooled)
 
 
-def _subset(split: Split, n: int) -> Split:
+def first_n(split: Split, n: int) -> Split:
+    """The first ``n`` images of a split (the splits are already shuffled by seed)."""
     return Split(split.images[:n], split.labels[:n])
 
 
@@ -98,11 +105,11 @@ def run_efficientnet(
     splits = make_splits(load_fashion_mnist(data_root), cfg.splits)
     sizes = {"backbone": cfg.n_head, "exits": cfg.n_exits, "val": cfg.n_val}
     sizes |= {"calib": cfg.n_calib, "test": cfg.n_test}
-    parts = {k: _subset(splits[k], n) for k, n in sizes.items()}
+    parts = {k: first_n(splits[k], n) for k, n in sizes.items()}
     model = efficientnet_early_exit(cfg.resolution).eval()
     raw = {}
     for i, (name, split) in enumerate(parts.items()):
-        raw[name] = _extract(model, split, cfg.resolution)
+        raw[name] = extract_stage_features(model, split, cfg.resolution)
         if progress:
             progress(i + 1, len(parts))
     # fine-tune the new fc head on backbone-split features (the conv layers stay frozen)
@@ -127,7 +134,7 @@ def run_efficientnet(
     transform = functools.partial(fmnist_to_effnet, resolution=cfg.resolution)
     flops = exit_flops(model, transform(parts["test"].images[:1]))
     head_acc = float((caches["test"].head_logits.argmax(-1) == parts["test"].labels).float().mean())
-    name = Path(f"efficientnet-lite0-{cfg.resolution}px")
+    name = Path(f"efficientnet-lite0-{cfg.resolution}px")  # not a file: the checkpoints' label
     prep = Prepared(model, parts, caches, flops, transform, name)
     summary = run_sweep(prep, out_dir, cfg.sweep, progress)
     summary |= {
