@@ -34,10 +34,20 @@ def test_eval_checkpoint_of_another_kind_or_arch_exits_2(tmp_path):
     result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(path)])
     assert result.exit_code == 2 and "not a JEI-DNN" in result.output
     path.with_suffix(".json").write_text(
+        json.dumps({"kind": "gatelab.exits.jei-dnn", "arch": "resnet50"})
+    )
+    result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(path)])
+    assert result.exit_code == 2 and "arch='resnet50'" in result.output
+
+
+def test_eval_efficientnet_checkpoint_without_its_run_folder_exits_2(tmp_path):
+    path = tmp_path / "jei_lam1.safetensors"
+    save_file({"w": __import__("torch").zeros(1)}, path)
+    path.with_suffix(".json").write_text(
         json.dumps({"kind": "gatelab.exits.jei-dnn", "arch": "efficientnet-lite0"})
     )
     result = runner.invoke(app, ["exits", "eval", "--checkpoint", str(path)])
-    assert result.exit_code == 2 and "arch" in result.output
+    assert result.exit_code == 2 and "config.json not found" in result.output
 
 
 def test_missing_checkpoint_and_missing_data_exit_2(tmp_path):

@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_exits_data import fake_fashion_mnist
+from typer.testing import CliRunner
 
+from gatelab.cli import app
 from gatelab.exits import SplitConfig, TrainConfig
 from gatelab.exits.data import load_fashion_mnist, make_splits
 from gatelab.exits.efficientnet import efficientnet_early_exit, fmnist_to_effnet
@@ -64,6 +66,16 @@ def test_effnet_run_writes_the_sweep_and_its_checkpoints_reproduce_it(tmp_path):
     accuracy = float((result.logits.argmax(-1) == test.labels).double().mean())
     assert accuracy == pytest.approx(point["accuracy"], abs=1e-12)
     assert float(cost[result.exit_index].mean()) == pytest.approx(point["flops_fraction"])
+
+    # and so does `gatelab exits eval` on that checkpoint (the flat JSON)
+    checkpoint = out / checkpoint_name("jei-dnn", point["lam"])
+    args = ["exits", "eval", "--checkpoint", str(checkpoint), "--data", str(data)]
+    args += ["--gate-threshold", str(point["tau"]), "--repeats", "0"]
+    args += ["--json", str(tmp_path / "e.json")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    flat = json.loads((tmp_path / "e.json").read_text())
+    assert flat["accuracy"] == pytest.approx(point["accuracy"], abs=1e-12)
+    assert flat["coverage"] == pytest.approx(point["coverage"], abs=1e-12)
 
 
 def test_effnet_config_refuses_subsets_larger_than_their_split():

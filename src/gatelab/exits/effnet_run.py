@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits
 from gatelab.exits.efficientnet import efficientnet_early_exit, fmnist_to_effnet
@@ -147,3 +147,32 @@ def run_efficientnet(
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     return summary
+
+
+def prepare_efficientnet(run_dir: Path, data_root: Path) -> Prepared:
+    """A finished :func:`run_efficientnet` run, ready for :func:`~gatelab.exits.evaluate`.
+
+    Reads the run's ``config.json`` and fine-tuned head; extracts the calibration and test
+    features (the only splits evaluation reads). Load a checkpoint's exits into ``.model``.
+    """
+    config_path, head_path = Path(run_dir) / "config.json", Path(run_dir) / HEAD_FILE
+    for path in (config_path, head_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: an EfficientNet checkpoint needs its run folder "
+                "(`gatelab exits efficientnet` writes it)"
+            )
+    saved = json.loads(config_path.read_text())
+    resolution, split_cfg = saved["resolution"], SplitConfig(**saved["splits"])
+    splits = make_splits(load_fashion_mnist(data_root), split_cfg)
+    parts = {k: first_n(splits[k], saved[f"n_{k}"]) for k in ("calib", "test")}
+    model = efficientnet_early_exit(resolution).eval()
+    model.head.fc.load_state_dict(load_file(head_path))
+    caches = {}
+    for name, part in parts.items():
+        feats, pooled = extract_stage_features(model, part, resolution)
+        with torch.no_grad():
+            caches[name] = FeatureCache(feats, model.head.fc(pooled), part.labels)
+    transform = functools.partial(fmnist_to_effnet, resolution=resolution)
+    flops = exit_flops(model, transform(parts["test"].images[:1]))
+    return Prepared(model, parts, caches, flops, transform, Path(run_dir))

@@ -267,7 +267,10 @@ def evaluate_checkpoint(
     device: str = "cpu",
     gate_threshold: float = 0.5,
 ) -> dict:
-    """:func:`evaluate` a ViT JEI-DNN checkpoint; the flat keys ``EVAL_KEYS`` of the issue.
+    """:func:`evaluate` a JEI-DNN checkpoint; the flat keys ``EVAL_KEYS`` of the issue.
+
+    ViT checkpoints name their backbone (``backbone`` overrides it); EfficientNet-Lite0 ones are
+    read with their run folder (:func:`~gatelab.exits.effnet_run.prepare_efficientnet`).
 
     A sample leaves at the first exit whose hazard gate value reaches ``gate_threshold`` (the
     paper's 0.5 by default; the sweep reads every checkpoint at several, see ``curves.json``).
@@ -277,14 +280,20 @@ def evaluate_checkpoint(
     if not 0 < gate_threshold < 1:
         raise ValueError(f"--gate-threshold must be in (0, 1), got {gate_threshold}")
     meta = read_exits_meta(checkpoint)
-    if meta.get("arch") != "vit":
+    if meta.get("arch") == "efficientnet-lite0":
+        from gatelab.exits.effnet_run import prepare_efficientnet  # it builds on this module
+
+        prep = prepare_efficientnet(Path(checkpoint).parent, data_root)
+        prep = prep._replace(model=prep.model.to(device))
+    elif meta.get("arch") == "vit":
+        backbone = Path(backbone or meta["backbone"])
+        context = bool(meta.get("gate_context", False))
+        prep = prepare(backbone, data_root, SplitConfig(), device, backbone.parent, context)
+    else:
         raise ValueError(
             f"{checkpoint} holds exits for arch={meta.get('arch')!r}; "
-            "`gatelab exits eval` evaluates ViT checkpoints (arch='vit')"
+            "`gatelab exits eval` evaluates 'vit' and 'efficientnet-lite0' checkpoints"
         )
-    backbone = Path(backbone or meta["backbone"])
-    context = bool(meta.get("gate_context", False))
-    prep = prepare(backbone, data_root, SplitConfig(), device, backbone.parent, context)
     load_exits(prep.model, checkpoint)
     policy = GatePolicy(prep.model.gates, gate_threshold)
     metrics = evaluate(prep, alpha, batch_size, repeats, policy=policy)
