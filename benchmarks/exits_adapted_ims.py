@@ -19,40 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from gatelab.cost import area_under_tradeoff, pareto_front
 from gatelab.exits.baselines import baseline_policies, margins, validation_point
-from gatelab.exits.data import fashion_mnist_root, load_fashion_mnist, make_splits
-from gatelab.exits.experiment import load_exits, prepare
+from gatelab.exits.data import fashion_mnist_root
+from gatelab.exits.effnet_run import prepare_efficientnet
+from gatelab.exits.experiment import Prepared, load_exits, prepare
 from gatelab.exits.inference import GatePolicy
 from gatelab.exits.sweep import checkpoint_name
 
 
-def _effnet_caches(run_dir: Path, summary: dict, data: Path):
-    """The EfficientNet run's model (saved head) and its val/test features."""
-    from gatelab.exits.data import SplitConfig
-    from gatelab.exits.efficientnet import efficientnet_early_exit
-    from gatelab.exits.effnet_run import HEAD_FILE, extract_stage_features, first_n
-
-    cfg = summary["effnet_config"]
-    splits = make_splits(load_fashion_mnist(data), SplitConfig(**cfg["splits"]))
-    model = efficientnet_early_exit(cfg["resolution"]).eval()
-    model.head.fc.load_state_dict(load_file(run_dir / HEAD_FILE))
-    caches = {}
-    for name in ("val", "test"):
-        part = first_n(splits[name], cfg[f"n_{name}"])
-        feats, pooled = extract_stage_features(model, part, cfg["resolution"])
-        with torch.no_grad():
-            caches[name] = (feats, model.head.fc(pooled), part.labels)
-    return model, caches, torch.tensor(summary["flops_per_exit_fraction"])
-
-
-def _vit_caches(run_dir: Path, lam: float, data: Path):
+def _prepared(run_dir: Path, effnet: bool, lam: float, data: Path) -> Prepared:
+    """The run's model and the val/test features its checkpoints are read on."""
+    if effnet:
+        return prepare_efficientnet(run_dir, data, ("val", "test"))
     meta = json.loads((run_dir / checkpoint_name("jei-dnn", lam)).with_suffix(".json").read_text())
-    prep = prepare(Path(meta["backbone"]), data, cache_dir=run_dir)
-    caches = {k: (c.feats, c.head_logits, c.labels) for k, c in prep.caches.items()}
-    return prep.model, caches, prep.flops.fraction
+    return prepare(Path(meta["backbone"]), data, cache_dir=run_dir)
 
 
 def main() -> None:
@@ -65,21 +47,22 @@ def main() -> None:
     summary = json.loads((args.run_dir / ("metrics.json" if effnet else "curves.json")).read_text())
     lams, taus = summary["config"]["lams"], summary["config"]["gate_thresholds"]
     cost_range = tuple(summary["area_cost_range"])
-    if effnet:
-        model, caches, cost = _effnet_caches(args.run_dir, summary, args.data)
-    else:
-        model, caches, cost = _vit_caches(args.run_dir, lams[0], args.data)
+    prep = _prepared(args.run_dir, effnet, lams[0], args.data)
+    model, cost = prep.model, prep.flops.fraction
+    caches = {k: prep.caches[k] for k in ("val", "test")}
     points = {m: {"val": [], "test": []} for m in ("jei-dnn", "max-prob on adapted IMs")}
     for lam in lams:
         load_exits(model, args.run_dir / checkpoint_name("jei-dnn", lam))
         with torch.no_grad():
-            logits = {k: model.logits_from_features(f, h) for k, (f, h, _) in caches.items()}
+            logits = {
+                k: model.logits_from_features(c.feats, c.head_logits) for k, c in caches.items()
+            }
         policies = baseline_policies(logits["val"])["max-prob"]
         policies += [GatePolicy(model.gates, tau) for tau in taus]
         for policy in policies:
             method = "jei-dnn" if isinstance(policy, GatePolicy) else "max-prob on adapted IMs"
             for split in ("val", "test"):
-                point = validation_point(logits[split], caches[split][2], cost, policy)
+                point = validation_point(logits[split], caches[split].labels, cost, policy)
                 points[method][split].append(point)
     fronts = {}
     for method, by_split in points.items():

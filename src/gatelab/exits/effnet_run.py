@@ -126,16 +126,11 @@ def run_efficientnet(
         opt.step()
     fc.requires_grad_(False)
     save_file({k: v.contiguous() for k, v in fc.state_dict().items()}, out_dir / HEAD_FILE)
-    with torch.no_grad():
-        caches = {
-            k: FeatureCache(raw[k][0], fc(raw[k][1]), parts[k].labels)
-            for k in ("exits", "val", "calib", "test")
-        }
-    transform = functools.partial(fmnist_to_effnet, resolution=cfg.resolution)
-    flops = exit_flops(model, transform(parts["test"].images[:1]))
-    head_acc = float((caches["test"].head_logits.argmax(-1) == parts["test"].labels).float().mean())
+    del raw["backbone"]  # only the head trains on it
     name = Path(f"efficientnet-lite0-{cfg.resolution}px")  # not a file: the checkpoints' label
-    prep = Prepared(model, parts, caches, flops, transform, name)
+    prep = _prepared(model, parts, raw, cfg.resolution, name)
+    caches, flops = prep.caches, prep.flops
+    head_acc = float((caches["test"].head_logits.argmax(-1) == parts["test"].labels).float().mean())
     summary = run_sweep(prep, out_dir, cfg.sweep, progress)
     summary |= {
         "head_test_accuracy": head_acc,
@@ -149,11 +144,28 @@ def run_efficientnet(
     return summary
 
 
-def prepare_efficientnet(run_dir: Path, data_root: Path) -> Prepared:
+def _prepared(
+    model: EarlyExitModel, parts: dict[str, Split], raw: dict, resolution: int, label: Path
+) -> Prepared:
+    """Caches (head logits from the model's ``fc``), transform and FLOPs of extracted splits."""
+    with torch.no_grad():
+        caches = {
+            k: FeatureCache(feats, model.head.fc(pooled), parts[k].labels)
+            for k, (feats, pooled) in raw.items()
+        }
+    transform = functools.partial(fmnist_to_effnet, resolution=resolution)
+    flops = exit_flops(model, transform(parts["test"].images[:1]))
+    return Prepared(model, parts, caches, flops, transform, label)
+
+
+def prepare_efficientnet(
+    run_dir: Path, data_root: Path, split_names: tuple[str, ...] = ("calib", "test")
+) -> Prepared:
     """A finished :func:`run_efficientnet` run, ready for :func:`~gatelab.exits.evaluate`.
 
-    Reads the run's ``config.json`` and fine-tuned head; extracts the calibration and test
-    features (the only splits evaluation reads). Load a checkpoint's exits into ``.model``.
+    Reads the run's ``config.json`` and fine-tuned head; extracts the features of
+    ``split_names`` (by default the calibration and test splits, the only ones evaluation
+    reads; ``test`` is always included). Load a checkpoint's exits into ``.model``.
     """
     config_path, head_path = Path(run_dir) / "config.json", Path(run_dir) / HEAD_FILE
     for path in (config_path, head_path):
@@ -165,14 +177,9 @@ def prepare_efficientnet(run_dir: Path, data_root: Path) -> Prepared:
     saved = json.loads(config_path.read_text())
     resolution, split_cfg = saved["resolution"], SplitConfig(**saved["splits"])
     splits = make_splits(load_fashion_mnist(data_root), split_cfg)
-    parts = {k: first_n(splits[k], saved[f"n_{k}"]) for k in ("calib", "test")}
+    names = dict.fromkeys((*split_names, "test"))  # ordered, without repeats
+    parts = {k: first_n(splits[k], saved[f"n_{k}"]) for k in names}
     model = efficientnet_early_exit(resolution).eval()
     model.head.fc.load_state_dict(load_file(head_path))
-    caches = {}
-    for name, part in parts.items():
-        feats, pooled = extract_stage_features(model, part, resolution)
-        with torch.no_grad():
-            caches[name] = FeatureCache(feats, model.head.fc(pooled), part.labels)
-    transform = functools.partial(fmnist_to_effnet, resolution=resolution)
-    flops = exit_flops(model, transform(parts["test"].images[:1]))
-    return Prepared(model, parts, caches, flops, transform, Path(run_dir))
+    raw = {k: extract_stage_features(model, part, resolution) for k, part in parts.items()}
+    return _prepared(model, parts, raw, resolution, Path(run_dir))
