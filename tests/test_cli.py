@@ -12,7 +12,8 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "demo" in result.output and "version" in result.output
+    for command in ("demo", "reproduce", "version", "gmoe", "moe", "exits", "edge", "comm"):
+        assert command in result.output
 
 
 def test_version():
@@ -21,12 +22,13 @@ def test_version():
 
 
 def test_demo_gates_writes_report(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--only", "gates", "--runs-dir", str(tmp_path)])
+    result = runner.invoke(app, ["demo", "--only", "gates", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "gates__topk_regions.png" in report
     assert (tmp_path / "demo" / "gates__topk_regions.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["quick"] is True  # the tour is the default
     assert summary["systems"]["gates"]["exit_probability_sum"] == 1.0
     # top-1 of 5 experts on a circle: every expert owns one region
     assert summary["systems"]["gates"]["regions_top1"] == 5
@@ -41,7 +43,10 @@ def test_bad_flag_is_one_line_exit_2(capsys):
 
 def test_unknown_system_is_exit_2(capsys):
     assert main(["demo", "--only", "nope"]) == 2
-    assert "unknown system 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'nope' is not one of" in err and "gmoe" in err
+    assert main(["reproduce", "gates"]) == 2  # the gates have no tables to reproduce
+    assert main(["reproduce", "moe", "--jobs", "0"]) == 2
 
 
 def test_report_keeps_same_named_figures_apart(tmp_path):

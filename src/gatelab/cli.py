@@ -1,12 +1,11 @@
-"""The ``gatelab`` command: ``version``, ``demo`` and one sub-command group per system."""
+"""The ``gatelab`` command: ``version``, ``demo``, ``reproduce`` and one group per system."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,11 @@ from rich.table import Table
 import gatelab
 from gatelab import _cli
 from gatelab import demo as demo_lib
+from gatelab.comm.cli import app as comm_app
+from gatelab.edge.cli import app as edge_app
+from gatelab.exits.cli import app as exits_app
+from gatelab.gmoe.cli import app as gmoe_app
+from gatelab.moe.cli import app as moe_app
 from gatelab.report import write_report
 
 app = typer.Typer(
@@ -28,12 +32,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Each system mounts its own typer app as `gatelab <system> ...` once its package has a cli.py.
-for _system in demo_lib.SYSTEMS[1:]:
-    if importlib.util.find_spec(f"gatelab.{_system}") and importlib.util.find_spec(
-        f"gatelab.{_system}.cli"
-    ):
-        app.add_typer(importlib.import_module(f"gatelab.{_system}.cli").app, name=_system)
+app.add_typer(gmoe_app, name="gmoe")
+app.add_typer(moe_app, name="moe")
+app.add_typer(exits_app, name="exits")
+app.add_typer(edge_app, name="edge")
+app.add_typer(comm_app, name="comm")
+
+DemoSystem = Enum("DemoSystem", {name: name for name in demo_lib.SYSTEMS}, type=str)
+ReproducibleSystem = Enum(
+    "ReproducibleSystem", {name: name for name in demo_lib.SYSTEMS if name != "gates"}, type=str
+)
 
 
 @app.callback()
@@ -58,33 +66,37 @@ def version() -> None:
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Small, fast versions of every experiment.")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full/--quick",
+            help="--quick (default): the tour, under 10 minutes on 2 cores. --full: the studies "
+            "behind the documented tables (hours).",
+        ),
+    ] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where experiments write their folders.")] = Path(
         "runs"
     ),
     only: Annotated[
-        list[str] | None, typer.Option(help="Run only these systems (repeatable).")
+        list[DemoSystem] | None, typer.Option(help="Run only these systems (repeatable).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run every system demo, then write runs/demo/report.md and runs/demo/summary.json."""
-    names = demo_lib.available_systems()
-    if only:
-        unknown = sorted(set(only) - set(demo_lib.SYSTEMS))
-        if unknown:
-            raise _cli.fail(
-                f"--only: unknown system {unknown[0]!r}; choose from {', '.join(names)}"
-            )
-        names = [n for n in names if n in only]
+    quick = not full
+    chosen = {s.value for s in only or []}
+    names = [n for n in demo_lib.SYSTEMS if not chosen or n in chosen]
     results = []
     with _cli.progress_bar("demo", total=len(names)) as update:
         for i, name in enumerate(names):
             results.append(demo_lib.run_system_demo(name, runs_dir, quick))
             update(i + 1, len(names))
     out = runs_dir / "demo"
-    report = write_report(results, out, header=f"gatelab {gatelab.__version__}, quick={quick}")
+    mode = "quick (the tour)" if quick else "full"
+    report = write_report(results, out, header=f"gatelab {gatelab.__version__}, {mode} mode")
     summary = {
         "quick": quick,
+        "seconds": sum(r.seconds for r in results),
         "systems": {r.name: {"seconds": r.seconds, **r.metrics} for r in results},
         "report": str(report),
     }
@@ -102,6 +114,46 @@ def demo(
         )
         table.add_row(r.title, f"{r.seconds:.1f}", headline)
     Console().print(table)
+
+
+def _reproducer(system: str):
+    """The ``reproduce`` module of one system, imported explicitly."""
+    if system == "gmoe":
+        from gatelab.gmoe import reproduce as module
+    elif system == "moe":
+        from gatelab.moe import reproduce as module
+    elif system == "exits":
+        from gatelab.exits import reproduce as module
+    elif system == "edge":
+        from gatelab.edge import reproduce as module
+    elif system == "comm":
+        from gatelab.comm import reproduce as module
+    else:  # the Enum admits nothing else
+        raise ValueError(f"unknown system {system!r}")
+    return module
+
+
+@app.command()
+def reproduce(
+    system: Annotated[ReproducibleSystem, typer.Argument(help="Whose tables to regenerate.")],
+    jobs: Annotated[int, typer.Option(min=1, help="Runs in parallel (one thread each).")] = 1,
+    runs_dir: Annotated[Path, typer.Option(help="Where the runs and tables go.")] = Path("runs"),
+) -> None:
+    """Run exactly the configurations behind docs/SYSTEM.md's tables (resumable), then write them.
+
+    The tables land in runs/reproduce/SYSTEM/tables.md (and tables.json); work already in
+    runs_dir is reused, so an interrupted reproduce continues where it stopped.
+    """
+    module = _reproducer(system.value)
+    _cli.stderr().print(
+        f"gatelab reproduce {system.value}: expected time {module.EXPECTED_TIME}",
+        highlight=False,
+        markup=False,
+    )
+    with _cli.user_errors(), _cli.progress_bar(f"reproduce {system.value}") as update:
+        tables = module.reproduce(runs_dir, jobs=jobs, progress=update)
+    typer.echo(Path(tables).read_text())
+    _cli.stderr().print(f"tables written to {tables}", highlight=False, markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:
