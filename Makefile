@@ -6,7 +6,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench lint format clean
+.PHONY: setup demo demo-full reproduce test test-all bench lint format clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -25,8 +25,18 @@ fashion-mnist:
 	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; fi
 
+# the tour: every system in quick mode, under 10 minutes on 2 cores -> runs/demo/report.md
 demo: setup
 	$(VENV)/bin/gatelab demo
+
+demo-full: setup
+	$(VENV)/bin/gatelab demo --full
+
+# the configurations behind docs/<system>.md's tables (resumable): make reproduce SYSTEM=gmoe JOBS=2
+SYSTEM ?= gmoe moe exits edge comm
+JOBS   ?= 1
+reproduce: setup
+	@for s in $(SYSTEM); do $(VENV)/bin/gatelab reproduce $$s --jobs $(JOBS) || exit 1; done
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -34,11 +44,9 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-# the speed benchmarks; the other scripts in benchmarks/ are experiments that take arguments
-SPEED_BENCHMARKS = gmoe_fit moe_layer comm_env edge_selector exits_speed
-
+# benchmarks/ holds speed benchmarks only (experiments/ the lab scripts); each runs without arguments
 bench: setup
-	@for f in $(SPEED_BENCHMARKS); do echo "== benchmarks/$$f.py"; $(PY) benchmarks/$$f.py || exit 1; done
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check .
