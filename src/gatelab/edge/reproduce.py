@@ -155,11 +155,12 @@ def reproduce(
     quick = SweepConfig(quick=True)
     seed_from_shipped(cache, questions_for(quick))
     missing = _missing_pairs(cache, SweepConfig())
+    command = f"gatelab edge collect --cache {cache}"  # COLLECT_COMMAND, for this runs_dir
     for name, (is_quick, prefix, folder) in CONFIGS.items():
         cfg = SweepConfig(quick=is_quick)
         if not is_quick and missing:
             sections.append(f"## {name}: not run\n\nThe answer cache lacks {missing} pairs: "
-                            f"run `{COLLECT_COMMAND}` first.")  # fmt: skip
+                            f"run `{command}` first.")  # fmt: skip
             continue
         out = edge / folder
         source = _filtered(cache, prefix, out) if prefix else cache
@@ -173,6 +174,6 @@ def reproduce(
     if missing:
         raise FileNotFoundError(
             f"full-set tables need the full answer cache ({missing} pairs missing): run "
-            f"`{COLLECT_COMMAND}` first (quick tables written to {tables})"
+            f"`{command}` first (quick tables written to {tables})"
         )
     return tables
