@@ -5,11 +5,11 @@ import pytest
 import torch
 from tokenizers import processors
 
-from gatelab.edge.collect import DEFAULT_POOL, read_cache
+from gatelab.edge.collect import DEFAULT_POOL, SHIPPED_QUICK_CACHE, read_cache, seed_from_shipped
 from gatelab.edge.data import MCQuestion
-from gatelab.edge.demo import SHIPPED_QUICK_CACHE, seed_from_shipped
 from gatelab.edge.eval import SweepConfig, questions_for
-from gatelab.edge.serving import ServedModel, build_tiny_model
+from gatelab.edge.served import ServedModel
+from gatelab.edge.weights import build_tiny_model
 
 
 def _record(qid: str, expert: str, p: float, ok: bool = True) -> dict:

@@ -9,7 +9,6 @@ import torch
 
 from gatelab.cost import count_flops
 from gatelab.edge.client import (
-    PROFILES,
     EdgeExpert,
     ExpertAnswer,
     ExpertError,
@@ -19,14 +18,11 @@ from gatelab.edge.client import (
     option_distribution,
 )
 from gatelab.edge.collect import collect, load_answers
+from gatelab.edge.costs import PROFILES, llama_forward_flops
 from gatelab.edge.data import MCQuestion, format_cloze
+from gatelab.edge.names import parse_model_name
+from gatelab.edge.served import FEWSHOT_CLOZE_PREFIX, load_served_models
 from gatelab.edge.server import BackgroundServer, build_app
-from gatelab.edge.serving import (
-    FEWSHOT_CLOZE_PREFIX,
-    llama_forward_flops,
-    load_served_models,
-    parse_model_name,
-)
 
 NAMES = ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"]
 QUESTION = MCQuestion("t/0", "arithmetic", "arithmetic", "What is 2 + 3?", ("4", "5", "6", "7"), 1)
@@ -101,6 +97,49 @@ def test_bad_requests(server):
     assert httpx.post(server.url + "/v1/completions", json=body).status_code == 400
     r = httpx.post(server.url + "/v1/chat/completions", content=b"not json")
     assert r.status_code == 400
+
+
+def _error(response, status):
+    body = response.json()
+    assert response.status_code == status, body
+    assert set(body) == {"error"} and body["error"]["message"]  # OpenAI's error format
+    return body["error"]
+
+
+def test_malformed_requests_get_openai_errors(server):
+    url = server.url
+    ok = {"model": "tiny-random", "prompt": "x", "max_tokens": 1}
+    assert _error(httpx.post(url + "/v1/completions", json=[ok]), 400)["type"] == (
+        "invalid_request_error"
+    )
+    assert (
+        "model" in _error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 400)["message"]
+    )
+    for field, value in [
+        ("max_tokens", "5"),
+        ("max_tokens", True),
+        ("max_tokens", 513),
+        ("temperature", -1),
+        ("seed", -1),
+        ("prompt", 3),
+        ("echo", "yes"),
+    ]:
+        error = _error(httpx.post(url + "/v1/completions", json=ok | {field: value}), 400)
+        assert field in error["message"], (field, error)
+    chat = {"model": "tiny-random-chat", "messages": [{"role": "user", "content": "hi"}]}
+    for bad in [
+        {"messages": []},
+        {"messages": [{"role": "user"}]},
+        {"top_logprobs": 21},
+        {"max_tokens": 0},
+    ]:
+        _error(httpx.post(url + "/v1/chat/completions", json=chat | bad), 400)
+    assert (
+        _error(httpx.post(url + "/v1/chat/completions", json=chat | {"model": "x"}), 404)["type"]
+        == "not_found_error"
+    )
+    extra = httpx.post(url + "/v1/completions", json=ok | {"n": 1, "stop": None})
+    assert extra.status_code == 200  # unknown OpenAI fields are ignored, as before
 
 
 @pytest.mark.parametrize("name", ["tiny-random", "tiny-random-l1-fewshot", "tiny-random-chat"])

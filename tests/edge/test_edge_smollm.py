@@ -3,9 +3,10 @@ import math
 
 import pytest
 
-from gatelab.edge.client import PROFILES, EdgeExpert
+from gatelab.edge.client import EdgeExpert
+from gatelab.edge.costs import PROFILES, llama_forward_flops
+from gatelab.edge.served import load_served_models
 from gatelab.edge.server import BackgroundServer, build_app
-from gatelab.edge.serving import llama_forward_flops, load_served_models
 
 
 @pytest.mark.slow

@@ -1,17 +1,23 @@
 import json
 import math
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from gatelab import runs
 from gatelab.cli import app
-from gatelab.edge.client import PROFILES, EdgeExpert
+from gatelab.edge import reproduce as reproduce_mod
+from gatelab.edge.cli import default_out
+from gatelab.edge.client import EdgeExpert
+from gatelab.edge.costs import PROFILES
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.router import ask, load_router, plan_subset
+from gatelab.edge.served import load_served_models
 from gatelab.edge.server import BackgroundServer, build_app
-from gatelab.edge.serving import load_served_models
 from gatelab.edge.sweep import run_sweep
 from gatelab.edge.train import TrainConfig
 
@@ -149,3 +155,59 @@ def test_cli(swept, tmp_path):
     bad = runner.invoke(app, [*args[:-4], "--run-dir", str(tmp_path / "nothing")])
     assert bad.exit_code == 2
     assert runner.invoke(app, ["edge", "serve", "--model", "gpt-5"]).exit_code == 2
+
+
+def test_gate_checkpoint_carries_its_config(swept):
+    out, _ = swept
+    config = json.loads(runs.read_checkpoint_metadata(out / "gate.safetensors")["config"])
+    assert config["gate"]["n_experts"] == len(EXPERTS)
+    assert config["sweep"]["quick"] is True
+    assert runs.read_json(out / "config.json") == config
+
+
+def test_quick_never_overrides_explicit_flags(swept, tmp_path):
+    out, _ = swept
+    assert default_out(None, quick=True) == Path("runs/edge/quick")
+    assert default_out(tmp_path, quick=True) == tmp_path
+    target = tmp_path / "mine"
+    target.mkdir()
+    shutil.copy(out / "embeddings.npz", target / "embeddings.npz")  # skip MiniLM
+    args = ["edge", "sweep", "--quick", "--cache", str(out / "answers.jsonl"), "--out", str(target)]
+    result = CliRunner().invoke(app, [*args, "--n-budgets", "2", "--top-k", "1"])
+    assert result.exit_code == 0, result.output
+    config = runs.read_json(target / "config.json")["sweep"]
+    assert config["n_budgets"] == 2 and config["top_k"] == 1 and config["quick"] is True
+    bad = CliRunner().invoke(app, ["edge", "collect", "--method", "vibes"])
+    assert bad.exit_code == 2
+
+
+def test_reproduce_writes_quick_tables_and_refuses_without_the_full_cache(
+    swept, tmp_path, monkeypatch
+):
+    out, summary = swept
+    calls = []
+
+    def fake_sweep(cfg, cache, target, progress):  # the real sweep's outputs, copied
+        calls.append((cfg.quick, target.name))
+        shutil.copytree(out, target, dirs_exist_ok=True)
+        return summary
+
+    monkeypatch.setattr(reproduce_mod, "_sweep", fake_sweep)
+    with pytest.raises(FileNotFoundError, match="gatelab edge collect"):
+        reproduce_mod.reproduce(tmp_path)
+    assert calls == [(True, "quick")]  # the full-set sweeps are refused, not run on partial data
+    tables = (tmp_path / "reproduce" / "edge" / "tables.md").read_text()
+    assert "## quick" in tables and "| energy budget (J) |" in tables
+    assert tables.count("run `gatelab edge collect") == 2
+    assert set(json.loads((tmp_path / "reproduce/edge/tables.json").read_text())) == {"quick"}
+
+
+def test_reproduce_configurations_are_the_documented_commands():
+    doc = (Path(__file__).parents[2] / "docs" / "edge.md").read_text()
+    assert set(reproduce_mod.CONFIGS) == {"quick", "full", "full5"}
+    for command in (
+        "gatelab edge sweep --quick",
+        reproduce_mod.COLLECT_COMMAND,
+        "gatelab edge sweep --cache runs/edge/full5/answers.jsonl --out runs/edge/full5",
+    ):
+        assert command in doc

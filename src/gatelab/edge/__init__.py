@@ -1,14 +1,13 @@
-"""MoE²: gated collaborative inference over edge LLM servers (Jin et al. 2025, papers.md §3).
+"""MoE²: gated collaborative inference over edge LLM servers (Jin et al. 2025, arXiv:2501.09410).
 
-Serving (``serving``, ``server``), the OpenAI-compatible client with modelled device costs
-(``client``), questions (``data``), answer collection (``collect``), the gate (``model``,
-``train``), the exact subset selector (``select``), budget sweeps (``eval``, ``sweep``) and the
-live router (``router``).
+Serving (``names``: the model-name grammar, ``weights``: GGUF loading and truncation, ``served``:
+the served model, ``server``: the HTTP app), the OpenAI-compatible client (``client``), modelled
+device costs and FLOPs (``costs``), the experts file (``experts``), questions (``data``), answer
+collection (``collect``), the gate (``model``, ``train``), the exact subset selector (``select``),
+budget sweeps (``eval``, ``sweep``) and the live router (``router``).
 """
 
 from gatelab.edge.client import (
-    PROFILES,
-    DeviceProfile,
     EdgeExpert,
     ExpertAnswer,
     ExpertError,
@@ -17,6 +16,7 @@ from gatelab.edge.client import (
     continuation_distribution,
     option_distribution,
 )
+from gatelab.edge.costs import PROFILES, DeviceProfile, llama_forward_flops
 from gatelab.edge.data import (
     MCQuestion,
     format_cloze,
@@ -25,6 +25,7 @@ from gatelab.edge.data import (
     load_mmlu,
     split_questions,
 )
+from gatelab.edge.experts import DEFAULT_POOL, load_experts
 from gatelab.edge.model import EdgeGate, GateConfig, embed_texts, mixture
 from gatelab.edge.select import (
     Selection,
@@ -37,6 +38,7 @@ from gatelab.edge.select import (
 from gatelab.edge.train import GateData, TrainConfig, train_gate
 
 __all__ = [
+    "DEFAULT_POOL",
     "PROFILES",
     "DeviceProfile",
     "EdgeExpert",
@@ -57,6 +59,8 @@ __all__ = [
     "energy_cost",
     "format_cloze",
     "format_prompt",
+    "llama_forward_flops",
+    "load_experts",
     "generate_suite",
     "load_mmlu",
     "mixture",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,24 @@ import typer
 
 from gatelab import _cli
 
-app = typer.Typer(help="MoE²: gated collaboration of edge LLM servers under energy/delay budgets.")
+app = typer.Typer(
+    help="MoE²: gated collaboration of edge LLM servers under energy/delay budgets.",
+    pretty_exceptions_show_locals=False,
+)
+
+
+class Method(StrEnum):
+    """How an expert's option distribution is read (see gatelab.edge.client)."""
+
+    continuation = "continuation"  # score each option's text (echo)
+    letters = "letters"  # top logprobs of one generated letter
+
+
+def default_out(out: Path | None, quick: bool) -> Path:
+    """``--out`` as given, else ``runs/edge`` (``runs/edge/quick`` with ``--quick``)."""
+    if out is not None:
+        return out
+    return Path("runs/edge/quick" if quick else "runs/edge")
 
 
 @app.command()
@@ -26,20 +44,23 @@ def serve(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
     """Run an OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions."""
-    import torch
     import uvicorn
 
+    from gatelab.edge.served import load_served_models
     from gatelab.edge.server import build_app
-    from gatelab.edge.serving import load_served_models
+    from gatelab.threads import torch_threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _cli.user_errors():
         if not 0 < port < 65536:
             raise ValueError(f"--port must be in [1, 65535], got {port}")
-        torch.set_num_threads(threads)
-        models = load_served_models(model, device)
-    _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}")
-    uvicorn.run(build_app(models), host=host, port=port, log_level="warning")
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+    with torch_threads(threads):
+        with _cli.user_errors():
+            models = load_served_models(model, device)
+        _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}")
+        uvicorn.run(build_app(models), host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -53,20 +74,21 @@ def collect(
     quick: Annotated[bool, typer.Option(help="A small subset of questions.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated suite.")] = 0,
     method: Annotated[
-        str, typer.Option(help="Local pool: 'continuation' (option text) or 'letters'.")
-    ] = "continuation",
+        Method, typer.Option(help="Local pool: score the option text, or read the letters.")
+    ] = Method.continuation,
 ) -> None:
     """Ask every expert every question once over HTTP and cache distributions, delays, tokens."""
     from gatelab.edge import collect as collect_lib
     from gatelab.edge.eval import SweepConfig, questions_for
+    from gatelab.edge.experts import load_experts
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _cli.user_errors():
         cfg = SweepConfig(quick=quick, seed=seed)
         questions = questions_for(cfg)
-        servers, pool = [], collect_lib.load_experts(experts) if experts else None
+        servers, pool = [], load_experts(experts) if experts else None
         if pool is None:
-            servers, pool = collect_lib.start_local_pool(method=method)
+            servers, pool = collect_lib.start_local_pool(method=method.value)
         try:
             with _cli.progress_bar("collect", total=len(questions)) as update:
                 counts = collect_lib.collect(pool, questions, cache, update)
@@ -101,7 +123,7 @@ def sweep(
         if not cache.exists():
             raise FileNotFoundError(f"answer cache not found: {cache} (run `gatelab edge collect`)")
         cfg = SweepConfig(quick=quick, seed=seed, top_k=top_k, n_budgets=n_budgets)
-        out = out or Path("runs/edge/quick" if quick else "runs/edge")
+        out = default_out(out, quick)
         with _cli.progress_bar("sweep", total=2 * n_budgets) as update:
             summary = run_sweep(cfg, cache, out, progress=update)
     typer.echo(summary["table"])
@@ -135,18 +157,13 @@ def ask(
     """Answer a question live with the budget-optimal subset of experts and the trained gate."""
     from dataclasses import asdict
 
-    from gatelab.edge.client import PROFILES, EdgeExpert
-    from gatelab.edge.collect import DEFAULT_POOL, load_experts
+    from gatelab.edge.experts import experts_for
     from gatelab.edge.router import ask as ask_lib
     from gatelab.edge.router import load_router
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _cli.user_errors():
         state = load_router(run_dir)
-        if experts is not None:
-            pool = load_experts(experts, timeout_s)
-        else:
-            url = "http://127.0.0.1:8000"
-            pool = [EdgeExpert(n, url, PROFILES[p], timeout_s=timeout_s) for n, p in DEFAULT_POOL]
+        pool = experts_for(experts, timeout_s)
         result = ask_lib(question, option, pool, state, energy_budget, delay_budget, category)
     typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.describe())

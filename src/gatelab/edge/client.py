@@ -7,13 +7,14 @@ r"""Talking to edge experts over the OpenAI-compatible API, and what each answer
 option is scored as its continuation: :math:`\ell_i = \sum_t \log p(c_{i,t} \mid
 \text{context}, c_{i,<t})` over the tokens of ``" " + option``. The four context+continuation
 texts go in ONE ``/v1/completions`` request (a list of prompts) with ``echo: true, max_tokens: 0,
-logprobs: 0`` (legacy OpenAI semantics, also served by vLLM and llama.cpp); the continuation's
-tokens are those whose ``text_offset`` is at or after the end of the context. With
+logprobs: 0`` (the legacy OpenAI scoring semantics; gatelab's own server implements them, and so
+does vLLM's completions API, but llama.cpp's server does not: use ``"letters"`` there); the
+continuation's tokens are those whose ``text_offset`` is at or after the end of the context. With
 ``normalize="chars"`` the score is divided by the option's length in characters (lm-eval's
 ``acc_norm``); ``"tokens"`` divides by its token count; ``"none"`` keeps the sum. Then
 :math:`p_i = e^{\ell_i} / \sum_j e^{\ell_j}`. The raw sums and token counts are kept in
 :attr:`ExpertAnswer.option_logprobs` / ``option_tokens``, so any normalisation can be recomputed.
-The validation-split comparison behind the default is in the README's edge section.
+The validation-split comparison behind the default is in ``docs/edge.md``.
 
 ``"letters"``: the client sends the question as a zero-shot prompt ending in
 ``Answer:`` and asks for one token with the top-``n`` alternatives (``logprobs=n`` on
@@ -29,8 +30,8 @@ nearly everything), which is why this is no longer the default.
 **Costs.** ``measured_s`` is the wall-clock round trip measured here. ``modelled_delay_s`` and
 ``modelled_energy_j`` are *modelled*: the FLOPs the server reports (``x_gatelab.flops``; or
 ``flops_per_token`` x tokens for servers that do not report them) are converted by a
-:class:`DeviceProfile`. API keys are read only from the environment variable named by
-``api_key_env`` and never stored in reprs or logs.
+:class:`~gatelab.edge.costs.DeviceProfile`. API keys are read only from the environment variable
+named by ``api_key_env`` and never stored in reprs or logs.
 """
 
 from __future__ import annotations
@@ -44,49 +45,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from gatelab.cost import Cost
+from gatelab.edge.costs import DeviceProfile
 from gatelab.edge.data import LETTERS, format_cloze, format_prompt
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    r"""A modelled edge device: converts FLOPs into delay and energy.
-
-    .. math::
-        t_\text{model} = t_\text{net} + F / R,\qquad e_\text{model} = P \cdot F / R
-
-    ``R`` is an *effective* throughput for batch-1 LLM inference (far below the datasheet peak:
-    single-query decoding is memory-bound), ``P`` the board power under load, ``t_net`` one
-    request's network round trip. Values are assumptions documented per profile, not measurements.
-    """
-
-    name: str
-    flops_per_s: float  # effective FLOP/s for batch-1 inference
-    power_w: float  # power drawn while computing, W
-    network_s: float  # request/response round trip, s
-
-    def __post_init__(self) -> None:
-        if self.flops_per_s <= 0 or self.power_w < 0 or self.network_s < 0:
-            raise ValueError(
-                f"DeviceProfile {self.name}: need flops_per_s > 0, power_w, network_s >= 0"
-            )
-
-    def delay_s(self, flops: float) -> float:
-        """Modelled delay of a request of ``flops`` FLOPs."""
-        return self.network_s + flops / self.flops_per_s
-
-    def energy_j(self, flops: float) -> float:
-        """Modelled energy of a request of ``flops`` FLOPs."""
-        return self.power_w * flops / self.flops_per_s
-
-
-# Jetson AGX Orin 64GB: 275 INT8 TOPS peak, ~5 TFLOP/s effective FP16 at batch 1, MAXN ~40 W
-# under LLM load; Wi-Fi hop ~15 ms. RTX 4090: 82.6 FP32 / 165 FP16 TFLOP/s peak, ~25 TFLOP/s
-# effective, ~350 W under load; wired LAN ~4 ms. CPU: an 8-core desktop at ~0.2 TFLOP/s, 65 W.
-PROFILES = {
-    "jetson-agx-orin": DeviceProfile("jetson-agx-orin", 5e12, 40.0, 0.015),
-    "rtx-4090": DeviceProfile("rtx-4090", 25e12, 350.0, 0.004),
-    "cpu": DeviceProfile("cpu", 0.2e12, 65.0, 0.002),
-}
 
 
 class ExpertError(ConnectionError):
@@ -146,7 +106,7 @@ def option_distribution(top: dict[str, float], n_options: int = 4) -> tuple[list
 
 
 NORMALIZATIONS = ("none", "chars", "tokens")
-DEFAULT_NORMALIZE = "tokens"  # chosen on the validation split, see the README edge section
+DEFAULT_NORMALIZE = "tokens"  # chosen on the validation split (docs/edge.md, quick set)
 
 
 def continuation_distribution(

@@ -19,71 +19,14 @@ import numpy as np
 
 from gatelab.edge.client import (
     DEFAULT_NORMALIZE,
-    PROFILES,
     EdgeExpert,
     ExpertAnswer,
     ask_experts,
     continuation_distribution,
 )
+from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import MCQuestion
-
-# The demo pool: (expert/model name, device profile). Two model families: SmolLM2-135M-Instruct
-# with five behaviours, and the Gemma 3 270M base model (zero-shot; ``gemma3-270m-fewshot`` is
-# stronger but costs 2.5x the compute to collect, too slow for the shared CPUs here).
-DEFAULT_POOL = (
-    ("smollm2-135m", "jetson-agx-orin"),
-    ("smollm2-135m-fewshot", "rtx-4090"),
-    ("smollm2-135m-chat", "jetson-agx-orin"),
-    ("smollm2-135m-l20-fewshot", "jetson-agx-orin"),
-    ("smollm2-135m-l16-fewshot", "cpu"),
-    ("gemma3-270m", "jetson-agx-orin"),
-)
-
-
-def load_experts(path: str | Path, timeout_s: float | None = None) -> list[EdgeExpert]:
-    """Experts from a YAML list of ``{name, base_url, device, model?, api?, timeout_s?, ...}``.
-
-    ``device`` is a profile name (``jetson-agx-orin``, ``rtx-4090``, ``cpu``) or a mapping with
-    ``flops_per_s``, ``power_w``, ``network_s``. Keys: never in the file; give ``api_key_env``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: malformed entries.
-    """
-    import yaml
-
-    from gatelab.edge.client import DeviceProfile
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experts file not found: {path}")
-    entries = yaml.safe_load(path.read_text())
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty YAML list of experts")
-    allowed = {"name", "base_url", "device", "model", "api", "timeout_s", "max_retries"}
-    allowed |= {"backoff_s", "top_logprobs", "flops_per_token", "api_key_env", "method"}
-    allowed |= {"normalize"}
-    experts = []
-    for entry in entries:
-        if not isinstance(entry, dict) or not {"name", "base_url", "device"} <= set(entry):
-            raise ValueError(f"{path}: each expert needs name, base_url and device, got {entry!r}")
-        unknown = set(entry) - allowed
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)} for expert {entry['name']}")
-        device = entry.pop("device")
-        if isinstance(device, dict):
-            profile = DeviceProfile(
-                name=device.get("name", "custom"),
-                **{k: float(v) for k, v in device.items() if k != "name"},
-            )
-        elif device in PROFILES:
-            profile = PROFILES[device]
-        else:
-            raise ValueError(f"{path}: unknown device {device!r}; choose from {sorted(PROFILES)}")
-        if timeout_s is not None:
-            entry["timeout_s"] = timeout_s
-        experts.append(EdgeExpert(device_profile=profile, **entry))
-    return experts
+from gatelab.edge.experts import DEFAULT_POOL
 
 
 def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
@@ -95,6 +38,35 @@ def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
                 record = json.loads(line)
                 records[(record["qid"], record["expert"])] = record
     return records
+
+
+SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
+
+
+def seed_from_shipped(
+    cache: Path, questions: list[MCQuestion], shipped: Path = SHIPPED_QUICK_CACHE
+) -> int:
+    """Append the shipped answers of demo-pool experts that ``cache`` lacks; returns how many.
+
+    The package ships the quick set's answers (``gatelab edge collect --quick``, regenerate with
+    that command), so the quick demo needs no model serving. Local answers always win: only
+    ``(qid, expert)`` pairs without an ``ok`` record are seeded.
+    """
+    if not shipped.is_file():
+        return 0
+    done = {key for key, record in read_cache(cache).items() if record["ok"]}
+    wanted = {q.qid for q in questions}
+    pool = {name for name, _ in DEFAULT_POOL}
+    new = [
+        r
+        for key, r in read_cache(shipped).items()
+        if r["ok"] and key not in done and key[0] in wanted and key[1] in pool
+    ]
+    if new:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a") as out:
+            out.writelines(json.dumps(r) + "\n" for r in new)
+    return len(new)
 
 
 def collect(
@@ -220,8 +192,8 @@ def start_local_pool(
         The started :class:`~gatelab.edge.server.BackgroundServer` list (stop them when done)
         and the matching :class:`EdgeExpert` clients.
     """
+    from gatelab.edge.served import load_served_models
     from gatelab.edge.server import BackgroundServer, build_app
-    from gatelab.edge.serving import load_served_models
 
     if method not in ("continuation", "letters"):  # before minutes of model loading
         raise ValueError(f"method must be 'continuation' or 'letters', got {method!r}")

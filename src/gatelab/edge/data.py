@@ -331,7 +331,7 @@ def generate_suite(n_per_category: int = 40, seed: int = 0) -> list[MCQuestion]:
       absurd ones ("She was thirsty, so she drank a glass of water / shoes / ...").
 
     Difficulty: chance is 25%; per-category accuracy of the full SmolLM2-135M measured with
-    continuation scoring is reported in the README's edge section (``experts.json`` of a sweep).
+    continuation scoring is reported in ``docs/edge.md`` (``experts.json`` of a sweep).
     Items are drawn with replacement from the small pools, so the same question text can occur
     more than once (with different distractors); ``split_questions`` can put such twins in
     different splits, which matters only to the gate (it sees the question), not to the experts.

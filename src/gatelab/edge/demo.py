@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from gatelab.edge.collect import DEFAULT_POOL, collect, read_cache, start_local_pool
-from gatelab.edge.data import MCQuestion
+from gatelab.edge.collect import collect, read_cache, seed_from_shipped, start_local_pool
 from gatelab.edge.eval import SweepConfig, questions_for
+from gatelab.edge.experts import DEFAULT_POOL
 from gatelab.edge.sweep import run_sweep
 from gatelab.report import DemoResult
-
-SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
-
-
-def seed_from_shipped(
-    cache: Path, questions: list[MCQuestion], shipped: Path = SHIPPED_QUICK_CACHE
-) -> int:
-    """Append the shipped answers of demo-pool experts that ``cache`` lacks; returns how many.
-
-    The package ships the quick set's answers (``gatelab edge collect --quick``, regenerate with
-    that command), so the quick demo needs no model serving. Local answers always win: only
-    ``(qid, expert)`` pairs without an ``ok`` record are seeded.
-    """
-    if not shipped.is_file():
-        return 0
-    done = {key for key, record in read_cache(cache).items() if record["ok"]}
-    wanted = {q.qid for q in questions}
-    pool = {name for name, _ in DEFAULT_POOL}
-    new = [
-        r
-        for key, r in read_cache(shipped).items()
-        if r["ok"] and key not in done and key[0] in wanted and key[1] in pool
-    ]
-    if new:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with cache.open("a") as out:
-            out.writelines(json.dumps(r) + "\n" for r in new)
-    return len(new)
 
 
 def run_demo(

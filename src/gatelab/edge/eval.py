@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from gatelab.edge.client import DEFAULT_NORMALIZE
-from gatelab.edge.collect import DEFAULT_POOL, AnswerTable, load_answers
+from gatelab.edge.collect import AnswerTable, load_answers
 from gatelab.edge.data import MCQuestion, generate_suite, load_mmlu, split_questions
+from gatelab.edge.experts import DEFAULT_POOL
 from gatelab.edge.model import EdgeGate, embed_texts, mixture, mixture_nll, subset_mask
 from gatelab.edge.select import delay_cost, energy_cost, monotone_hull, select_subset
 from gatelab.edge.train import GateData
@@ -120,7 +121,8 @@ def build_pool(cfg: SweepConfig, cache: Path, out_dir: Path) -> Pool:
     return Pool(questions, table, x, split, np.array([q.category for q in questions]))
 
 
-def _gate_outputs(gate: EdgeGate, pool: Pool) -> np.ndarray:
+def gate_outputs(gate: EdgeGate, pool: Pool) -> np.ndarray:
+    """Gate logits ``(N, E)`` of every question of the pool."""
     with torch.no_grad():
         return gate(torch.as_tensor(pool.x, dtype=torch.float64)).numpy()  # (N, E)
 

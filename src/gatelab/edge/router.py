@@ -1,9 +1,9 @@
 """The live MoE² router: pick the subset for a question's category, ask it, combine with the gate.
 
-Reads what ``gatelab edge sweep`` wrote (``gate.safetensors`` and ``router.json``): the trained
-gate, per-category expert costs (modelled), the validation quality of every subset and the
-category centroids of the training questions (a question without ``category`` goes to the
-nearest centroid in MiniLM space).
+Reads what ``gatelab edge sweep`` wrote (``gate.safetensors``, a :mod:`gatelab.runs` checkpoint
+whose metadata carries the gate's config, and ``router.json``): the trained gate, per-category
+expert costs (modelled), the validation quality of every subset and the category centroids of the
+training questions (a question without ``category`` goes to the nearest centroid in MiniLM space).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from gatelab import runs
 from gatelab.edge.client import EdgeExpert, ExpertAnswer, ask_experts
 from gatelab.edge.data import LETTERS
 from gatelab.edge.model import EdgeGate, GateConfig, embed_texts, mixture
@@ -82,9 +82,13 @@ def load_router(run_dir: str | Path) -> RouterState:
     for name in ("gate.safetensors", "router.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: run `gatelab edge sweep` first")
-    info = json.loads((run_dir / "router.json").read_text())
-    gate = EdgeGate(GateConfig(**info["gate"])).double()
-    gate.load_state_dict(load_file(str(run_dir / "gate.safetensors")))
+    info = runs.read_json(run_dir / "router.json")
+    path = run_dir / "gate.safetensors"
+    config = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
+    if "gate" not in config:
+        raise ValueError(f"{path}: no gate config in its metadata (rerun `gatelab edge sweep`)")
+    gate = EdgeGate(GateConfig(**config["gate"])).double()
+    runs.load_checkpoint(path, modules={"gate": gate})
     gate.eval()
     return RouterState(
         gate, info["experts"], info["top_k"], info["aggregate_s"], info["categories"]

@@ -1,6 +1,6 @@
 r"""Exact subset selection under monotone budgets: discrete monotonic optimisation.
 
-Problem (papers.md §3.3): maximise an increasing set function :math:`q(S)` over
+Problem (MoE², arXiv:2501.09410): maximise an increasing set function :math:`q(S)` over
 :math:`S \subseteq \{0, \dots, n-1\}` subject to :math:`g_j(S) \le b_j` with every :math:`g_j`
 non-decreasing. Because the constraints are increasing, the feasible family is *normal*
 (down-closed), and because :math:`q` is increasing the optimum is attained on its upper boundary.

@@ -1,8 +1,16 @@
-"""The OpenAI-compatible HTTP app over :class:`~gatelab.edge.serving.ServedModel` experts.
+"""The OpenAI-compatible HTTP app over :class:`~gatelab.edge.served.ServedModel` experts.
 
 Request and response bodies follow the OpenAI API (``/v1/completions`` legacy logprobs layout,
-``/v1/chat/completions`` ``logprobs.content`` layout) so that the same client talks to gatelab,
-llama.cpp server, Ollama or vLLM. Errors use OpenAI's ``{"error": {"message", "type"}}`` body.
+``/v1/chat/completions`` ``logprobs.content`` layout), so the same client talks to gatelab and to
+other OpenAI-compatible servers. Request bodies are pydantic models (:class:`CompletionRequest`,
+:class:`ChatRequest`) that FastAPI validates; a malformed request gets HTTP 400 and an unknown
+model 404, both with OpenAI's ``{"error": {"message", "type"}}`` body.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (``logprobs``: int, top
+alternatives per token; with ``echo: true, max_tokens: 0`` and a list of prompts it scores every
+prompt token instead, in one batched forward) and ``POST /v1/chat/completions`` (``logprobs``:
+bool, ``top_logprobs``: int). Every response carries ``usage`` and an ``x_gatelab`` extension
+with the forward FLOPs and the measured compute seconds.
 """
 
 from __future__ import annotations
@@ -10,42 +18,83 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gatelab.edge.serving import MAX_TOP_LOGPROBS, ServedModel
+from gatelab.edge.served import MAX_TOP_LOGPROBS, ServedModel
 
-
-class _BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _BadRequest(f"'{key}' must be an integer in [{low}, {high}], got {value!r}")
-    return value
+MAX_TOKENS = 512  # longest completion served
+MAX_ECHO_PROMPTS = 16  # prompts scored in one echo request
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
-def _common(
-    body: dict, models: dict[str, ServedModel], min_tokens: int = 1
-) -> tuple[ServedModel, int, float, int]:
-    name = body.get("model")
+class _Body(BaseModel):
+    # strict: no silent coercion ("5" or true are not integers); unknown OpenAI fields ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class CompletionRequest(_Body):
+    """Body of ``POST /v1/completions``."""
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None  # default 16
+    temperature: Annotated[float, Field(ge=0)] | None = None  # 0 or None: greedy
+    seed: Seed | None = None  # sampling seed, default 0
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool = False  # score the prompt (with max_tokens 0) instead of generating
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if self.echo:
+            if self.max_tokens != 0:
+                raise ValueError("'echo' is supported with 'max_tokens': 0 only (scoring)")
+            if not 1 <= len(prompts) <= MAX_ECHO_PROMPTS or not all(prompts):
+                raise ValueError(f"'prompt' must be 1-{MAX_ECHO_PROMPTS} non-empty strings")
+            if self.logprobs:
+                raise ValueError("'logprobs' must be 0 when scoring (echo)")
+        else:
+            if self.max_tokens == 0:
+                raise ValueError("'max_tokens' must be >= 1 (0 only with 'echo')")
+            if len(prompts) != 1 or not prompts[0]:
+                raise ValueError("'prompt' must be a non-empty string")
+        return self
+
+
+class ChatMessage(_Body):
+    """One chat turn."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str
+
+
+class ChatRequest(_Body):
+    """Body of ``POST /v1/chat/completions``."""
+
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None  # default 16
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    seed: Seed | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+
+class ModelNotFound(LookupError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
+def _model(models: dict[str, ServedModel], name: str) -> ServedModel:
     if name not in models:
-        raise _BadRequest(f"model {name!r} not found; available: {sorted(models)}", 404)
-    max_tokens = _int_field(body, "max_tokens", 16, min_tokens, 512)
-    temperature = body.get("temperature", 0.0) or 0.0
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise _BadRequest(f"'temperature' must be a number >= 0, got {temperature!r}")
-    seed = _int_field(body, "seed", 0, 0, 2**31 - 1)
-    return models[name], max_tokens, float(temperature), seed
+        raise ModelNotFound(f"model {name!r} not found; available: {sorted(models)}")
+    return models[name]
 
 
 def _usage(out: dict) -> dict:
@@ -54,35 +103,11 @@ def _usage(out: dict) -> dict:
     return usage
 
 
-MAX_ECHO_PROMPTS = 16
-
-
-def _echo(body: dict, model: ServedModel, max_tokens: int) -> dict[str, Any]:
-    """``echo: true, max_tokens: 0``: logprobs of the prompt tokens, one choice per prompt."""
-    if max_tokens != 0:
-        raise _BadRequest("'echo' is supported with 'max_tokens': 0 only (scoring)")
-    prompts = body.get("prompt")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    if (
-        not isinstance(prompts, list)
-        or not 1 <= len(prompts) <= MAX_ECHO_PROMPTS
-        or not all(isinstance(p, str) and p for p in prompts)
-    ):
-        raise _BadRequest(f"'prompt' must be 1-{MAX_ECHO_PROMPTS} non-empty strings")
-    _int_field(body, "logprobs", 0, 0, 0)  # top alternatives are not returned when scoring
-    out = model.score(prompts)
-    choices = []
-    for i, (prompt, scored) in enumerate(zip(prompts, out["choices"], strict=True)):
-        logprobs = None
-        if body.get("logprobs") is not None:
-            top = [None if v is None else {} for v in scored["token_logprobs"]]  # logprobs: 0
-            logprobs = {**scored, "top_logprobs": top}
-        choices.append(
-            {"index": i, "text": prompt, "logprobs": logprobs, "finish_reason": "length"}
-        )
+def _envelope(prefix: str, kind: str, model: ServedModel, choices: list, out: dict) -> dict:
+    """The OpenAI response envelope around the choices."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex[:12]}",
-        "object": "text_completion",
+        "id": f"{prefix}-{uuid.uuid4().hex[:12]}",
+        "object": kind,
         "created": int(time.time()),
         "model": model.name,
         "choices": choices,
@@ -91,20 +116,36 @@ def _echo(body: dict, model: ServedModel, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def _completion(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
-    echo = bool(body.get("echo"))
-    model, max_tokens, temperature, seed = _common(body, models, 0 if echo else 1)
-    if echo:
-        return _echo(body, model, max_tokens)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise _BadRequest("'prompt' must be a non-empty string")
-    n_top = _int_field(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
-    out = model.generate(model.render(prompt=prompt), max_tokens, n_top, temperature, seed)
+def _echo(body: CompletionRequest, model: ServedModel) -> dict[str, Any]:
+    """``echo: true, max_tokens: 0``: logprobs of the prompt tokens, one choice per prompt."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    out = model.score(prompts)
+    choices = []
+    for i, (prompt, scored) in enumerate(zip(prompts, out["choices"], strict=True)):
+        logprobs = None
+        if body.logprobs is not None:
+            top = [None if v is None else {} for v in scored["token_logprobs"]]  # logprobs: 0
+            logprobs = {**scored, "top_logprobs": top}
+        choices.append(
+            {"index": i, "text": prompt, "logprobs": logprobs, "finish_reason": "length"}
+        )
+    return _envelope("cmpl", "text_completion", model, choices, out)
+
+
+def _completion(body: CompletionRequest, models: dict[str, ServedModel]) -> dict[str, Any]:
+    model = _model(models, body.model)
+    if body.echo:
+        return _echo(body, model)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    out = model.generate(
+        model.render(prompt=prompt),
+        16 if body.max_tokens is None else body.max_tokens,
+        body.logprobs or 0,
+        body.temperature or 0.0,
+        body.seed or 0,
+    )
     logprobs = None
-    if body.get("logprobs") is not None:
+    if body.logprobs is not None:
         offsets, position = [], len(prompt)
         for token in out["tokens"]:
             offsets.append(position)
@@ -116,39 +157,27 @@ def _completion(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
             "text_offset": offsets,
         }
     choice = {"index": 0, "text": out["text"], "logprobs": logprobs}
-    return _response("cmpl", "text_completion", model, choice, out)
+    choice["finish_reason"] = out["finish_reason"]
+    return _envelope("cmpl", "text_completion", model, [choice], out)
 
 
-def _response(prefix: str, kind: str, model: ServedModel, choice: dict, out: dict) -> dict:
-    """The OpenAI response envelope around one choice."""
-    return {
-        "id": f"{prefix}-{uuid.uuid4().hex[:12]}",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model.name,
-        "choices": [{**choice, "finish_reason": out["finish_reason"]}],
-        "usage": _usage(out),
-        "x_gatelab": out["x_gatelab"],
-    }
-
-
-def _chat(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
-    model, max_tokens, temperature, seed = _common(body, models)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("'messages' must be a non-empty list of {role, content}")
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise _BadRequest("each message must be an object with a string 'content'")
-    want = bool(body.get("logprobs"))
-    n_top = _int_field(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if want else 0
-    out = model.generate(model.render(messages=messages), max_tokens, n_top, temperature, seed)
+def _chat(body: ChatRequest, models: dict[str, ServedModel]) -> dict[str, Any]:
+    model = _model(models, body.model)
+    messages = [m.model_dump() for m in body.messages]
+    n_top = (body.top_logprobs or 0) if body.logprobs else 0
+    out = model.generate(
+        model.render(messages=messages),
+        16 if body.max_tokens is None else body.max_tokens,
+        n_top,
+        body.temperature or 0.0,
+        body.seed or 0,
+    )
 
     def entry(token: str, logprob: float) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     logprobs = None
-    if want:
+    if body.logprobs:
         content = []
         for token, logprob, top in zip(
             out["tokens"], out["token_logprobs"], out["top"], strict=True
@@ -157,17 +186,38 @@ def _chat(body: dict, models: dict[str, ServedModel]) -> dict[str, Any]:
         logprobs = {"content": content}
     message = {"role": "assistant", "content": out["text"]}
     choice = {"index": 0, "message": message, "logprobs": logprobs}
-    return _response("chatcmpl", "chat.completion", model, choice, out)
+    choice["finish_reason"] = out["finish_reason"]
+    return _envelope("chatcmpl", "chat.completion", model, [choice], out)
+
+
+def _error(message: str, kind: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status)
+
+
+def _describe(error: RequestValidationError) -> str:
+    """One line per failed field, e.g. ``body.max_tokens: Input should be <= 512``."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts) or "invalid request"
 
 
 def build_app(models: dict[str, ServedModel]) -> FastAPI:
     """A FastAPI app serving ``models`` (name -> variant) with the OpenAI endpoints."""
     app = FastAPI(title="gatelab edge expert")
 
-    @app.exception_handler(_BadRequest)
-    async def _bad(_: Request, error: _BadRequest) -> JSONResponse:
-        kind = "not_found_error" if error.status == 404 else "invalid_request_error"
-        return JSONResponse({"error": {"message": str(error), "type": kind}}, error.status)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(_describe(error), "invalid_request_error", 400)
+
+    @app.exception_handler(ModelNotFound)
+    async def not_found(_: Request, error: ModelNotFound) -> JSONResponse:
+        return _error(str(error), "not_found_error", 404)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, error: ValueError) -> JSONResponse:
+        return _error(str(error), "invalid_request_error", 400)  # e.g. a prompt of no tokens
 
     @app.get("/health")
     async def health() -> dict:
@@ -178,22 +228,13 @@ def build_app(models: dict[str, ServedModel]) -> FastAPI:
         data = [{"id": n, "object": "model", "owned_by": "gatelab"} for n in sorted(models)]
         return {"object": "list", "data": data}
 
-    async def _json(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _BadRequest("request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest("request body must be a JSON object")
-        return body
-
     @app.post("/v1/completions")
-    async def completions(request: Request) -> dict:
-        return await run_in_threadpool(_completion, await _json(request), models)
+    async def completions(body: CompletionRequest) -> dict:
+        return await run_in_threadpool(_completion, body, models)
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> dict:
-        return await run_in_threadpool(_chat, await _json(request), models)
+    async def chat(body: ChatRequest) -> dict:
+        return await run_in_threadpool(_chat, body, models)
 
     return app
 

@@ -19,20 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from gatelab import runs
 from gatelab.cost import area_under_tradeoff, plot_tradeoff
 from gatelab.edge.eval import (
     METHODS,
     Pool,
     SweepConfig,
-    _gate_outputs,
     build_pool,
     category_models,
     evaluate_budget,
+    gate_outputs,
 )
-from gatelab.edge.model import mixture, one_thread, subset_mask
+from gatelab.edge.model import mixture, subset_mask
 from gatelab.edge.train import TrainConfig, evaluate_gate, train_gate
+from gatelab.threads import torch_threads
 
 LABELS = {
     "moe2": "MoE² (selector + gate)",
@@ -107,7 +108,7 @@ def _grids(models: dict, aggregate_s: float, n: int) -> tuple[np.ndarray, np.nda
     return e_grid, d_grid
 
 
-@one_thread()
+@torch_threads(1)  # tiny tensors: one thread is fastest (see gatelab.edge.model)
 def run_sweep(
     cfg: SweepConfig,
     cache: str | Path,
@@ -125,14 +126,15 @@ def run_sweep(
     gate, history = train_gate(
         pool.data(pool.split == "train"), pool.data(pool.split == "val"), train_cfg
     )
-    with (out_dir / "metrics.jsonl").open("w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+    runs.truncate_metrics(out_dir, -1)  # the gate is retrained from scratch on every sweep
+    for record in history:
+        runs.append_metrics(out_dir, record)
     test = pool.data(pool.split == "test")
     gate_test = {
         "dense": evaluate_gate(gate, test),
         f"top{cfg.top_k}": evaluate_gate(gate, test, top_k=cfg.top_k),
     }
-    logits = _gate_outputs(gate, pool)
+    logits = gate_outputs(gate, pool)
     aggregate_s = _aggregate_seconds(gate, pool, cfg.top_k)
     models = category_models(pool, logits, cfg.top_k)
     e_grid, d_grid = _grids(models, aggregate_s, cfg.n_budgets)
@@ -148,6 +150,12 @@ def run_sweep(
     preserving = _optimality_check(gate, pool, train_cfg, cfg.top_k)
     # report
     summary = _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir)
+    runs.save_checkpoint(
+        out_dir / "gate.safetensors",
+        config=_run_config(cfg, train_cfg, pool, gate, aggregate_s),
+        step=len(history),
+        modules={"gate": gate},
+    )
     summary["gate_test"] = gate_test
     summary["optimality_preserving"] = preserving
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -180,23 +188,22 @@ def _curve(rows: list[dict], axis: str, method: str, x: str) -> np.ndarray:
     return np.array([p for p in points if np.isfinite(p[1])] or [(0.0, 0.0)])
 
 
+def _run_config(cfg, train_cfg, pool, gate, aggregate_s: float) -> dict:
+    """What a sweep ran with: ``config.json`` and the metadata of ``gate.safetensors``."""
+    return {
+        "sweep": dataclasses.asdict(cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "gate": dataclasses.asdict(gate.config),
+        "experts": pool.table.experts,
+        "n_questions": len(pool.questions),
+        "aggregate_s_measured": aggregate_s,
+    }
+
+
 def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir: Path) -> dict:
     experts = pool.table.experts
-    (out_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "sweep": dataclasses.asdict(cfg),
-                "train": dataclasses.asdict(train_cfg),
-                "experts": experts,
-                "n_questions": len(pool.questions),
-                "aggregate_s_measured": aggregate_s,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    save_file(
-        {k: v.contiguous() for k, v in gate.state_dict().items()}, str(out_dir / "gate.safetensors")
+    runs.atomic_write_json(
+        out_dir / "config.json", _run_config(cfg, train_cfg, pool, gate, aggregate_s)
     )
     centroids = {
         c: pool.x[(pool.category == c) & (pool.split == "train")].mean(0).tolist() for c in models
@@ -205,7 +212,6 @@ def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_di
         "experts": experts,
         "top_k": cfg.top_k,
         "aggregate_s": aggregate_s,
-        "gate": dataclasses.asdict(gate.config),
         "categories": {
             c: {
                 "energy_j": m.energy_j.tolist(),

@@ -1,6 +1,6 @@
 """Train the MoE² gate once, on all experts, by minimising the mixture's cross-entropy.
 
-Loss (papers.md §3.1): ``-log sum_i w_i(x) p_i(y* | x)`` over the training questions, dense
+Loss (MoE², arXiv:2501.09410): ``-log sum_i w_i(x) p_i(y* | x)`` over the training questions, dense
 weights over the experts that answered (``top_k = E`` while training; top-k is applied at
 inference inside whatever subset is selected). Full-batch Adam with early stopping on the
 validation loss; the best validation state is kept.
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gatelab.edge.model import EdgeGate, GateConfig, mixture, mixture_nll, one_thread, subset_mask
+from gatelab.edge.model import EdgeGate, GateConfig, mixture, mixture_nll, subset_mask
+from gatelab.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def evaluate_gate(
     return {"nll": float(mixture_nll(mixed, answer)), "accuracy": float(accuracy)}
 
 
-@one_thread()
+@torch_threads(1)  # tiny tensors: one thread is fastest (see gatelab.edge.model)
 def train_gate(
     train: GateData,
     val: GateData,
