@@ -36,7 +36,7 @@ demo-full: setup
 SYSTEM ?= gmoe moe exits edge comm
 JOBS   ?= 1
 reproduce: setup
-	@for s in $(SYSTEM); do $(VENV)/bin/gatelab reproduce $$s --jobs $(JOBS) || exit 1; done
+	@status=0; for s in $(SYSTEM); do $(VENV)/bin/gatelab reproduce $$s --jobs $(JOBS) || status=1; done; exit $$status
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
