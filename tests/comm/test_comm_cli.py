@@ -120,3 +120,31 @@ def test_targets_from_a_hand_built_table():
     assert all(t["met"].values())
     table["commformer_tg"] = row(0.70, 0.2)  # 8 points lost: that target fails
     assert not targets(table)["met"]["tg_cuts_50pct_losing_le_5pts"]
+
+
+def test_reproduce_runs_the_docs_command(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from gatelab.comm import reproduce
+    from gatelab.comm.compare import CompareConfig, compare_configs
+
+    doc = (Path(__file__).parents[2] / "docs" / "comm.md").read_text()
+    command = re.search(r"`gatelab reproduce comm` runs `gatelab comm compare ([^`]*)`", doc)
+    args = command.group(1).split()
+    assert args == "--env predator_prey --seeds 6 --updates 200 --comm-budget 0.22 --memory".split()
+    from_docs = compare_configs(False, ["predator_prey"], 6, 200, comm_budget=0.22, memory=True)
+    assert reproduce.configs() == from_docs
+    assert "min" in reproduce.EXPECTED_TIME
+    # the same path end to end on a tiny configuration (2 updates, 1 seed)
+    from conftest import config
+
+    tiny = config(agents=2, grid=3, episode_limit=4, n_envs=4, updates=2, d_model=16)
+    small = [CompareConfig(base=tiny, seeds=(0,), eval_episodes=4, comm_budget=0.22)]
+    monkeypatch.setattr(reproduce, "configs", lambda jobs=1: small)
+    path = reproduce.reproduce(tmp_path, jobs=1)
+    assert path == tmp_path / "reproduce" / "comm" / "tables.md"
+    assert "| commformer_tg |" in path.read_text() and (path.parent / "tables.json").exists()
+    stamp = (tmp_path / "comm" / "predator_prey" / "full" / "seed0" / "eval.json").stat().st_mtime
+    reproduce.reproduce(tmp_path)  # resumable: finished runs are reused, not retrained
+    assert (tmp_path / "comm/predator_prey/full/seed0/eval.json").stat().st_mtime == stamp
