@@ -169,13 +169,9 @@ def train(
             model.train()
             index = torch.nonzero(alive).squeeze(-1)  # joint samples (t, b) still running
             env_index = index % ro.graph.shape[0]
+            stored = {k: getattr(ro, k) for k in ("obs", "actions", "logp", "acting")}
             flat = {
-                "obs": ro.obs.flatten(0, 1),
-                "actions": ro.actions.flatten(0, 1),
-                "logp": ro.logp.flatten(0, 1),
-                "adv": adv.flatten(0, 1),
-                "targets": targets.flatten(0, 1),
-                "acting": ro.acting.flatten(0, 1),
+                k: v.flatten(0, 1) for k, v in {**stored, "adv": adv, "targets": targets}.items()
             }
             listen = None if ro.listen is None else ro.listen.flatten(0, 1)
             gated = listen is not None
