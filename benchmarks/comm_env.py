@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import gatelab
 from gatelab.comm.envs import make_env
+from gatelab.threads import torch_threads
 
 CASES = [  # (env, n_envs, agents, grid)
     ("predator_prey", 1, 5, 10),
@@ -41,7 +41,6 @@ def measure(name, n_envs, agents, grid, min_seconds=1.0):
 
 
 def main():
-    torch.set_num_threads(1)
     rows = []
     for name, n_envs, agents, grid in CASES:
         rate = measure(name, n_envs, agents, grid)
@@ -62,4 +61,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with torch_threads(1):
+        main()

@@ -1,16 +1,15 @@
 """The causal gate estimator (I2C-style): KL effect vs a naive loop, quantile labels, training."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
+from conftest import config
 
 from gatelab.comm.gating import causal_effect, causal_labels, listen_share
 from gatelab.comm.ppo import Batch, collect, ppo_losses
-from gatelab.comm.train import TrainConfig, build, train
+from gatelab.comm.train import build, train
 
-TINY = TrainConfig(
+TINY = config(
     agents=3, grid=4, episode_limit=8, n_envs=4, updates=2, d_model=16, ppo_epochs=2,
     alpha_warmup_updates=1, checkpoint_every=1, temporal_gate=True, gate_estimator="causal",
     comm_budget=0.25,
@@ -51,7 +50,7 @@ def test_causal_effect_matches_a_naive_per_sample_loop():
 
 
 def test_no_messages_no_effect():
-    model, ro = _rollout(replace(TINY, graph="none"))
+    model, ro = _rollout(config(TINY, graph="none"))
     assert causal_effect(model, ro).abs().max().item() < 1e-6
 
 
@@ -79,7 +78,7 @@ def test_listen_share_is_budget_over_ungated_rate():
     _, ro = _rollout()
     ungated = (ro.graph.sum((-2, -1)) - 3).mean().item() / 6  # A(A-1) = 6 possible edges
     assert listen_share(TINY, ro) == pytest.approx(min(1.0, 0.25 / ungated))
-    assert listen_share(replace(TINY, comm_budget=1.0), ro) == 1.0
+    assert listen_share(config(TINY, comm_budget=1.0), ro) == 1.0
 
 
 def test_ppo_loss_gives_the_causal_gate_no_gradient():
@@ -98,7 +97,7 @@ def test_ppo_loss_gives_the_causal_gate_no_gradient():
 
 
 def test_causal_training_trains_the_gate_and_logs_its_targets():
-    cfg = replace(TINY, updates=3, gate_warmup=0.0, gate_temp_min=0.5)
+    cfg = config(TINY, updates=3, gate_warmup=0.0, gate_temp_min=0.5)
     torch.manual_seed(0)
     _, model0 = build(cfg)
     result = train(cfg)
@@ -111,21 +110,21 @@ def test_causal_training_trains_the_gate_and_logs_its_targets():
 
 @pytest.mark.parametrize(
     ("changes", "match"),
-    [({"comm_budget": 0.0}, "comm_budget"), ({"gate_estimator": "nope"}, "gate_estimator")],
+    [({"comm_budget": 0.0}, "comm_budget"), ({"gate_estimator": "nope"}, "valid Estimator")],
 )
 def test_bad_causal_config(changes, match):
     with pytest.raises(ValueError, match=match):
-        replace(TINY, **changes)
+        config(TINY, **changes)
 
 
 def test_label_share_follows_the_budget_and_resumes_exactly(tmp_path, assert_resumes_exactly):
-    cfg = replace(TINY, updates=5, gate_warmup=0.4, budget_lr=0.5, n_envs=4)
+    cfg = config(TINY, updates=5, gate_warmup=0.4, budget_lr=0.5, n_envs=4)
     h = train(cfg, tmp_path / "a").history
     assert [r["train/share"] for r in h[:2]] == [1.0, 1.0]  # warm-up: gates open, no labels
     first = h[2]["train/share"]
     assert 0 < first <= 1  # budget / ungated rate (test_listen_share_is_budget_over_ungated_rate)
     for prev, row in zip(h[2:], h[3:], strict=False):  # s <- clip(s - eta (r - b), 0.01, 1)
-        excess = prev["train/comm_rate_threshold"] - cfg.comm_budget
+        excess = prev["train/comm_rate_threshold"] - cfg.gate.comm_budget
         want = min(1.0, max(0.01, prev["train/share"] - 0.5 * excess))
         assert row["train/share"] == pytest.approx(want)
 

@@ -1,15 +1,13 @@
 """The one-step action memory: what it stores, that ratios stay exact, and that runs round-trip."""
 
-from dataclasses import replace
-
 import torch
+from conftest import config
 
-from gatelab.comm.checkpoint import load_model
 from gatelab.comm.eval import evaluate
 from gatelab.comm.ppo import collect, recompute_logp, with_memory
-from gatelab.comm.train import TrainConfig, build, train
+from gatelab.comm.train import build, load_model, train
 
-TINY = TrainConfig(
+TINY = config(
     agents=3, grid=4, episode_limit=8, n_envs=8, updates=2, d_model=16, ppo_epochs=2,
     alpha_warmup_updates=1, checkpoint_every=1, memory=True,
 )  # fmt: skip
@@ -48,16 +46,16 @@ def test_rollout_stores_the_actions_taken_and_ratios_stay_one():
 
 
 def test_memory_run_saves_loads_and_evaluates(tmp_path):
-    result = train(replace(TINY, temporal_gate=True, comm_cost=0.1), tmp_path / "run")
+    result = train(config(TINY, temporal_gate=True, comm_cost=0.1), tmp_path / "run")
     model, train_cfg = load_model(tmp_path / "run" / "model.safetensors")
-    assert train_cfg["memory"] is True
-    metrics = evaluate(model, train_cfg, episodes=4, seed=1)
+    assert train_cfg.env.memory is True
+    metrics = evaluate(model, train_cfg.env, episodes=4, seed=1)
     assert 0.0 <= metrics["success_rate"] <= 1.0 and 0.0 <= metrics["comm_rate"] <= 1.0
     assert result.model.cfg.obs_dim == model.cfg.obs_dim
 
 
 def test_gated_memory_also_remembers_whether_the_agent_listened():
-    cfg = replace(TINY, temporal_gate=True, comm_cost=0.1)
+    cfg = config(TINY, temporal_gate=True, comm_cost=0.1)
     env, model = build(cfg)
     assert model.cfg.obs_dim == env.obs_dim + env.n_actions + 1
     with torch.no_grad():  # p = 1/2 for every state: both decisions occur

@@ -1,11 +1,10 @@
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import config
 
-from gatelab.comm.checkpoint import load_model
 from gatelab.comm.ppo import (
     Batch,
     ValueNorm,
@@ -15,9 +14,10 @@ from gatelab.comm.ppo import (
     ppo_losses,
     recompute_logp,
 )
-from gatelab.comm.train import TrainConfig, build, graph_noise, train
+from gatelab.comm.train import build, graph_noise, load_model, train
+from gatelab.runs import read_metrics
 
-TINY = TrainConfig(
+TINY = config(
     agents=3, grid=4, episode_limit=6, n_envs=6, updates=2, d_model=16, ppo_epochs=2,
     alpha_warmup_updates=1, checkpoint_every=1,
 )  # fmt: skip
@@ -25,7 +25,7 @@ TINY = TrainConfig(
 
 @pytest.mark.parametrize(("gate", "noise"), [(False, 1.0), (True, 1.0), (True, 0.5), (False, 0.0)])
 def test_every_ratio_is_one_before_the_first_update(gate, noise):
-    cfg = replace(TINY, temporal_gate=gate, comm_cost=0.1, n_envs=16, episode_limit=10)
+    cfg = config(TINY, temporal_gate=gate, comm_cost=0.1, n_envs=16, episode_limit=10)
     env, model = build(cfg)
     gen = torch.Generator().manual_seed(0)
     ro = collect(
@@ -51,7 +51,7 @@ def test_every_ratio_is_one_before_the_first_update(gate, noise):
 
 
 def test_gate_noise_ends():
-    cfg = replace(TINY, temporal_gate=True)
+    cfg = config(TINY, temporal_gate=True)
     _, model = build(cfg)
     obs = torch.randn(64, 3, model.cfg.obs_dim, generator=torch.Generator().manual_seed(0)) * 10
     p = model.gate(obs).detach()
@@ -64,15 +64,15 @@ def test_gate_noise_ends():
 
 
 def test_graph_noise_schedule():
-    cfg = replace(TINY, updates=10, graph_anneal=0.5)
+    cfg = config(TINY, updates=10, graph_anneal=0.5)
     assert [graph_noise(cfg, u) for u in (0, 1, 5, 9)] == [1.0, 0.8, 0.0, 0.0]
-    assert graph_noise(replace(cfg, graph_anneal=0.0), 0) == 0.0
+    assert graph_noise(config(cfg, graph_anneal=0.0), 0) == 0.0
     with pytest.raises(ValueError, match="graph_anneal"):
-        replace(cfg, graph_anneal=-1.0)
+        config(cfg, graph_anneal=-1.0)
 
 
 def test_frozen_agents_leave_the_policy_loss():
-    cfg = replace(TINY, n_envs=8, episode_limit=10)
+    cfg = config(TINY, n_envs=8, episode_limit=10)
     env, model = build(cfg)
     ro = collect(model, env, env_seed=1, graph_seed=2, generator=torch.Generator().manual_seed(0))
     rows = ro.alive.flatten()
@@ -140,7 +140,7 @@ def test_seed_reproducible_and_warmup_ends():
     a = train(TINY).history
     b = train(TINY).history
     assert strip(a) == strip(b)
-    c = train(replace(TINY, seed=1)).history
+    c = train(config(TINY, seed=1)).history
     assert strip(a) != strip(c)
     assert a[0]["graph/alpha_drift"] == 0.0  # warm-up: alpha frozen in update 1
     assert a[1]["graph/alpha_drift"] > 0.0  # and it ends
@@ -149,29 +149,49 @@ def test_seed_reproducible_and_warmup_ends():
 
 
 def test_resume_continues_exactly(tmp_path):
-    cfg = replace(TINY, updates=3, temporal_gate=True, comm_cost=0.1)
+    cfg = config(TINY, updates=3, temporal_gate=True, comm_cost=0.1)
     straight = train(cfg, tmp_path / "a").history
-    train(replace(cfg, updates=1), tmp_path / "b")
+    train(config(cfg, updates=1), tmp_path / "b")
+    with pytest.raises(ValueError, match="another config"):  # 1 update planned, not 3
+        train(cfg, tmp_path / "b", resume=True)
+    train(config(cfg, updates=3, checkpoint_every=2), tmp_path / "b")  # fresh: checkpoints 2, 3
     resumed = train(cfg, tmp_path / "b", resume=True).history
     assert strip(resumed) == strip(straight)
-    config = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert config["train"]["updates"] == 3 and config["model"]["temporal_gate"]
-    lines = (tmp_path / "b" / "scalars.csv").read_text().splitlines()
-    assert len(lines) == 4  # header + 3 updates, no duplicates
-    model, _ = load_model(tmp_path / "b" / "model.safetensors")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["train"]["ppo"]["updates"] == 3 and saved["model"]["temporal_gate"]
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]  # no duplicates
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["model.safetensors"]
+    model, loaded = load_model(tmp_path / "b" / "model.safetensors")
+    assert loaded.with_(checkpoint_every=1) == cfg  # the last checkpoint: update 3, every 2
     trained = train(cfg, tmp_path / "b", resume=True).model  # nothing left to do: same weights
     for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
     assert (tmp_path / "b" / "graph.png").exists() and (tmp_path / "b" / "comm_rate.png").exists()
-    # a killed run left scalars but no checkpoint: a restart starts them afresh
+    # a killed run left metrics but no checkpoint: a restart starts them afresh
     (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "scalars.csv").write_text("update,agent_steps\n1,10\n2,20\n")
-    train(replace(cfg, updates=1), tmp_path / "c", resume=True)
-    assert len((tmp_path / "c" / "scalars.csv").read_text().splitlines()) == 2
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    train(config(cfg, updates=1), tmp_path / "c", resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "c")] == [1]
+
+
+def test_checkpoint_moved_alone_still_loads(tmp_path):
+    cfg = config(TINY, memory=True)
+    result = train(cfg, tmp_path / "run")
+    moved = tmp_path / "elsewhere.safetensors"
+    (tmp_path / "run" / "model.safetensors").rename(moved)
+    model, loaded = load_model(moved)
+    assert loaded == cfg
+    for p, q in zip(model.state_dict().values(), result.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q)
+    moved.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a safetensors"):
+        load_model(moved)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")
 
 
 def test_smoke_loss_finite_and_improving():
-    cfg = replace(TINY, grid=3, episode_limit=8, n_envs=32, updates=12, lr=3e-3)
+    cfg = config(TINY, grid=3, episode_limit=8, n_envs=32, updates=12, lr=3e-3)
     history = train(cfg).history
     first = np.mean([h["train/return"] for h in history[:3]])
     last = np.mean([h["train/return"] for h in history[-3:]])
@@ -181,8 +201,9 @@ def test_smoke_loss_finite_and_improving():
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),
-    [("sparsity", 1.2, "sparsity"), ("agents", 1, "agents"), ("env", "chess", "unknown env")],
-)
+    [("sparsity", 1.2, "sparsity"), ("agents", 1, "agents"), ("env", "chess", "valid Env"),
+     ("updates", 0, "updates"), ("graph_anneal", -1.0, "graph_anneal")],
+)  # fmt: skip
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**{field: value})
+        config(**{field: value})

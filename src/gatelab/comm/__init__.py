@@ -1,15 +1,24 @@
 """CommFormer: multi-agent RL with a learned sparse communication graph and temporal gates.
 
-Hu et al., ICLR 2024 (arXiv:2405.08550) and its temporal-gating extension; see papers.md §5.
+Hu et al., ICLR 2024 (arXiv:2405.08550) with temporal gates; see docs/comm.md.
 """
 
-from gatelab.comm.checkpoint import load_model
-from gatelab.comm.compare import VARIANTS, CompareConfig, compare
+from gatelab.comm.compare import VARIANTS, CompareConfig, Variant, compare
+from gatelab.comm.config import (
+    Env,
+    EnvConfig,
+    Estimator,
+    GateConfig,
+    Graph,
+    ModelConfig,
+    PPOConfig,
+    TrainConfig,
+)
 from gatelab.comm.envs import ENVS, PredatorCapturePrey, PredatorPrey, make_env
 from gatelab.comm.eval import evaluate
 from gatelab.comm.graph import CommGraph, TemporalGate, comm_rate, gate_graph, n_senders
 from gatelab.comm.model import CommConfig, CommFormer, graph_attention
-from gatelab.comm.train import TrainConfig, TrainResult, train
+from gatelab.comm.train import TrainResult, load_model, train
 
 __all__ = [
     "ENVS",
@@ -18,11 +27,19 @@ __all__ = [
     "CommFormer",
     "CommGraph",
     "CompareConfig",
+    "Env",
+    "EnvConfig",
+    "Estimator",
+    "GateConfig",
+    "Graph",
+    "ModelConfig",
+    "PPOConfig",
     "PredatorCapturePrey",
     "PredatorPrey",
     "TemporalGate",
     "TrainConfig",
     "TrainResult",
+    "Variant",
     "comm_rate",
     "compare",
     "evaluate",

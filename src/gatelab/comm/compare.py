@@ -1,28 +1,42 @@
 """Train every variant on the same trainer, evaluate, and write curves, tables and graph pictures.
 
-Variants (papers.md §5 and issue #7): ``full`` (S = 1), ``commformer`` (learned graph at S),
-``commformer_tg`` (learned graph + temporal gates + communication cost), ``random`` (a fixed random
-graph at the same S) and ``none`` (no communication). Each (variant, seed) run lives in
-``<out>/<env>/<variant>/seed<s>/`` with its checkpoint, scalars and ``eval.json``; finished runs are
-skipped when the comparison is started again, unfinished ones resume from their checkpoint.
+Variants: ``full`` (S = 1), ``commformer`` (learned graph at S, arXiv:2405.08550),
+``commformer_tg`` (learned graph + temporal gates: straight-through with a communication cost, or
+causal gates meeting a budget), ``random`` (a fixed random graph at the same S) and ``none`` (no
+communication). Each (variant, seed) run lives in ``<out>/<env>/<variant>/seed<s>/`` with its
+checkpoint, metrics and ``eval.json``; finished runs are skipped when the comparison is started
+again, unfinished ones resume from their checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
-from gatelab.comm.checkpoint import checkpoint_update, load_model
+from gatelab.comm.config import Env, GateConfig, Graph, TrainConfig
 from gatelab.comm.eval import evaluate
-from gatelab.comm.train import TrainConfig, train
+from gatelab.comm.train import CHECKPOINT, load_model, train
+from gatelab.runs import atomic_write_json, read_checkpoint_metadata, read_json, read_metrics
 
-VARIANTS = ("full", "commformer", "commformer_tg", "random", "none")
+
+class Variant(StrEnum):
+    """The communication variants :func:`compare` trains."""
+
+    full = "full"
+    commformer = "commformer"
+    commformer_tg = "commformer_tg"
+    random = "random"
+    none = "none"
+
+
+VARIANTS = tuple(v.value for v in Variant)
 METRICS = ("success_rate", "mean_steps", "mean_return", "comm_rate", "updates")
+COMPARE_ENVS = (Env.predator_prey, Env.simple_spread)  # the environments compare's presets cover
 
 
 @dataclass(frozen=True)
@@ -31,106 +45,107 @@ class CompareConfig:
 
     base: TrainConfig  # environment and optimisation settings shared by every variant
     seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds in full mode (mean +- std)
-    comm_cost: float = 0.1  # temporal-gate communication-cost coefficient (commformer_tg)
-    comm_budget: float = 0.0  # > 0: commformer_tg trains budgeted gates (BUDGETED_GATES)
-    gate_estimator: str = "causal"  # the budgeted gates' estimator: causal | hybrid
+    comm_cost: float = 0.1  # straight-through temporal gates' cost (commformer_tg, no budget)
+    comm_budget: float = 0.0  # > 0: commformer_tg trains causal gates meeting it
     eval_episodes: int = 100  # evaluation episodes per run
     jobs: int = 1  # runs trained in parallel processes
     max_minutes: float = 0.0  # wall-clock budget per run (0: none); reached updates are recorded
     eval_only: bool = False  # evaluate each run's last checkpoint as it is, train nothing
 
 
-# commformer_tg with a communication budget (gatelab.comm.gating): gates open at first (the
-# policy learns to use messages), then training gates tempered 1 -> 0.1 towards the execution
-# threshold, and either the causal estimator (the gate classifies its observation on labels of
-# the messages' effect on the policy; the label share adapts to meet the budget; gated from 30%
-# of training) or the hybrid one (listening as a PPO action; the comm cost adapted by dual ascent;
-# gated from half-way: earlier, its gates shut for good)
-BUDGETED_GATES = {
-    "causal": {
-        "gate_estimator": "causal",
-        "gate_warmup": 0.3,
-        "gate_temp_min": 0.1,
-        "budget_lr": 0.2,
-        "comm_cost": 0.0,
-    },
-    "hybrid": {
-        "gate_estimator": "hybrid",
-        "gate_warmup": 0.5,
-        "gate_temp_min": 0.1,
-        "budget_lr": 0.01,
-        "comm_cost": 0.0,
-    },
-}
-
-
 def variant_config(
-    base: TrainConfig,
-    variant: str,
-    seed: int,
-    comm_cost: float,
-    comm_budget: float = 0.0,
-    gate_estimator: str = "causal",
+    base: TrainConfig, variant: Variant | str, seed: int, comm_cost: float, comm_budget: float = 0.0
 ) -> TrainConfig:
-    """The training config of one (variant, seed); ``comm_budget > 0``: budgeted gates."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    changes: dict = {"seed": seed, "temporal_gate": False, "comm_cost": 0.0}
-    if variant == "full":
-        changes.update(graph="full", sparsity=1.0)
-    elif variant == "commformer":
-        changes.update(graph="learned")
-    elif variant == "commformer_tg":
-        changes.update(graph="learned", temporal_gate=True, comm_cost=comm_cost)
-        if comm_budget > 0:
-            changes.update(budgeted_gates(gate_estimator), comm_budget=comm_budget)
+    """The training config of one (variant, seed); ``comm_budget > 0``: causal gates."""
+    variant = Variant(variant)
+    model = replace(base.model, temporal_gate=False)
+    gate = GateConfig()
+    if variant is Variant.full:
+        model = replace(model, graph=Graph.full, sparsity=1.0)
+    elif variant in (Variant.commformer, Variant.commformer_tg):
+        model = replace(model, graph=Graph.learned)
     else:
-        changes.update(graph=variant)
-    return replace(base, **changes)
-
-
-def budgeted_gates(estimator: str) -> dict:
-    """The :data:`BUDGETED_GATES` settings of ``estimator`` (one-line error if unknown)."""
-    if estimator not in BUDGETED_GATES:
-        raise ValueError(
-            f"budgeted gates use one of {', '.join(BUDGETED_GATES)}, got {estimator!r}"
+        model = replace(model, graph=Graph(variant.value))
+    if variant is Variant.commformer_tg:
+        model = replace(model, temporal_gate=True)
+        gate = (
+            GateConfig.budgeted(comm_budget) if comm_budget > 0 else GateConfig(comm_cost=comm_cost)
         )
-    return BUDGETED_GATES[estimator]
+    return replace(base, model=model, gate=gate, seed=seed)
+
+
+def compare_configs(
+    quick: bool,
+    envs: list[Env] | None = None,
+    seeds: int | None = None,
+    updates: int = 0,
+    jobs: int = 1,
+    max_minutes: float = 0.0,
+    comm_cost: float = 0.1,
+    eval_only: bool = False,
+    comm_budget: float = 0.0,
+    memory: bool = False,
+) -> list[CompareConfig]:
+    """The :class:`CompareConfig` of each environment for ``gatelab comm compare``.
+
+    Each environment's :meth:`TrainConfig.preset` (``updates > 0`` replaces its updates), every
+    variant with or without ``memory`` alike; ``seeds`` (default 3, quick 1); quick: 50
+    evaluation episodes (else 200).
+    """
+    envs = [Env(e) for e in envs or COMPARE_ENVS]
+    unknown = [e.value for e in envs if e not in COMPARE_ENVS]
+    if unknown:
+        choices = ", ".join(e.value for e in COMPARE_ENVS)
+        raise ValueError(f"compare supports {choices}; got {unknown[0]!r}")
+    # an invalid budget or cost: a one-line error before any run
+    GateConfig.budgeted(comm_budget) if comm_budget > 0 else GateConfig(comm_cost=comm_cost)
+    seeds = seeds if seeds is not None else 1 if quick else 3
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    out = []
+    for env in envs:
+        base = TrainConfig.preset(env, quick)
+        base = base.with_(env={"memory": memory}, ppo={"updates": updates or base.ppo.updates})
+        out.append(
+            CompareConfig(
+                base=base,
+                seeds=tuple(range(seeds)),
+                eval_episodes=50 if quick else 200,
+                jobs=jobs,
+                max_minutes=max_minutes,
+                comm_cost=comm_cost,
+                comm_budget=comm_budget,
+                eval_only=eval_only,
+            )
+        )
+    return out
 
 
 def _run_one(job: tuple[dict, str, int, float, bool]) -> dict:
     """Train (or resume) and evaluate one run; returns its eval metrics and history.
 
     With ``eval_only`` an unevaluated run is evaluated from its last checkpoint (e.g. one cut by
-    a time limit) and its scalars are cut back to that checkpoint's update.
+    a time limit) and its metrics are cut back to that checkpoint's update.
     """
     cfg_dict, run_dir, eval_episodes, max_minutes, eval_only = job
-    cfg = TrainConfig(**cfg_dict)
+    cfg = TrainConfig.from_dict(cfg_dict)
     run = Path(run_dir)
     done = run / "eval.json"
     if not done.exists():
         if not eval_only:
             train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
-        elif not (run / "model.safetensors").exists():
+        elif not (run / CHECKPOINT).exists():
             raise FileNotFoundError(f"{run}: no checkpoint to evaluate (--eval-only)")
-        model, train_cfg = load_model(run / "model.safetensors", cfg.device)
-        history = _history(run)
-        updates = checkpoint_update(run)
-        history = [h for h in history if h["update"] <= updates]
-        metrics = evaluate(model, train_cfg, eval_episodes, seed=10_000 + cfg.seed)
+        model, train_cfg = load_model(run / CHECKPOINT, cfg.device)
+        updates = int(read_checkpoint_metadata(run / CHECKPOINT)["step"])
+        history = [h for h in read_metrics(run) if h["step"] <= updates]
+        metrics = evaluate(model, train_cfg.env, eval_episodes, seed=10_000 + cfg.seed)
         metrics["updates"] = updates
         metrics["agent_steps"] = history[-1]["agent_steps"] if history else 0
-        done.write_text(json.dumps(metrics, indent=2) + "\n")
-    upto = json.loads(done.read_text())["updates"]
-    history = [h for h in _history(run) if h["update"] <= upto]
-    return {"eval": json.loads(done.read_text()), "history": history}
-
-
-def _history(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        atomic_write_json(done, metrics)
+    upto = read_json(done)["updates"]
+    history = [h for h in read_metrics(run) if h["step"] <= upto]
+    return {"eval": read_json(done), "history": history}
 
 
 def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
@@ -139,17 +154,15 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     Returns:
         ``{"table": {variant: {metric: [mean, std]}}, "runs": {variant: [eval dicts]}, ...}``.
     """
-    env_dir = Path(out) / cfg.base.env
+    env_dir = Path(out) / cfg.base.env.name.value
     env_dir.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], []
     for variant in VARIANTS:
         for seed in cfg.seeds:
-            run_cfg = variant_config(
-                cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget, cfg.gate_estimator
-            )
+            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget)
             run_dir = str(env_dir / variant / f"seed{seed}")
             jobs.append(
-                (asdict(run_cfg), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
+                (run_cfg.to_dict(), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
             )
             keys.append(variant)
     results: list[dict] = []
@@ -183,7 +196,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         for v in VARIANTS
     }
     figures = []
-    env = cfg.base.env
+    env = cfg.base.env.name.value
     for key, name in (("train/success", "success"), ("train/return", "return")):
         path = env_dir / f"curves_{name}.png"
         plot_curves(curves, key, path, f"{env}: training {name}, mean +- std over seeds")
@@ -196,10 +209,10 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
     summary = {
         "env": env,
         "seeds": list(cfg.seeds),
-        "base": asdict(cfg.base),
+        "base": cfg.base.to_dict(),
         "comm_cost": cfg.comm_cost,
         "comm_budget": cfg.comm_budget,
-        "gate_estimator": cfg.gate_estimator if cfg.comm_budget > 0 else "st",
+        "gate_estimator": "causal" if cfg.comm_budget > 0 else "st",
         "max_minutes": cfg.max_minutes,
         "eval_episodes": cfg.eval_episodes,
         "table": table,
@@ -207,7 +220,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         "runs": runs,
         "figures": [str(f) for f in figures],
     }
-    (env_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(env_dir / "results.json", summary)
     (env_dir / "results.md").write_text(results_markdown(summary) + "\n")
     return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gatelab.comm.config import EnvConfig
 from gatelab.comm.envs import make_env
 from gatelab.comm.model import CommFormer
 from gatelab.comm.ppo import collect
@@ -17,7 +18,7 @@ from gatelab.comm.ppo import collect
 
 def evaluate(
     model: CommFormer,
-    train_cfg: dict,
+    env_cfg: EnvConfig,
     episodes: int = 100,
     seed: int = 0,
     batch: int = 100,
@@ -25,7 +26,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Run ``episodes`` evaluation episodes (actions sampled unless ``greedy``).
 
-    ``train_cfg`` is the ``train`` section of the run's config (environment settings).
+    ``env_cfg``: the run's environment (``TrainConfig.env``; :func:`load_model` returns it).
     Episodes run in batches of ``batch``; the batch starting at episode ``j`` resets with seed
     ``seed * 1000003 + j``.
     """
@@ -37,18 +38,11 @@ def evaluate(
     done = 0
     while done < episodes:
         n = min(batch, episodes - done)
-        env = make_env(
-            train_cfg["env"],
-            n,
-            train_cfg["agents"],
-            train_cfg["grid"],
-            train_cfg["vision"],
-            train_cfg["episode_limit"] or None,
-        )
+        e = env_cfg
+        env = make_env(e.name.value, n, e.agents, e.grid, e.vision, e.episode_limit or None)
         env_seed = seed * 1_000_003 + done  # episode j of the evaluation uses seed*1000003 + j
         generator = torch.Generator().manual_seed(env_seed)
-        memory = bool(train_cfg.get("memory", False))
-        ro = collect(model, env, env_seed, 0, generator, False, greedy, memory=memory)
+        ro = collect(model, env, env_seed, 0, generator, False, greedy, memory=env_cfg.memory)
         env.close()
         success.append(ro.success)
         steps.append(ro.steps)

@@ -1,8 +1,8 @@
 r"""Training the temporal gates: their schedule and the causal estimator's targets.
 
-The schedule: warm-up, cost ramp or budget, temperature.
+The schedule: warm-up, cost, temperature.
 
-**Causal gates** (``TrainConfig(gate_estimator="causal")``, after I2C: Ding, Huang, Lu, "Learning
+**Causal gates** (``GateConfig(comm_budget=b)``, after I2C: Ding, Huang, Lu, "Learning
 Individually Inferred Communication for Multi-Agent Cooperation", NeurIPS 2020,
 arXiv:2006.06455). The worth of agent :math:`i` listening at a step is the causal effect of the
 messages on its policy,
@@ -22,7 +22,7 @@ follows :math:`s \leftarrow \mathrm{clip}(s - \eta\,(r - b), 0.01, 1)` after eac
 The gate gets no policy-gradient or straight-through signal; the policy trains by PPO on the
 stored gates, so ratios stay exact.
 
-Used by :func:`gatelab.comm.train.train`; the RL estimators are in :mod:`gatelab.comm.ppo`.
+Used by :func:`gatelab.comm.train.train`; the straight-through gate is in :mod:`gatelab.comm.ppo`.
 """
 
 from __future__ import annotations
@@ -32,67 +32,41 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from gatelab.comm.config import Estimator, TrainConfig
 from gatelab.comm.graph import comm_rate, gate_graph
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only; neither module imports this one
     from gatelab.comm.model import CommFormer
     from gatelab.comm.ppo import Rollout
-    from gatelab.comm.train import TrainConfig
 
 
 def gated_from(cfg: TrainConfig) -> int:
-    """The first update whose rollout samples temporal gates (``gate_warmup * updates``)."""
-    return round(cfg.gate_warmup * cfg.updates)
+    """The first update whose rollout samples temporal gates (``gate.warmup * updates``)."""
+    return round(cfg.gate.warmup * cfg.ppo.updates)
 
 
-def gate_schedule(cfg: TrainConfig, update: int, budget_cost: float | None = None):
+def gate_schedule(cfg: TrainConfig, update: int) -> tuple[bool, float]:
     """Whether update ``update`` samples temporal gates, and its communication-cost coefficient.
 
-    For the first ``gate_warmup * updates`` updates every gate is open (the model runs as without
+    For the first ``gate.warmup * updates`` updates every gate is open (the model runs as without
     gates and the gate gets no gradient), so the policy learns to use messages before listening
-    costs anything. Then, with a fixed cost, it rises linearly from 0 to ``comm_cost`` over
-    ``cost_ramp * updates`` updates (0: at once); with a ``comm_budget`` it is ``budget_cost``
-    (:func:`next_budget_cost`, starting from ``comm_cost``).
-
-    Returns:
-        ``(gates_on, cost)``.
+    costs anything; then the cost is ``gate.comm_cost`` (the straight-through gate's; 0 for the
+    causal one, which meets its budget through the label share).
     """
-    start = gated_from(cfg)
-    if update < start:
+    if update < gated_from(cfg):
         return False, 0.0
-    if cfg.comm_budget > 0:
-        return True, cfg.comm_cost if budget_cost is None else budget_cost
-    ramp = cfg.cost_ramp * cfg.updates
-    scale = 1.0 if ramp <= 0 else min(1.0, (update - start + 1) / ramp)
-    return True, cfg.comm_cost * scale
+    return True, cfg.gate.comm_cost
 
 
 def gate_temperature(cfg: TrainConfig, update: int) -> float:
-    """Training-gate temperature of update ``update`` (hybrid and causal estimators).
+    """Training-gate temperature of update ``update`` (causal estimator).
 
-    1 up to the end of the warm-up, then linearly to ``gate_temp_min`` at the last update
-    (``gate_temp_min = 1``: always 1).
+    1 up to the end of the warm-up, then linearly to ``gate.temp_min`` at the last update
+    (``temp_min = 1``: always 1).
     """
     start = gated_from(cfg)
-    span = max(1, cfg.updates - 1 - start)
-    return 1.0 - (1.0 - cfg.gate_temp_min) * min(1.0, max(0.0, (update - start) / span))
-
-
-def next_budget_cost(cfg: TrainConfig, row: dict) -> float | None:
-    r"""Dual ascent on the communication budget after an update's scalars ``row``.
-
-    The cost is a Lagrange multiplier of the constraint "comm rate <= ``comm_budget``":
-    :math:`\lambda \leftarrow \max(0, \lambda + \eta\,(r - b))` with :math:`r` the rate the
-    *execution* (threshold) gates give on the rollout's states (``train/comm_rate_threshold``),
-    :math:`\eta` = ``budget_lr``. The gate then decides *where* to stop listening, the multiplier
-    only how much. ``None`` while the gates are still in their warm-up (or without a budget).
-    """
-    if cfg.comm_budget <= 0 or row["update"] <= gated_from(cfg):
-        return None
-    if cfg.gate_estimator == "causal":  # the budget sets the label share, not a price
-        return None
-    excess = row["train/comm_rate_threshold"] - cfg.comm_budget
-    return max(0.0, row["train/comm_cost"] + cfg.budget_lr * excess)
+    span = max(1, cfg.ppo.updates - 1 - start)
+    return 1.0 - (1.0 - cfg.gate.temp_min) * min(1.0, max(0.0, (update - start) / span))
 
 
 def threshold_rate(model: CommFormer, ro: Rollout, alive, cost: float, temp: float) -> dict:
@@ -153,21 +127,26 @@ def causal_labels(effect: torch.Tensor, live: torch.Tensor, share: float) -> tor
     return (effect > threshold).to(effect.dtype)
 
 
-def next_label_share(cfg: TrainConfig, row: dict) -> float | None:
-    """Causal estimator: the label share after an update's scalars ``row`` (module docstring).
+def next_label_share(cfg: TrainConfig, update: int, row: dict) -> float | None:
+    """The label share after update ``update`` (its scalars ``row``; module docstring).
 
     ``None`` while the gates are still in their warm-up (then :func:`listen_share` starts it).
     """
-    if cfg.gate_estimator != "causal" or row["update"] <= gated_from(cfg):
+    if update < gated_from(cfg):
         return None
-    excess = row["train/comm_rate_threshold"] - cfg.comm_budget
-    return min(1.0, max(0.01, row["train/share"] - cfg.budget_lr * excess))
+    excess = row["train/comm_rate_threshold"] - cfg.gate.comm_budget
+    return min(1.0, max(0.01, row["train/share"] - cfg.gate.budget_lr * excess))
 
 
 def listen_share(cfg: TrainConfig, ro: Rollout) -> float:
     """The share of agent-steps the budget lets listen: ``comm_budget`` / the ungated comm rate."""
     ungated = float(comm_rate(ro.graph).mean())
-    return 1.0 if ungated <= 0 else min(1.0, cfg.comm_budget / ungated)
+    return 1.0 if ungated <= 0 else min(1.0, cfg.gate.comm_budget / ungated)
+
+
+def uses_causal(cfg: TrainConfig) -> bool:
+    """Whether the run trains temporal gates with the causal estimator."""
+    return cfg.model.temporal_gate and cfg.gate.kind is Estimator.causal
 
 
 def causal_targets(
@@ -175,10 +154,10 @@ def causal_targets(
 ) -> tuple[torch.Tensor | None, dict]:
     """The causal gate's labels ``(T*B, A)`` for a rollout, and their scalars.
 
-    ``share``: the current label share (``None``: start from :func:`listen_share`). Other
-    estimators: ``(None, {})``; the warm-up (no gates): ``(None, share 1, effect 0)``.
+    ``share``: the current label share (``None``: start from :func:`listen_share`). The
+    straight-through estimator: ``(None, {})``; the warm-up (no gates): share 1, effect 0.
     """
-    if cfg.gate_estimator != "causal":
+    if not uses_causal(cfg):
         return None, {}
     if ro.listen is None:
         return None, {"train/causal_effect": 0.0, "train/share": 1.0}

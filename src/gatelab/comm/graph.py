@@ -5,12 +5,12 @@ sender). Receiver :math:`i` keeps its top-``k`` senders among the *other* agents
 
 .. math:: k = \max(1, \lfloor S\,(A-1) + \tfrac12 \rfloor),
 
-and always hears itself besides (papers.md §5.4 item 4: the public code let an agent pick itself and
+and always hears itself besides (the public CommFormer code let an agent pick itself and
 hear nobody). Training samples the graph with Gumbel top-k (straight-through,
 :func:`gatelab.gates.gumbel_topk`); execution uses the deterministic top-k of :math:`\alpha`
 (:func:`gatelab.gates.select_topk`). The sample a rollout used is stored; the update re-attaches the
 gradient of the *same* Gumbel draw to the stored hard graph (:meth:`CommGraph.relax`), so the
-forward value is exactly the rollout's graph (no PPO ratio mismatch, §5.4 item 1) while
+forward value is exactly the rollout's graph (no PPO ratio mismatch) while
 :math:`\alpha` still gets the straight-through gradient.
 
 **Noise scale** (train/execution match, gatelab's addition): the draw is
@@ -20,15 +20,15 @@ after which the rollouts use the execution graph itself and :math:`\alpha` still
 straight-through gradient of the successive-softmax relaxation of :math:`\alpha / \tau`. Without
 it the policy only ever trains on noisy graphs but is evaluated on the one deterministic graph.
 
-The logits start as :math:`\mathcal N(0, \sigma^2)` (symmetry breaking, §5.4 item 3).
+The logits start as :math:`\mathcal N(0, \sigma^2)` (symmetry breaking).
 
 **Temporal gate** (CommFormer extension, reconstructed [R]): agent :math:`i` computes
 :math:`p_i = \sigma(f(o_i))` from its own observation (:math:`f` linear, or a one-hidden-layer MLP)
 and receives messages this step iff :math:`z_i = 1` (:math:`z_i \sim \text{Bernoulli}(p_i)` in
 training rollouts, :math:`z_i = 1[p_i > 1/2]` at execution). A closed gate zeroes receiver
 :math:`i`'s whole row except itself, in the encoder *and* in the decoder's action messages. How the
-gate is trained (straight-through only, or the hybrid estimator that also treats :math:`z_i` as
-part of the agent's stochastic action) is in :mod:`gatelab.comm.ppo`.
+gate is trained (straight-through with a cost, or causal labels) is in :mod:`gatelab.comm.ppo` and
+:mod:`gatelab.comm.gating`.
 
 **Communication rate**: active sender->receiver edges (self excluded) over :math:`A(A-1)`, per step.
 """
@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gatelab import gates
@@ -222,31 +221,6 @@ class TemporalGate(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return torch.sigmoid(self.logits(obs))  # (B, A)
-
-
-def bernoulli_logp(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log P(z)` under :math:`\text{Bernoulli}(\sigma(\ell))`, computed stably.
-
-    ``z log sigma(l) + (1 - z) log sigma(-l)``; shapes broadcast.
-    """
-    return z * F.logsigmoid(logits) + (1 - z) * F.logsigmoid(-logits)
-
-
-def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
-    r"""Entropy of :math:`\text{Bernoulli}(\sigma(\ell))` in nats, elementwise."""
-    p = torch.sigmoid(logits)
-    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
-
-
-def agent_comm_rate(graph: torch.Tensor, listen: torch.Tensor | None) -> torch.Tensor:
-    """Each receiver's active incoming edges (self excluded) over ``A - 1``.
-
-    The mean over agents is :func:`comm_rate` of the gated graph. Shape: graph ``(..., A, A)``,
-    listen ``(..., A)`` or None -> ``(..., A)``.
-    """
-    gated = gate_graph(graph, listen)
-    n = gated.shape[-1]
-    return (gated.sum(-1) - torch.diagonal(gated, dim1=-2, dim2=-1)) / (n - 1)
 
 
 def gate_graph(graph: torch.Tensor, listen: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,7 @@ r"""CommFormer: a MAT-style encoder-decoder whose attention is masked by a learn
 Hu, Shen, Zhang, Tao, "Learning Multi-Agent Communication from Graph Modeling Perspective",
 ICLR 2024 (arXiv:2405.08550); the decoder follows the Multi-Agent Transformer (Wen et al.,
 arXiv:2205.14953). Reference code: github.com/charleshsc/CommFormer (read, not copied; its attention
-quirks - transposed edge embeddings, scaling applied twice - are not repeated, papers.md §5.4).
+quirks - transposed edge embeddings, scaling applied twice - are not repeated).
 
 Graph-masked attention of receiver :math:`i` over senders :math:`j` (one block, ``n_heads`` heads,
 head width :math:`d`):
@@ -105,7 +105,7 @@ def graph_attention(
         q_own = torch.einsum("brhd,hd->bhr", q, k_self)  # (B, h, R)
         q_k_own = torch.einsum("brhd,brhd->bhr", q, k[:, rows])
         logits = logits + own * (q_own - q_k_own)[..., None]
-    logits = logits / math.sqrt(q.shape[-1])  # scaled once (papers.md §5.4 item 5)
+    logits = logits / math.sqrt(q.shape[-1])  # scaled once (the public code scaled twice)
     logits = logits - logits.amax(-1, keepdim=True).detach()
     weights = graph[:, None] * logits.exp()  # (B, h, R, A); the self edge keeps the sum > 0
     weights = weights / weights.sum(-1, keepdim=True)

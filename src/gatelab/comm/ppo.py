@@ -7,47 +7,20 @@ A rollout is one batch of ``B`` episodes of at most ``T = episode_limit`` steps,
 together (see :mod:`gatelab.comm.envs.base`); steps after an episode ended are masked (``alive``).
 The graph (one per episode) and the temporal gates (one per agent and step) that the rollout used
 are stored with it, so the update recomputes log-probabilities under *exactly* the same
-communication (papers.md §5.4 item 1).
+communication (the public CommFormer code recomputed them with fresh draws).
 
 **Training the temporal gate.** Agent :math:`i` at step :math:`t` draws :math:`z_i \sim
 \text{Bernoulli}(p_i)`, :math:`p_i = \sigma(\ell_i)`, then its action :math:`a_i \sim
-\pi_\theta(\cdot \mid o, z)`. Two estimators here (``TrainConfig.gate_estimator``; a third,
-``"causal"``, trains the gate outside PPO as a classifier, :mod:`gatelab.comm.gating`):
-
-* ``"st"`` (straight-through only): the stored :math:`z` enters the forward pass as
-  :math:`z + p - \text{sg}(p)`, so the gate gets :math:`\partial L / \partial z` as if it were
-  :math:`\partial L / \partial p`, and the loss adds :math:`c \cdot` (communication rate of the
-  straight-through gated graph). Biased (the surrogate is not a function of :math:`p`), and the
-  cost's gradient falls on every gate alike whether or not the messages mattered.
-* ``"hybrid"``: :math:`z_i` is also part of agent :math:`i`'s stochastic action. Its joint
-  log-probability is
-
-  .. math:: \log \pi_i = m_i \log \pi_\theta(a_i \mid o, z) + z_i \log p_i + (1-z_i)\log(1-p_i)
-
-  with :math:`m_i = 1` if the agent's action can change the environment (0 for a predator frozen
-  on the prey: its action is left out as before, its listen decision stays in). The PPO ratio is
-  :math:`\exp(\log\pi_i - \log\pi_i^{\text{old}})` of this joint log-prob (the stored :math:`z`
-  are reused, so every ratio is 1 before the first step), averaged over every live agent. The
-  communication cost is a reward: :math:`r_{t,i} \leftarrow r_{t,i} - c\, z_{t,i}\,
-  |\{j \ne i: G_{ij} = 1\}| / (A - 1)` (the agent's own incoming-edge rate; its mean over agents is
-  the communication rate, so :math:`c` prices one unit of comm rate per agent and step), so GAE's
-  advantage carries it and the gate is credited through its own advantage: the score-function
-  (likelihood-ratio) gradient :math:`\hat A_i \nabla \log P(z_i)`, unbiased for the gate's
-  expected return. The straight-through path of ``"st"`` is kept inside :math:`\log \pi_\theta(a_i
-  \mid o, z + p - \text{sg}(p))`, adding its low-variance, biased term; the loss has no separate
-  cost term. The entropy bonus adds the gates' Bernoulli entropy (mean over live agents).
-  The baseline must not depend on :math:`z_i`: the critic (the encoder's value head) would
-  otherwise see the messages the agent chose to hear, :math:`V(s, z)` would absorb listening's
-  benefit and leave the gate an advantage of about zero minus the cost (measured: the gates then
-  shut and never reopen, even at zero cost). So with ``"hybrid"`` the critic always reads the
-  *ungated* graph (a centralised critic, as MAPPO's, used only in training); the policy still
-  reads the gated one.
-
-In both, execution uses :math:`z_i = 1[p_i > 1/2]`. With ``"hybrid"`` the training gates may be
-drawn at a temperature :math:`T \le 1`, :math:`z_i \sim \text{Bernoulli}(\sigma(\ell_i / T))`,
-and every log-prob, ratio, straight-through value and entropy above uses that tempered
-distribution, so the estimator stays exact; :math:`T \to 0` makes the training gates the
-execution gates (:math:`\sigma(\ell/T) > 1/2 \iff \ell > 0`).
+\pi_\theta(\cdot \mid o, z)`. The straight-through estimator (``GateConfig(estimator="st")``,
+the paper's): the stored :math:`z` enters the forward pass as :math:`z + p - \text{sg}(p)`, so the
+gate gets :math:`\partial L / \partial z` as if it were :math:`\partial L / \partial p`, and the
+loss adds :math:`c \cdot` (communication rate of the straight-through gated graph). Biased (the
+surrogate is not a function of :math:`p`), and the cost's gradient falls on every gate alike
+whether or not the messages mattered; the causal estimator (:mod:`gatelab.comm.gating`) trains
+the gate outside PPO instead, and the policy then reads the stored gates as constants.
+Execution uses :math:`z_i = 1[p_i > 1/2]`. Training gates may be drawn at a temperature
+:math:`T \le 1`, :math:`z_i \sim \text{Bernoulli}(\sigma(\ell_i / T))` (causal estimator), so
+that :math:`T \to 0` makes them the execution gates.
 """
 
 from __future__ import annotations
@@ -60,13 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatelab.comm.envs.base import VecEnv
-from gatelab.comm.graph import (
-    agent_comm_rate,
-    bernoulli_entropy,
-    bernoulli_logp,
-    comm_rate,
-    gate_graph,
-)
+from gatelab.comm.graph import comm_rate, gate_graph
 from gatelab.comm.model import CommFormer
 
 
@@ -82,7 +49,6 @@ class Rollout(NamedTuple):
     acting: torch.Tensor  # (T, B, A) bool: the agent's action can change the environment
     done: torch.Tensor  # (T, B) bool: the episode was over after step t
     listen: torch.Tensor | None  # (T, B, A) 0/1 temporal gates, or None
-    gate_logp: torch.Tensor | None  # (T, B, A) log P(listen) under the rollout's gate, or None
     graph: torch.Tensor  # (B, A, A) graph each episode used
     graph_seed: int  # seed of the Gumbel draw that made ``graph`` (learned graphs)
     graph_noise: float  # Gumbel noise scale of that draw
@@ -130,7 +96,7 @@ def listen_gates(
     """Temporal gates ``(B, A)``: ``1[0.5 + noise (u - 0.5) < p]``, ``u ~ U(0, 1)``, in training.
 
     ``noise = 1``: Bernoulli(p); ``noise = 0`` (and evaluation): the threshold ``p > 0.5``.
-    In training ``p = sigmoid(logit / temp)`` (the hybrid estimator's tempered gates).
+    In training ``p = sigmoid(logit / temp)`` (tempered gates, :mod:`gatelab.comm.gating`).
     """
     if model.gate is None:
         return None
@@ -181,7 +147,6 @@ def collect(
     graph_noise: float = 1.0,
     gate_noise: float = 1.0,
     gates: bool = True,
-    open_critic: bool = False,
     gate_temp: float = 1.0,
     memory: bool = False,
 ) -> Rollout:
@@ -189,8 +154,7 @@ def collect(
 
     ``graph_noise`` scales the Gumbel noise of the training graph (:meth:`CommGraph.sample`),
     ``gate_noise`` that of the temporal gates (:func:`listen_gates`); ``gates=False`` opens every
-    temporal gate (the rollout stores no gates, as for a model without them). ``open_critic``:
-    the stored values read the ungated graph (the hybrid estimator's baseline, module docstring);
+    temporal gate (the rollout stores no gates, as for a model without them).
     ``gate_temp``: the training gates' temperature. ``memory``: each agent's observation ends
     with the one-hot of its own previous action (zeros at the first step) and, for a gated model,
     whether it listened at the previous step, stored with the
@@ -209,18 +173,14 @@ def collect(
     else:
         graph = model.graph.execution().to(device).expand(b, -1, -1).clone()
     buf: dict[str, list] = {k: [] for k in ("obs", "act", "logp", "val", "rew", "alive", "done")}
-    listens, gate_logps, comms, acting = [], [], [], []
+    listens, comms, acting = [], [], []
     acting_fn = getattr(env, "acting", None)
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
     for _ in range(t_max):
         temp = gate_temp if training else 1.0
         listen = listen_gates(model, obs, training, generator, gate_noise, temp) if gates else None
-        if listen is not None and model.gate is not None:  # log P(listen) (gate_noise = 1)
-            gate_logps.append(bernoulli_logp(model.gate.logits(obs) / temp, listen))
         actions, logp, values = model.act(obs, graph, listen, generator, greedy)
-        if open_critic and listen is not None:
-            values = model.encode(obs, graph)[1]  # baseline independent of the listen decisions
         acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
         acting.append(torch.as_tensor(acts, device=device))
         step = env.step(actions.cpu().numpy())
@@ -249,7 +209,6 @@ def collect(
         torch.stack(acting),
         stack["done"],
         None if listens[0] is None else torch.stack(listens),
-        torch.stack(gate_logps) if gate_logps else None,
         graph,
         graph_seed,
         graph_noise if training else 0.0,
@@ -293,7 +252,6 @@ class Batch(NamedTuple):
     listen: torch.Tensor | None  # (M, A)
     acting: torch.Tensor  # (M, A) bool: policy loss and entropy count only acting agents
     env_index: torch.Tensor  # (M,) which episode (graph) each sample belongs to
-    gate_logp: torch.Tensor | None = None  # (M, A) rollout log P(listen) (hybrid estimator)
 
 
 class LossParts(NamedTuple):
@@ -312,8 +270,6 @@ def ppo_losses(
     batch: Batch,
     graph: torch.Tensor,
     clip: float,
-    hybrid_gate: bool = False,
-    gate_temp: float = 1.0,
     straight_through: bool = True,
 ) -> LossParts:
     """Clipped surrogate, value MSE, entropy and differentiable communication rate.
@@ -324,58 +280,30 @@ def ppo_losses(
 
     ``graph (M, A, A)`` is the stored graph of each sample, possibly re-attached to alpha's
     gradient (:meth:`CommGraph.relax`); the stored gates get a straight-through path to the gate.
-    With ``hybrid_gate`` (needs ``batch.gate_logp``) the listen decisions are part of each agent's
-    action (module docstring): the ratio is that of the joint log-prob and the surrogate averages
-    over every agent (a frozen agent contributes its gate term only); the entropy adds the gates';
-    the value loss reads the ungated ``graph`` (the baseline may not depend on the gates).
-    ``gate_temp``: the rollout gates' temperature (hybrid only; module docstring).
-    ``straight_through=False``: the stored gates enter as constants (the ``"causal"`` estimator
-    trains the gate by its own loss, :mod:`gatelab.comm.gating`).
+    ``straight_through=False``: the stored gates enter as constants (the causal estimator trains
+    the gate by its own loss, :mod:`gatelab.comm.gating`).
     """
-    listen, gate_logits = batch.listen, None
-    if listen is not None and (straight_through or hybrid_gate):
-        gate_logits = model.gate.logits(batch.obs) / gate_temp  # (M, A)
-        p = torch.sigmoid(gate_logits)
+    listen = batch.listen
+    if listen is not None and straight_through:
+        p = torch.sigmoid(model.gate.logits(batch.obs))  # (M, A)
         listen = listen + (p - p.detach())  # value: the stored gates; gradient: straight-through
     out = model(batch.obs, graph, listen, batch.actions)
     logp_all = torch.log_softmax(out.logits, -1)  # (M, A, n_actions)
     logp = logp_all.gather(-1, batch.actions[..., None]).squeeze(-1)  # (M, A)
     log_ratio = logp - batch.logp
-    weight = batch.acting.to(logp.dtype)
-    if hybrid_gate:
-        if batch.gate_logp is None or batch.listen is None:
-            raise ValueError("the hybrid gate estimator needs temporal gates and their log-probs")
-        gate_log_ratio = bernoulli_logp(gate_logits, batch.listen) - batch.gate_logp
-        log_ratio = weight * log_ratio + gate_log_ratio
     ratio = log_ratio.exp()
     surrogate = torch.minimum(ratio * batch.adv, ratio.clamp(1 - clip, 1 + clip) * batch.adv)
+    weight = batch.acting.to(logp.dtype)
     weight = weight / weight.sum().clamp_min(1.0)
     entropy = (-(logp_all.exp() * logp_all).sum(-1) * weight).sum()
-    policy, values = -(surrogate * weight).sum(), out.values
-    if hybrid_gate:  # every live agent decides whether to listen; the critic ignores the gates
-        policy = -surrogate.mean()
-        entropy = entropy + bernoulli_entropy(gate_logits).mean()
-        values = model.encode(batch.obs, graph)[1]
     return LossParts(
-        policy,
-        (values - batch.targets).square().mean(),
+        -(surrogate * weight).sum(),
+        (out.values - batch.targets).square().mean(),
         entropy,
         comm_rate(gate_graph(graph, listen)).mean(),
         ((ratio - 1) - log_ratio).mean().detach(),
         ((ratio - 1).abs() > clip).float().mean().detach(),
     )
-
-
-def comm_penalty(
-    graph: torch.Tensor, listen: torch.Tensor, alive: torch.Tensor, cost: float
-) -> torch.Tensor:
-    """Per-agent reward penalty of the hybrid estimator: ``cost`` x the agent's incoming-edge rate.
-
-    Shape: graph ``(B, A, A)`` (one per episode), listen ``(T, B, A)``, alive ``(T, B)`` ->
-    ``(T, B, A)`` (zero after an episode ended). Subtract it from the rewards.
-    """
-    rate = agent_comm_rate(graph[None].to(listen.dtype), listen)  # (T, B, A)
-    return cost * rate * alive[..., None].to(rate.dtype)
 
 
 def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> torch.Tensor:
@@ -396,10 +324,3 @@ def recompute_logp(model: CommFormer, rollout: Rollout, relax: bool = True) -> t
     out = model(rollout.obs.flatten(0, 1), graph, listen, actions)
     logp = torch.log_softmax(out.logits, -1).gather(-1, actions[..., None]).squeeze(-1)
     return logp.unflatten(0, (t, b))
-
-
-def recompute_gate_logp(model: CommFormer, rollout: Rollout, temp: float = 1.0) -> torch.Tensor:
-    """``log P(listen)`` ``(T, B, A)`` of the rollout's stored gates under ``model``'s gate."""
-    if rollout.listen is None:
-        raise ValueError("the rollout has no temporal gates")
-    return bernoulli_logp(model.gate.logits(rollout.obs) / temp, rollout.listen)

@@ -5,10 +5,10 @@ actions, episodes seeded by ``--seed``) and, per live agent-step, whether the ag
 split into *frozen* predators (already on the prey: ``env.acting()`` false) and *searching* ones.
 With ``--drop`` it also evaluates the same model with each receiver's listening further kept only
 with probability q (independent coin per agent and step): how much success a *random* cut of the
-searchers' listening costs (``benchmarks/comm_listen_rules.py``: what hand-written listen rules
+searchers' listening costs (``experiments/comm_listen_rules.py``: what hand-written listen rules
 on the agent's own view cut at no loss). Run, e.g.:
 
-    .venv/bin/python benchmarks/comm_gate_diag.py \
+    PYTHONPATH=src .venv/bin/python experiments/comm_gate_diag.py \
         runs/comm_pp6/comm/predator_prey/commformer/seed0 --drop 0.75 0.5
 """
 
@@ -18,27 +18,32 @@ import json
 import torch
 
 import gatelab.comm.ppo as ppo
-from gatelab.comm.checkpoint import load_model
 from gatelab.comm.envs import make_env
+from gatelab.comm.train import load_model
+from gatelab.threads import torch_threads
 
 
-def rollout(model, cfg: dict, episodes: int, seed: int):
-    """One batch of deterministic-gate evaluation episodes."""
-    env = make_env(cfg["env"], episodes, cfg["agents"], cfg["grid"], cfg["vision"],
-                   cfg["episode_limit"] or None)  # fmt: skip
+def rollout(model, cfg, episodes: int, seed: int):
+    """One batch of deterministic-gate evaluation episodes (``cfg``: the run's TrainConfig)."""
+    e = cfg.env
+    env = make_env(e.name.value, episodes, e.agents, e.grid, e.vision, e.episode_limit or None)
     gen = torch.Generator().manual_seed(seed)
-    return ppo.collect(model, env, seed, 0, gen, training=False, memory=cfg.get("memory", False))
+    return ppo.collect(model, env, seed, 0, gen, training=False, memory=e.memory)
 
 
 def main() -> None:
     """Print one JSON line per run (and per drop probability)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        default=["runs/comm/predator_prey/commformer_tg/seed0"],
+        help="run folders with a model.safetensors (default: %(default)s)",
+    )
     parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--seed", type=int, default=30_000)
     parser.add_argument("--drop", type=float, nargs="*", default=[])
     args = parser.parse_args()
-    torch.set_num_threads(1)
     original = ppo.listen_gates
     for run in args.runs:
         model, cfg = load_model(f"{run}/model.safetensors")
@@ -74,4 +79,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with torch_threads(1):
+        main()

@@ -1,4 +1,4 @@
-"""How far can temporal gating cut communication on Predator-Prey without losing success?
+r"""How far can temporal gating cut communication on Predator-Prey without losing success?
 
 Takes trained CommFormer runs (no temporal gate) and evaluates each with a hand-written listen
 rule in place of a learned gate, on the evaluation episodes ``compare`` uses (200 episodes, seed
@@ -14,10 +14,11 @@ rule in place of a learned gate, on the evaluation episodes ``compare`` uses (20
 Both rules read only what the agent's own observation shows (its ``reached`` flag, the prey
 channel of its window), so a learned gate on the observation can represent them. The
 communication rate is active edges over ``A (A - 1)`` per live step, as in
-:mod:`gatelab.comm.eval`. ``benchmarks/comm_gate_diag.py`` is the companion: who listens in a
+:mod:`gatelab.comm.eval`. ``experiments/comm_gate_diag.py`` is the companion: who listens in a
 *gated* run, and what a random cut of listening costs. Run, e.g.:
 
-    .venv/bin/python benchmarks/comm_listen_rules.py runs/comm/predator_prey/commformer
+    PYTHONPATH=src .venv/bin/python experiments/comm_listen_rules.py \
+        runs/comm/predator_prey/commformer
 """
 
 import argparse
@@ -27,17 +28,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gatelab.comm.checkpoint import load_model
+from gatelab.comm.config import TrainConfig
 from gatelab.comm.envs import make_env
 from gatelab.comm.graph import comm_rate, gate_graph
 from gatelab.comm.ppo import with_memory
+from gatelab.comm.train import load_model
+from gatelab.threads import torch_threads
 
 RULES = ("always", "unless-reached", "unless-prey-seen", "every-other-step", "random-half")
 
 
 def listen_rule(env, rule: str, step: int, phase: np.ndarray, rng: np.random.Generator):
-    """``(B, A)`` 0/1 listen decisions of step ``step`` (the state rules read only what the agent
-    itself observes; ``phase`` ``(B, A)`` in {0, 1} staggers ``every-other-step``)."""
+    """``(B, A)`` 0/1 listen decisions of step ``step``.
+
+    The state rules read only what the agent itself observes; ``phase`` ``(B, A)`` in {0, 1}
+    staggers ``every-other-step``.
+    """
     listen = np.ones(env.reached.shape, dtype=bool)
     if rule == "every-other-step":
         listen = (step + phase) % 2 == 0
@@ -51,18 +57,18 @@ def listen_rule(env, rule: str, step: int, phase: np.ndarray, rng: np.random.Gen
 
 
 @torch.no_grad()
-def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 200) -> dict:
+def evaluate_rule(model, train_cfg: TrainConfig, rule: str, seed: int, episodes: int = 200) -> dict:
     """Success rate and communication rate of ``model`` with ``rule`` as its temporal gate."""
     torch.manual_seed(seed)
     success, comm, done = [], [], 0
     graph0 = model.graph.execution()
     while done < episodes:
         n = min(100, episodes - done)
-        env = make_env(train_cfg["env"], n, train_cfg["agents"], train_cfg["grid"],
-                       train_cfg["vision"], train_cfg["episode_limit"] or None)  # fmt: skip
+        e = train_cfg.env
+        env = make_env(e.name.value, n, e.agents, e.grid, e.vision, e.episode_limit or None)
         env_seed = seed * 1_000_003 + done  # as gatelab.comm.eval.evaluate
         generator = torch.Generator().manual_seed(env_seed)
-        memory = bool(train_cfg.get("memory", False))
+        memory = train_cfg.env.memory
         obs = torch.as_tensor(env.reset(env_seed))
         gated = model.gate is not None
         obs = with_memory(obs, None, env.n_actions, None, gated) if memory else obs
@@ -91,24 +97,29 @@ def evaluate_rule(model, train_cfg: dict, rule: str, seed: int, episodes: int = 
 def main() -> None:
     """Evaluate every seed of a variant's runs under each rule; print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant_dir", type=Path, help="folder of seed*/model.safetensors runs")
+    parser.add_argument(
+        "variant_dir",
+        type=Path,
+        nargs="?",
+        default=Path("runs/comm/predator_prey/commformer"),
+        help="folder of seed*/model.safetensors runs (default: %(default)s)",
+    )
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     runs = sorted(args.variant_dir.glob("seed*/model.safetensors"))
     if not runs:
         raise SystemExit(f"no seed*/model.safetensors under {args.variant_dir}")
     results = {rule: [] for rule in RULES}
     for path in runs:
         model, train_cfg = load_model(path)
-        if train_cfg["env"] != "predator_prey":
-            raise SystemExit(f"{path}: the rules read Predator-Prey state, got {train_cfg['env']}")
-        for rule in RULES:
-            metrics = evaluate_rule(
-                model, train_cfg, rule, 10_000 + train_cfg["seed"], args.episodes
+        if train_cfg.env.name != "predator_prey":
+            raise SystemExit(
+                f"{path}: the rules read Predator-Prey state, got {train_cfg.env.name}"
             )
-            results[rule].append(metrics | {"seed": train_cfg["seed"]})
+        for rule in RULES:
+            metrics = evaluate_rule(model, train_cfg, rule, 10_000 + train_cfg.seed, args.episodes)
+            results[rule].append(metrics | {"seed": train_cfg.seed})
             print(path.parent.name, rule, metrics, flush=True)
     print(f"\n{len(runs)} seeds, {args.episodes} episodes each")
     print("| listen rule | success rate | comm rate |\n|---|---|---|")
@@ -121,4 +132,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with torch_threads(1):
+        main()
