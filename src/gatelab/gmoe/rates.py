@@ -4,7 +4,7 @@ r"""The convergence-rate study of arXiv:2309.13850 (exact- and over-specified to
 :math:`\beta_1 = (0, 2.5, -2.5)` (stored shifted so the last is 0; the order is what matters) and
 intercepts :math:`\beta_0 = (0.5, -0.5, 0)`. Because x takes both signs the inputs visit two
 top-2 regions, {0, 1} for x > 0 and {0, 2} for x < 0 (with x > 0 only there would be one region,
-papers.md §1.1). Atom 0 has the middle slope, so it is selected everywhere: splitting *it* is the
+arXiv:2309.13850 §2). Atom 0 has the middle slope, so it is selected everywhere: splitting *it* is the
 over-specified case in which a top-K̄ fit can represent the truth exactly in every region (had the
 split atom been left out of some true top-K set, the K̄ fitted atoms there would include a spurious
 one). Experts :math:`a = (1, -2, 3)`, :math:`b = (0.5, -0.5, -1.5)` do not cross inside the region

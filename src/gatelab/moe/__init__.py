@@ -2,6 +2,7 @@
 
 from gatelab.moe.dispatch import Dispatch, combine, dispatch_expert_choice, dispatch_topk
 from gatelab.moe.model import MoEStats, Router, SparseMoE
+from gatelab.moe.mixtral import from_mixtral, to_mixtral, use_sparse_moe
 from gatelab.moe.parallel import ExpertParallelMoE
 
 __all__ = [
@@ -13,4 +14,7 @@ __all__ = [
     "combine",
     "dispatch_expert_choice",
     "dispatch_topk",
+    "from_mixtral",
+    "to_mixtral",
+    "use_sparse_moe",
 ]
