@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,16 @@ import typer
 
 from gatelab import _cli
 from gatelab.moe.demo import quick_configs
+
+
+class RouterChoice(StrEnum):
+    """The routing rules of :class:`gatelab.moe.SparseMoE`."""
+
+    softmax = "softmax"
+    noisy = "noisy"
+    sigmoid = "sigmoid"
+    expert_choice = "expert_choice"
+
 
 app = typer.Typer(
     help="Sparse top-K mixture-of-experts layer: training demo and evaluation.",
@@ -29,8 +40,8 @@ def train(
     ),
     n_experts: Annotated[int | None, typer.Option(help="Experts per MoE layer.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
-    router: Annotated[str, typer.Option(help="softmax | noisy | sigmoid | expert_choice")] = (
-        "softmax"
+    router: Annotated[RouterChoice, typer.Option(help="SparseMoE routing rule.")] = (
+        RouterChoice.softmax
     ),
     corpus_dir: Annotated[
         Path | None, typer.Option(help="Folder of .py files (default: the stdlib).")
@@ -40,14 +51,17 @@ def train(
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Train a SparseMoE LM and a dense LM with equal active parameters; compare held-out loss."""
+    """Train a SparseMoE LM and a dense LM with equal active parameters; compare held-out loss.
+
+    ``--quick`` picks the defaults of the options left out; an option given explicitly wins.
+    """
     import dataclasses
 
     from gatelab.moe.train import train_pair
 
     with _cli.user_errors():
         model_cfg, train_cfg = quick_configs(quick)
-        overrides = {"n_experts": n_experts, "top_k": top_k, "router": router}
+        overrides = {"n_experts": n_experts, "top_k": top_k, "router": router.value}
         model_cfg = dataclasses.replace(
             model_cfg, **{k: v for k, v in overrides.items() if v is not None}
         )

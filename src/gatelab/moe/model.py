@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatelab import gates
 import gatelab.moe.dispatch as dsp
+from gatelab import gates
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
