@@ -155,4 +155,4 @@ def test_cli_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
     assert (seen["model"].top_k, seen["model"].router) == (1, "sigmoid")
     assert seen["model"].d_model == 64  # the quick default of a flag not given
     assert runner.invoke(app, args).exit_code == 0
-    assert (seen["train"].steps, seen["model"].top_k, seen["model"].router) == (800, 2, "softmax")
+    assert (seen["train"].steps, seen["model"].top_k, seen["model"].router) == (600, 2, "softmax")

@@ -61,6 +61,24 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
 
 
+def quick_configs(quick: bool) -> tuple[MoEConfig, TrainConfig]:
+    """The demo's model and training settings.
+
+    ``quick``: 600 steps per arm on one thread, within the quick demo's 90 s budget; with
+    ``steps=800`` it is the configuration of the 800-step row of docs/moe.md.
+    """
+    if quick:
+        model = MoEConfig(
+            d_model=64, n_layers=2, n_heads=4, seq_len=64, n_experts=8, top_k=2, d_hidden=64
+        )
+        train = TrainConfig(
+            steps=600, batch_size=32, eval_every=200, eval_batches=8, checkpoint_every=400,
+            warmup=50, max_corpus_bytes=1_000_000, threads=1,
+        )  # fmt: skip
+        return model, train
+    return MoEConfig(), TrainConfig(threads=1)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """1) linear warm-up, 2) cosine decay from ``lr`` to ``lr / 10`` at the last step."""
     if step < cfg.warmup:
