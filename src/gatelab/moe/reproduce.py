@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gatelab.runs import atomic_write_bytes, atomic_write_json
 
-EXPECTED_TIME = "about 3 min of CPU on 1 thread (two MoE-vs-dense pairs, 600 and 800 steps)"
+EXPECTED_TIME = "about 2.5 min of CPU on 1 thread (two MoE-vs-dense pairs, 600 and 800 steps)"
 RUNS = {"moe-train-quick": None, "moe-train-quick-800": 800}  # run folder: steps (None: quick's)
 
 
