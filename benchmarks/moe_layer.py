@@ -204,12 +204,16 @@ def main() -> None:
     parser.add_argument("--backends", nargs="*", default=[], help="extra gatelab kernels to time")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up repetition")
     parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384], help="grid subset")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's)")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default=None, help="default: cpu on CPU, wall on CUDA"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/moe_layer.json"))
     args = parser.parse_args()
     if args.reps is None:
         args.reps = 3 if args.full else 1
+    if args.clock is None:  # one thread's CPU time is the work done, unaffected by other jobs
+        args.clock = "wall" if args.device.startswith("cuda") else "cpu"
     with torch_threads(args.threads):
         run(args)
 
