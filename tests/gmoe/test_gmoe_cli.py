@@ -50,8 +50,8 @@ def test_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
     args = ["gmoe", "rates", "--quick", "--runs-dir", str(tmp_path)]
     assert runner.invoke(app, [*args, "--n-reps", "3", "--workers", "1"]).exit_code == 0
     assert seen["cfg"].n_reps == 3 and seen["workers"] == 1
-    assert seen["cfg"].sample_sizes == (500, 1000, 2000, 4000, 8000)  # quick's default kept
+    assert seen["cfg"].sample_sizes == (500, 1000, 2000, 4000)  # quick's default kept
     assert runner.invoke(app, args).exit_code == 0
-    assert seen["cfg"].n_reps == 8
+    assert seen["cfg"].n_reps == 6
     bad = runner.invoke(app, [*args, "--n-reps", "1"])
     assert bad.exit_code == 2

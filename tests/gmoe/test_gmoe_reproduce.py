@@ -11,7 +11,8 @@ def test_configurations_are_the_documented_commands():
     assert configs["rates"]["n_reps"] == 20 and RateConfig.preset(False) == RateConfig()
     defaults = inspect.signature(cli.select).parameters
     assert configs["select"] == {"n": defaults["n"].default, "seed": defaults["seed"].default}
-    assert "33 min" in reproduce.EXPECTED_TIME
+    assert list(configs["rates_quick"]["sample_sizes"]) == [500, 1000, 2000, 4000]
+    assert configs["rates_quick"]["n_reps"] == 6
 
 
 def test_reproduce_on_a_tiny_config_writes_tables_and_resumes(tmp_path, monkeypatch):
@@ -22,7 +23,11 @@ def test_reproduce_on_a_tiny_config_writes_tables_and_resumes(tmp_path, monkeypa
     assert path == tmp_path / "reproduce" / "gmoe" / "tables.md"
     text = path.read_text()
     assert "| exact |" in text and "BIC picks" in text
-    assert set(json.loads((path.parent / "tables.json").read_text())) == {"rates", "select"}
+    assert set(json.loads((path.parent / "tables.json").read_text())) == {
+        "rates",
+        "rates_quick",
+        "select",
+    }
     reps = sorted((tmp_path / "gmoe-rates" / "reps").iterdir())
     stamps = [p.stat().st_mtime_ns for p in reps]
     calls = []

@@ -15,7 +15,9 @@ app = typer.Typer(help="Top-K sparse softmax gating Gaussian MoE (Nguyen et al.,
 
 @app.command()
 def rates(
-    quick: Annotated[bool, typer.Option(help="8 replications, n = 500..8000 (~1-2 min).")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="6 replications, n = 500..4000 (about 1 min).")
+    ] = False,
     n_reps: Annotated[
         int | None, typer.Option(help="Replications per (setting, n) (default by --quick).")
     ] = None,
