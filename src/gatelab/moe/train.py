@@ -97,8 +97,8 @@ def sample_batch(data: torch.Tensor, seq_len: int, batch: int, seed: int, step: 
 def train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress = None):
     """Train one model in ``run_dir`` (resuming from its checkpoint); returns the final metrics.
 
-    Small models are bound by per-op overhead: on a shared 2-core CPU one thread ran a quick-demo
-    MoE step in 27 ms of CPU time where two threads spun for over a second, hence ``threads``.
+    Small models are bound by per-op overhead, so one thread is often the fastest setting on a
+    CPU: ``cfg.threads`` is applied for the run and restored after.
     """
     with torch_threads(cfg.threads):
         return _train(model_cfg, cfg, run_dir, progress)
