@@ -9,8 +9,9 @@ Methods, all with SwiGLU-class experts of width H unless noted:
   ceiling        one dense SwiGLU FFN of width K*H on all tokens: the same active FLOPs
 Tokens/s = tokens / (forward + backward seconds), median of --reps interleaved repetitions.
 
-    .venv/bin/python benchmarks/moe_layer.py                  # the full CPU grid
-    .venv/bin/python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --out gpu.json
+    .venv/bin/python benchmarks/moe_layer.py         # 4096 tokens, E=64, K in {1,2} (make bench)
+    .venv/bin/python benchmarks/moe_layer.py --full  # the full grid (commands in the README)
+    .venv/bin/python benchmarks/moe_layer.py --full --device cuda --dtype bfloat16 --reps 5
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 import gatelab
 from gatelab.moe import SparseMoE
+from gatelab.threads import torch_threads
 
 D_MODEL, D_HIDDEN, SEED = 512, 1024, 0
 # "cpu" = process CPU time: with --threads 1 it is the work done, immune to other users' load
@@ -197,24 +199,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tokens 4096 only, E=64, K in {1,2}")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (1; --full: 3)")
+    parser.add_argument("--full", action="store_true", help="the grid --tokens x E {8,64} x K 1-4")
     parser.add_argument("--backends", nargs="*", default=[], help="extra gatelab kernels to time")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up repetition")
     parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384], help="grid subset")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's)")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default=None, help="default: cpu on CPU, wall on CUDA"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/moe_layer.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.reps is None:
+        args.reps = 3 if args.full else 1
+    if args.clock is None:  # one thread's CPU time is the work done, unaffected by other jobs
+        args.clock = "wall" if args.device.startswith("cuda") else "cpu"
+    with torch_threads(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Time every configuration of the grid and write the JSON."""
     kw = {"device": torch.device(args.device), "dtype": getattr(torch, args.dtype)}
     cuda = kw["device"].type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     grid = (
-        [(4096, 64, 1), (4096, 64, 2)]
-        if args.quick
-        else [(n, e, k) for n in args.tokens for e in (8, 64) for k in (1, 2, 4)]
+        [(n, e, k) for n in args.tokens for e in (8, 64) for k in (1, 2, 4)]
+        if args.full
+        else [(4096, 64, 1), (4096, 64, 2)]
     )
     rows, load_start = [], os.getloadavg()[0]
     for n, e, k in grid:

@@ -102,7 +102,6 @@ def test_topk_softmax_gradcheck():
         (lambda: gates.sigmoid_topk(torch.zeros(2, 4), 2, torch.zeros(5)), "selection_bias"),
         (lambda: gates.noisy_topk(torch.zeros(2, 4), torch.ones(2, 3), 1), "noise_std"),
         (lambda: gates.first_exit(torch.zeros(2, 3), threshold=1.5), "threshold"),
-        (lambda: gates.TopKGate(8, 4, 5), "top_k"),
     ],
 )
 def test_invalid_arguments_raise(call, match):
@@ -224,18 +223,3 @@ def test_router_z_loss_value():
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     expected = (math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2
     assert_close(gates.router_z_loss(logits), torch.tensor(expected))
-
-
-@pytest.mark.parametrize("batch", [(1,), (3, 5)])
-def test_topk_gate_module(batch):
-    gate = gates.TopKGate(8, 4, 2, bias=True)
-    x = torch.randn(*batch, 8)
-    weights, indices = gate(x)
-    assert weights.shape == (*batch, 2) and indices.shape == (*batch, 2)
-    assert_close(weights.sum(-1), torch.ones(batch))
-    weights.sum().backward()
-    assert gate.weight.grad is not None
-    assert "top_k=2" in repr(gate)
-    with pytest.raises(ValueError, match="D=8"):
-        gate(torch.randn(2, 7))
-    assert gates.TopKGate(8, 4, 2).bias is None

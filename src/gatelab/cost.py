@@ -176,7 +176,7 @@ def flop_counter_mode() -> FlopCounterMode:
 
     torch 2.13 dispatches ``scaled_dot_product_attention`` on CPU to
     ``_scaled_dot_product_flash_attention_for_cpu``, which its counter does not know: attention
-    would silently count as zero FLOPs (the undercount papers.md §4.4 warns about).
+    would silently count as zero FLOPs (the undercount of JEI-DNN's public FLOP counter).
     """
     aten = torch.ops.aten
     return FlopCounterMode(

@@ -15,12 +15,9 @@ Zhou et al. 2022 (arXiv:2202.09368) §3.1; Xie & Ermon 2019 (arXiv:1901.10517) �
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 
 class TopK(NamedTuple):
@@ -274,7 +271,7 @@ def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
 
     ``g_l`` is the probability of leaving at exit ``l`` *given* the sample reached it. The last
     exit (the backbone's head) takes the remainder, so the ``L`` probabilities sum to one. This is
-    the one consistent reading of JEI-DNN's gates (papers.md §4.1).
+    the one consistent reading of JEI-DNN's gates (Regol, Chataoui and Coates, ICLR 2024).
 
     Shape:
         gates ``(..., L-1)`` in [0, 1] -> ``(..., L)``.
@@ -320,60 +317,3 @@ def load_balancing_loss(
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     r"""Router z-loss (Zoph et al. 2022, Eq. 5): :math:`\frac1N\sum_t (\log\sum_i e^{u_{ti}})^2`."""
     return torch.logsumexp(logits, dim=-1).square().mean()
-
-
-class TopKGate(nn.Module):
-    r"""Linear router followed by :func:`topk_softmax`.
-
-    :math:`S_K = \operatorname{top}_K(Wx)`, weights from :math:`Wx + \beta_0` renormalised over
-    :math:`S_K`.
-
-    Args:
-        d_model: input width ``D``.
-        n_experts: ``E``.
-        top_k: ``K``.
-        bias: learn the post-selection intercepts :math:`\beta_0` (the paper's gate); ``False``
-            gives the Mixtral router.
-
-    Shape:
-        x ``(..., D)`` -> weights, indices ``(..., K)``.
-
-    Init: weight ~ N(0, 1/D) (unit-scale logits at unit-scale inputs); bias zero.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        top_k: int,
-        bias: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        _check_k(top_k, n_experts, "top_k")
-        self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(n_experts, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Re-draw the router weights and zero the intercepts."""
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.d_model))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> TopK:  # noqa: D102
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"TopKGate: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
-            )
-        return topk_softmax(F.linear(x, self.weight), self.top_k, self.bias)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        sizes = f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
-        return f"{sizes}, bias={self.bias is not None}"

@@ -34,3 +34,24 @@ def test_fit_csv(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("y\n1\n2\n")
     assert runner.invoke(app, ["gmoe", "fit", str(bad)]).exit_code == 2
+
+
+def test_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
+    import gatelab.gmoe.rates_report as report
+
+    seen = {}
+
+    def fake_study(cfg, out, workers, progress):
+        seen.update(cfg=cfg, workers=workers)
+        return {}, None
+
+    monkeypatch.setattr(report, "rate_study", fake_study)
+    monkeypatch.setattr(report, "table", lambda summary: "")
+    args = ["gmoe", "rates", "--quick", "--runs-dir", str(tmp_path)]
+    assert runner.invoke(app, [*args, "--n-reps", "3", "--workers", "1"]).exit_code == 0
+    assert seen["cfg"].n_reps == 3 and seen["workers"] == 1
+    assert seen["cfg"].sample_sizes == (500, 1000, 2000, 4000)  # quick's default kept
+    assert runner.invoke(app, args).exit_code == 0
+    assert seen["cfg"].n_reps == 6
+    bad = runner.invoke(app, [*args, "--n-reps", "1"])
+    assert bad.exit_code == 2

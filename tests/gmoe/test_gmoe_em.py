@@ -10,7 +10,7 @@ from gatelab.gmoe.model import Params
 
 
 def dense_data(n=600, seed=0):
-    """The authors' dense-gating setting (papers.md §1.4), k* = 2, X on [0, 1]."""
+    """The authors' group's dense-gating simulation setting, k* = 2, X on [0, 1]."""
     true = GaussianMoE(
         [-8.0, 0.0], [[25.0], [0.0]], [[-20.0], [20.0]], [15.0, -5.0], [0.09, 0.16], 2
     )

@@ -63,7 +63,7 @@ def test_bad_config():
 
 @pytest.mark.slow
 def test_quick_study_exact_slopes_near_minus_half(tmp_path):
-    """The issue's acceptance check (about 1.5 minutes on two cores)."""
+    """The acceptance check of the quick study (about 1 minute of CPU)."""
     summary, _ = rate_study(RateConfig.preset(True), tmp_path, workers=2)
     for metric in ("hellinger", "tv", "voronoi"):
         assert summary["exact"][metric]["slope"] == pytest.approx(-0.5, abs=0.15)

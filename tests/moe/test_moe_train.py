@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from gatelab.cli import app
 from gatelab.moe.eval import evaluate_checkpoint
 from gatelab.moe.lm import MoEConfig, TinyLM, load_corpus
 from gatelab.moe.train import TrainConfig, train
+from gatelab.runs import read_metrics
 
 TINY = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_hidden=8)
 
@@ -97,3 +99,60 @@ def test_cli_help_bad_option_and_missing_input(tmp_path):
     assert missing.exit_code == 2
     nodir = runner.invoke(app, ["moe", "train", "--corpus-dir", str(tmp_path / "nope")])
     assert nodir.exit_code == 2
+
+
+def _records(run_dir):
+    return [{k: v for k, v in r.items() if k != "perf/steps_per_s"} for r in read_metrics(run_dir)]
+
+
+def test_interrupted_run_resumes_bit_identically_without_duplicate_steps(tmp_path):
+    cfg = _cfg(tmp_path, steps=20, checkpoint_every=10)
+    full = train(TINY, cfg, tmp_path / "full")
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(step, total):
+        if step == 13:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(TINY, cfg, tmp_path / "cut", interrupt)
+    assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 10
+    resumed = train(TINY, cfg, tmp_path / "cut")
+    assert resumed == full
+    assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
+        "checkpoint.safetensors", "config.json", "metrics.jsonl",
+    ]  # fmt: skip
+
+
+def test_a_checkpoint_moved_alone_still_evaluates(tmp_path):
+    cfg = _cfg(tmp_path, steps=5)
+    final = train(TINY, cfg, tmp_path / "run")
+    moved = tmp_path / "elsewhere" / "moe.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(tmp_path / "run" / "checkpoint.safetensors", moved)
+    assert evaluate_checkpoint(moved)["eval/loss"] == pytest.approx(final["eval/loss"])
+
+
+def test_cli_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
+    import gatelab.moe.train as moe_train
+
+    seen = {}
+
+    def fake_pair(model_cfg, cfg, run_dir, progress):
+        seen.update(model=model_cfg, train=cfg)
+        metrics = {"eval/loss": 1.0, "params/active": 1, "params/total": 1}
+        return {"moe": metrics, "dense": metrics, "figures": []}
+
+    monkeypatch.setattr(moe_train, "train_pair", fake_pair)
+    runner = CliRunner()
+    args = ["moe", "train", "--quick", "--run-dir", str(tmp_path)]
+    explicit = ["--steps", "3", "--threads", "2", "--top-k", "1", "--router", "sigmoid"]
+    assert runner.invoke(app, [*args, *explicit]).exit_code == 0
+    assert (seen["train"].steps, seen["train"].threads) == (3, 2)
+    assert (seen["model"].top_k, seen["model"].router) == (1, "sigmoid")
+    assert seen["model"].d_model == 64  # the quick default of a flag not given
+    assert runner.invoke(app, args).exit_code == 0
+    assert (seen["train"].steps, seen["model"].top_k, seen["model"].router) == (600, 2, "softmax")

@@ -15,15 +15,23 @@ app = typer.Typer(help="Top-K sparse softmax gating Gaussian MoE (Nguyen et al.,
 
 @app.command()
 def rates(
-    quick: Annotated[bool, typer.Option(help="8 replications, n = 500..8000 (~1-2 min).")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="6 replications, n = 500..4000 (about 1 min).")
+    ] = False,
+    n_reps: Annotated[
+        int | None, typer.Option(help="Replications per (setting, n) (default by --quick).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Parallel worker processes.")] = 2,
     runs_dir: Annotated[Path, typer.Option(help="Parent folder of gmoe-rates/.")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print rates.json to stdout.")] = False,
 ) -> None:
     """Convergence-rate study: log-log slopes of the losses vs n, next to the theory.
 
-    Resumes: finished replications cached in runs/gmoe-rates/reps/ are skipped.
+    Resumes: finished replications cached in runs/gmoe-rates/reps/ are skipped. ``--quick``
+    picks the defaults of the options left out; an option given explicitly wins.
     """
+    import dataclasses
+
     from gatelab.gmoe.rates import RateConfig
     from gatelab.gmoe.rates_report import rate_study, table
 
@@ -31,6 +39,8 @@ def rates(
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         cfg = RateConfig.preset(quick)
+        if n_reps is not None:
+            cfg = dataclasses.replace(cfg, n_reps=n_reps)
         out = runs_dir / "gmoe-rates"
         with _cli.progress_bar("gmoe rates") as update:
             summary, _ = rate_study(cfg, out, workers=workers, progress=update)

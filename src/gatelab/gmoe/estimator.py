@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from gatelab.gmoe.em import design, expert_step, newton_direction, run_em, softmax_experts
 from gatelab.gmoe.model import GaussianMoE, Params, project
+from gatelab.threads import torch_threads
 
 INIT_NEWTON_STEPS = 10  # Newton steps of the initial gate fit to the k-means labels
 INIT_LABEL_SMOOTHING = 0.1  # keeps that logistic fit finite when the clusters are separable
@@ -37,13 +38,8 @@ def _thread_limit(n_threads):
     if n_threads is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n_threads))
-    try:
-        with threadpool_limits(limits=int(n_threads)):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(int(n_threads)), threadpool_limits(limits=int(n_threads)):
+        yield
 
 
 class GaussianMoERegressor(RegressorMixin, BaseEstimator):

@@ -5,7 +5,7 @@ r"""Losses between a fitted and a true top-K gated Gaussian MoE (arXiv:2309.1385
 * :func:`voronoi_loss` is :math:`\mathcal D_1` (exact-specified) or :math:`\mathcal D_2`
   (over-specified): inside a cell with :math:`m > 1` fitted atoms the differences are raised to
   :math:`\bar r(m)` (for :math:`\beta_1, b`) and :math:`\bar r(m)/2` (for :math:`a, v`), with
-  :math:`\bar r(2) = 4`, :math:`\bar r(3) = 6` [R: papers.md §1.2].
+  :math:`\bar r(2) = 4`, :math:`\bar r(3) = 6` (exponents reconstructed from arXiv:2309.13850).
 * :func:`hellinger`, :func:`total_variation` average over inputs the distance between the two
   conditional densities of ``y``, integrated numerically (Gauss-Legendre on a grid adapted to every
   Gaussian component of both models; for total variation the grid also gets the points where the

@@ -12,7 +12,7 @@ r"""The top-K sparse softmax gating Gaussian mixture of experts (Nguyen et al., 
 Identifiability: the density is unchanged by a common shift of all :math:`(\beta_{0i}, \beta_{1i})`,
 so :class:`GaussianMoE` stores the gate normalised to the last expert's gate being ``(0, 0)``.
 With ``top_k == 1`` each input uses one expert with weight one, so :math:`\beta_0` drops out of the
-density entirely; it is stored as zeros (papers.md §1.1).
+density entirely; it is stored as zeros (arXiv:2309.13850).
 
 The heavy maths is in functions over *batched* parameters (a leading restart axis ``R``) so the EM
 can run several restarts as one tensor program.

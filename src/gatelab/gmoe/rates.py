@@ -4,7 +4,7 @@ r"""The convergence-rate study of arXiv:2309.13850 (exact- and over-specified to
 :math:`\beta_1 = (0, 2.5, -2.5)` (stored shifted so the last is 0; the order is what matters) and
 intercepts :math:`\beta_0 = (0.5, -0.5, 0)`. Because x takes both signs the inputs visit two
 top-2 regions, {0, 1} for x > 0 and {0, 2} for x < 0 (with x > 0 only there would be one region,
-papers.md §1.1). Atom 0 has the middle slope, so it is selected everywhere: splitting *it* is the
+arXiv:2309.13850). Atom 0 has the middle slope, so it is selected everywhere: splitting *it* is the
 over-specified case in which a top-K̄ fit can represent the truth exactly in every region (had the
 split atom been left out of some true top-K set, the K̄ fitted atoms there would include a spurious
 one). Experts :math:`a = (1, -2, 3)`, :math:`b = (0.5, -0.5, -1.5)` do not cross inside the region
@@ -37,6 +37,7 @@ import numpy as np
 
 from gatelab.gmoe.eval import hellinger, total_variation, voronoi_cells, voronoi_loss
 from gatelab.gmoe.model import GaussianMoE
+from gatelab.threads import torch_threads
 
 SETTINGS = {  # name: (n_experts, top_k, split the first true atom in two)
     "exact": (3, 2, False),
@@ -78,9 +79,9 @@ class RateConfig:
 
     @classmethod
     def preset(cls, quick: bool) -> RateConfig:
-        """``quick``: 8 replications of n in 500..8000 (a ~1.2 decade check); full: defaults."""
+        """``quick``: 6 replications of n in 500..4000 (a 0.9-decade check); full: defaults."""
         if quick:
-            return cls(sample_sizes=(500, 1000, 2000, 4000, 8000), n_reps=8)
+            return cls(sample_sizes=(500, 1000, 2000, 4000), n_reps=6)
         return cls()
 
 
@@ -146,12 +147,17 @@ def raw_errors(fitted: GaussianMoE, true: GaussianMoE, cell_of: int | None) -> d
 
 
 def run_replication(setting: str, n: int, rep: int, cfg: RateConfig) -> dict:
-    """Simulate, fit from near the truth, and measure every loss for one replication."""
-    import torch
+    """Simulate, fit from near the truth, and measure every loss for one replication.
 
+    Runs with one torch thread (one per worker process), restored afterwards.
+    """
+    with torch_threads(1):
+        return _replication(setting, n, rep, cfg)
+
+
+def _replication(setting: str, n: int, rep: int, cfg: RateConfig) -> dict:
     from gatelab.gmoe.estimator import GaussianMoERegressor
 
-    torch.set_num_threads(1)
     true = true_model()
     data_rng = np.random.default_rng([cfg.seed, n, rep])  # same data for every setting
     X = sample_inputs(n, data_rng)

@@ -1,7 +1,7 @@
 """Summaries of the rate study: mean loss per n, fitted log-log slopes, plots and a table.
 
 Slopes are least squares of ``log(mean loss)`` on ``log(n)``, as in the authors' studies
-(papers.md §1.4); error bars are one standard error of the mean over replications.
+(their dense-gating simulations); error bars are one standard error of the mean over replications.
 """
 
 from __future__ import annotations

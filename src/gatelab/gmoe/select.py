@@ -5,7 +5,7 @@ the truth (arXiv:2309.13850 §4). :func:`merge_experts` collapses atoms that are
 ``tol`` (single linkage): the merged atom gets the total gate mass ``exp(beta0) = sum exp(beta0_i)``
 and mass-weighted averages of the other parameters. By default the distance uses the expert
 slopes ``a`` and variances ``var`` only: inside a cell those converge at n^-1/4 while ``beta1``
-and ``b`` crawl at n^-1/8 (papers.md §1.3), so at practical n the atoms of one cell are still far
+and ``b`` crawl at n^-1/8 (arXiv:2309.13850), so at practical n the atoms of one cell are still far
 apart in ``beta1``/``b`` but already close in ``a``/``var``.
 """
 

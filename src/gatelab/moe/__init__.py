@@ -1,6 +1,7 @@
 """Sparse mixture-of-experts layers: fast grouped dispatch, Mixtral interop, expert parallelism."""
 
 from gatelab.moe.dispatch import Dispatch, combine, dispatch_expert_choice, dispatch_topk
+from gatelab.moe.mixtral import from_mixtral, to_mixtral, use_sparse_moe
 from gatelab.moe.model import MoEStats, Router, SparseMoE
 from gatelab.moe.parallel import ExpertParallelMoE
 
@@ -13,4 +14,7 @@ __all__ = [
     "combine",
     "dispatch_expert_choice",
     "dispatch_topk",
+    "from_mixtral",
+    "to_mixtral",
+    "use_sparse_moe",
 ]

@@ -4,23 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gatelab.moe.lm import MoEConfig
-from gatelab.moe.train import TrainConfig, train_pair
+from gatelab.moe.train import quick_configs, train_pair
 from gatelab.report import DemoResult
-
-
-def quick_configs(quick: bool) -> tuple[MoEConfig, TrainConfig]:
-    """The demo's model and training settings; ``quick`` fits in < 3 min on 2 CPU cores."""
-    if quick:
-        model = MoEConfig(
-            d_model=64, n_layers=2, n_heads=4, seq_len=64, n_experts=8, top_k=2, d_hidden=64
-        )
-        train = TrainConfig(
-            steps=800, batch_size=32, eval_every=200, eval_batches=8, checkpoint_every=400,
-            warmup=50, max_corpus_bytes=1_000_000, threads=1,
-        )  # fmt: skip
-        return model, train
-    return MoEConfig(), TrainConfig(threads=1)
 
 
 def run_demo(runs_dir: Path, quick: bool, progress=None) -> DemoResult:

@@ -100,19 +100,27 @@ def plot_expert_load(run_dir: Path, path: Path) -> Path:
     return path
 
 
-def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> dict:
-    """Load ``run_dir/model.safetensors`` with its config.json and evaluate it on held-out data."""
-    from safetensors.torch import load_file
+def evaluate_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """Evaluate a ``gatelab moe train`` checkpoint on its held-out files.
 
+    Args:
+        path: a run folder (its ``checkpoint.safetensors``) or the checkpoint file itself, which
+            carries its config, so a checkpoint moved alone still evaluates.
+        device: torch device to evaluate on.
+    """
+    from gatelab import runs
     from gatelab.moe.lm import MoEConfig, TinyLM, load_corpus
 
-    run_dir = Path(run_dir)
-    weights, config = run_dir / "model.safetensors", run_dir / "config.json"
-    if not weights.exists() or not config.exists():
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: run `gatelab moe train` first")
-    saved = json.loads(config.read_text())
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / "checkpoint.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: run `gatelab moe train` first")
+    saved = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
+    if "model" not in saved or "train" not in saved:
+        raise ValueError(f"{path}: not a `gatelab moe train` checkpoint")
     model = TinyLM(MoEConfig(**saved["model"])).to(device)
-    model.load_state_dict(load_file(weights, device=device))
+    runs.load_checkpoint(path, modules={"model": model}, device=device)
     train = saved["train"]
     corpus = Path(train["corpus_dir"]) if train["corpus_dir"] else None
     _, heldout = load_corpus(corpus, train["max_corpus_bytes"])

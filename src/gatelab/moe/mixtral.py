@@ -4,7 +4,13 @@ transformers 5 stores Mixtral experts fused (read in ``modeling_mixtral.py`` of 
 ``experts.gate_up_proj (E, 2H, D)`` (gate rows first, then up), ``experts.down_proj (E, D, H)``,
 router ``gate.weight (E, D)``; the block routes by softmax, top-K, renormalise — the same as
 :func:`gatelab.gates.topk_softmax` without bias — and returns only the hidden states.
-``transformers`` is imported lazily: it is needed only here.
+
+transformers 5 collects ``output_router_logits`` with forward hooks on the ``MixtralTopKRouter``
+modules (output index 0) and adds ``router_aux_loss_coef * load_balancing_loss_func(...)`` to the
+loss itself. :func:`use_sparse_moe` swaps every block of a model for a :class:`SparseMoE` and hooks
+each ``SparseMoE.router`` (whose forward returns the logits) the same way, so
+``output_router_logits=True`` and the model's ``aux_loss`` keep working. ``transformers`` is
+imported lazily: it is needed only here.
 """
 
 from __future__ import annotations
@@ -12,6 +18,36 @@ from __future__ import annotations
 import torch
 
 from gatelab.moe.model import SparseMoE
+
+
+def use_sparse_moe(model, **kwargs):
+    """Replace every ``MixtralSparseMoeBlock`` of ``model`` in place by a :class:`SparseMoE` copy.
+
+    Each new router gets transformers' output-capturing hook, so ``output_router_logits=True``
+    returns this layer's logits per layer and the model's ``aux_loss`` is computed from them.
+
+    Args:
+        model: a transformers Mixtral model (``MixtralModel``, ``MixtralForCausalLM``, ...).
+        **kwargs: further ``SparseMoE`` options (``backend``, ``capacity_factor``, ...).
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        TypeError: ``model`` holds no ``MixtralSparseMoeBlock``.
+    """
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, MixtralSparseMoeBlock)]
+    if not blocks:
+        raise TypeError(f"use_sparse_moe: {type(model).__name__} holds no MixtralSparseMoeBlock")
+    for name, block in blocks:
+        moe = from_mixtral(block, **kwargs)
+        install_output_capuring_hook(moe.router, "router_logits", index=0)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, moe)
+    return model
 
 
 def from_mixtral(block, **kwargs) -> SparseMoE:

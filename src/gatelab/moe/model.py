@@ -7,7 +7,9 @@ choice (Zhou et al., arXiv:2202.09368 §3.1). Auxiliary losses: Switch load bala
 (arXiv:2101.03961 Eq. 4) and router z-loss (arXiv:2202.08906 Eq. 5). Execution is dropless or
 capacity-limited, with optional always-on shared experts (DeepSeekMoE, arXiv:2401.06066 §3.2).
 The fast path lives in :mod:`gatelab.moe.dispatch`; the Hugging Face Mixtral block's loop over
-experts is the reference the tests compare against.
+experts is the reference the tests compare against. As in Mixtral, the router is a submodule whose
+forward returns the router logits, and the layer reports its losses unweighted, so the layer can
+replace a Mixtral block inside a ``transformers`` model (:mod:`gatelab.moe.mixtral`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gatelab.moe.dispatch as dsp
 from gatelab import gates
-from gatelab.moe import dispatch as dsp
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -37,6 +39,8 @@ class MoEStats(NamedTuple):
         tokens_per_expert: ``(E,)`` rows each expert processed (after dropping).
         dropped_fraction: token choice: dropped assignments / (N K); expert choice: tokens that
             no expert took / N.
+        router_logits: ``(N, E)`` router logits :math:`u = W x` (what Mixtral's
+            ``output_router_logits`` returns per layer), differentiable.
     """
 
     balance_loss: torch.Tensor
@@ -44,10 +48,14 @@ class MoEStats(NamedTuple):
     aux_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_fraction: float
+    router_logits: torch.Tensor
 
 
 class Router(nn.Module):
-    r"""Linear router :math:`u = W x`; parameters only, the routing rule lives in ``SparseMoE``.
+    r"""Linear router :math:`u = W x`; the routing rule lives in ``SparseMoE``.
+
+    Like Mixtral's ``MixtralTopKRouter``, its forward returns the logits ``(N, E)`` (in float32
+    for half-precision inputs, ST-MoE §3.2's advice), so a forward hook on it sees them.
 
     Attributes:
         weight: ``(E, D)``, init :math:`\mathcal N(0, 1/D)`.
@@ -69,6 +77,12 @@ class Router(nn.Module):
         for p in (self.bias, self.noise_weight):
             if p is not None:
                 nn.init.zeros_(p)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """Router logits. Shape: ``(N, D) -> (N, E)``."""
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            return F.linear(flat.float(), self.weight.float())
+        return F.linear(flat, self.weight)
 
 
 class SparseMoE(nn.Module):
@@ -185,7 +199,7 @@ class SparseMoE(nn.Module):
                 f"SparseMoE: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
             )
         flat = x.reshape(-1, self.d_model)  # (N, D)
-        logits = route_logits(self, flat)  # (N, E)
+        logits = self.router(flat)  # (N, E)
         plan, balance = self.route(flat, logits)
         rows = dsp.expert_forward(
             flat[plan.token_index], plan.counts, self.w_gate, self.w_up, self.w_down,
@@ -194,7 +208,7 @@ class SparseMoE(nn.Module):
         out = dsp.combine(rows, plan, flat.shape[0])  # (N, D)
         if self.n_shared_experts:
             out = out + shared_forward(self, flat)
-        self.last_stats = self._stats(plan, balance, gates.router_z_loss(logits), flat.shape[0])
+        self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
         return out.reshape(x.shape)
 
     def route(self, flat: torch.Tensor, logits: torch.Tensor) -> tuple[dsp.Dispatch, torch.Tensor]:
@@ -223,27 +237,15 @@ class SparseMoE(nn.Module):
         plan = dsp.dispatch_topk(weights.to(flat.dtype), indices, e, self.capacity(n))
         return plan, balance
 
-    def _stats(self, plan: dsp.Dispatch, balance, z_loss, n_tokens: int) -> MoEStats:
+    def _stats(self, plan: dsp.Dispatch, balance, logits, n_tokens: int) -> MoEStats:
         if self.router_kind == "expert_choice":
             taken = torch.zeros(n_tokens, dtype=torch.bool, device=plan.token_index.device)
             dropped = 1.0 - float(taken.index_fill(0, plan.token_index, True).float().mean())
         else:
             dropped = plan.n_dropped / max(1, n_tokens * self.top_k)
+        z_loss = gates.router_z_loss(logits)
         aux = self.balance_coef * balance + self.z_coef * z_loss
-        return MoEStats(balance, z_loss, aux, plan.counts.detach(), dropped)
-
-    @classmethod
-    def from_mixtral(cls, block, **kwargs) -> SparseMoE:
-        """Copy a ``transformers`` ``MixtralSparseMoeBlock``; see :func:`gatelab.moe.mixtral`."""
-        from gatelab.moe.mixtral import from_mixtral
-
-        return from_mixtral(block, **kwargs)
-
-    def to_mixtral(self):
-        """A ``MixtralSparseMoeBlock`` with this layer's weights (softmax router, SwiGLU only)."""
-        from gatelab.moe.mixtral import to_mixtral
-
-        return to_mixtral(self)
+        return MoEStats(balance, z_loss, aux, plan.counts.detach(), dropped, logits)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
@@ -257,13 +259,6 @@ def _optional(module: nn.Module, name: str, shape: tuple, present: bool, kw: dic
     """Register an (uninitialised) parameter, or ``None`` under its name when absent."""
     param = nn.Parameter(torch.empty(*shape, **kw)) if present else None
     module.register_parameter(name, param)
-
-
-def route_logits(moe: SparseMoE, flat: torch.Tensor) -> torch.Tensor:
-    """Router logits ``(N, E)``; float32 for half-precision inputs (ST-MoE §3.2's advice)."""
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        return F.linear(flat.float(), moe.router.weight.float())
-    return F.linear(flat, moe.router.weight)
 
 
 def shared_forward(moe: SparseMoE, flat: torch.Tensor) -> torch.Tensor:

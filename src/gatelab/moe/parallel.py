@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gatelab import gates
-from gatelab.moe import dispatch as dsp
-from gatelab.moe.model import SparseMoE, route_logits, shared_forward
+import gatelab.moe.dispatch as dsp
+from gatelab.moe.model import SparseMoE, shared_forward
 
 
 class _AllToAll(torch.autograd.Function):
@@ -104,7 +103,7 @@ class ExpertParallelMoE(SparseMoE):
                 f"ExpertParallelMoE: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
             )
         flat = x.reshape(-1, self.d_model)  # (N, D)
-        logits = route_logits(self, flat)  # (N, E)
+        logits = self.router(flat)  # (N, E)
         plan, balance = self.route(flat, logits)  # global expert ids, grouped by expert = by rank
         # exchange the row counts: recv_counts[s * E/W + e] = rows rank s sends to local expert e
         recv_counts = torch.empty_like(plan.counts)
@@ -126,7 +125,7 @@ class ExpertParallelMoE(SparseMoE):
         out = dsp.combine(returned, plan, flat.shape[0])
         if self.n_shared_experts:
             out = out + shared_forward(self, flat)
-        self.last_stats = self._stats(plan, balance, gates.router_z_loss(logits), flat.shape[0])
+        self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:  # noqa: D102

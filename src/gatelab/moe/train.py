@@ -19,12 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from gatelab.moe import eval as moe_eval
+import gatelab.moe.eval as moe_eval
+from gatelab import runs
 from gatelab.moe.lm import MoEConfig, TinyLM, load_corpus
+from gatelab.threads import torch_threads
 
 log = logging.getLogger(__name__)
+CHECKPOINT = (
+    "checkpoint.safetensors"  # weights, AdamW state, torch RNG; config and step in metadata
+)
 Progress = Callable[[int, int], None] | None
 
 
@@ -57,6 +61,24 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
 
 
+def quick_configs(quick: bool) -> tuple[MoEConfig, TrainConfig]:
+    """The demo's model and training settings.
+
+    ``quick``: 600 steps per arm on one thread, within the quick demo's 90 s budget; with
+    ``steps=800`` it is the configuration of the 800-step row of docs/moe.md.
+    """
+    if quick:
+        model = MoEConfig(
+            d_model=64, n_layers=2, n_heads=4, seq_len=64, n_experts=8, top_k=2, d_hidden=64
+        )
+        train = TrainConfig(
+            steps=600, batch_size=32, eval_every=200, eval_batches=8, checkpoint_every=400,
+            warmup=50, max_corpus_bytes=1_000_000, threads=1,
+        )  # fmt: skip
+        return model, train
+    return MoEConfig(), TrainConfig(threads=1)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """1) linear warm-up, 2) cosine decay from ``lr`` to ``lr / 10`` at the last step."""
     if step < cfg.warmup:
@@ -75,16 +97,11 @@ def sample_batch(data: torch.Tensor, seq_len: int, batch: int, seed: int, step: 
 def train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress = None):
     """Train one model in ``run_dir`` (resuming from its checkpoint); returns the final metrics.
 
-    Small models are bound by per-op overhead: on a shared 2-core CPU one thread ran a quick-demo
-    MoE step in 27 ms of CPU time where two threads spun for over a second, hence ``threads``.
+    Small models are bound by per-op overhead, so one thread is often the fastest setting on a
+    CPU: ``cfg.threads`` is applied for the run and restored after.
     """
-    saved_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train(model_cfg, cfg, run_dir, progress)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress):
@@ -103,8 +120,9 @@ def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Prog
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = _resume(model, optimizer, config, run_dir)
     if step == 0:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run_dir / runs.METRICS).unlink(missing_ok=True)
+    runs.truncate_metrics(run_dir, step)  # a resumed run never logs a step twice
+    runs.atomic_write_json(run_dir / runs.CONFIG, config)
     name = f"moe__{model_cfg.ffn}__seed{cfg.seed}__{time.strftime('%Y%m%dT%H%M%S')}"
     log.info("run %s from step %d: %s", name, step, config)
     tic, tic_step = time.perf_counter(), step
@@ -128,10 +146,10 @@ def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Prog
             rate = (step - tic_step) / (time.perf_counter() - tic)
             record = {"step": step, "train/loss": lm_loss.item(), "perf/steps_per_s": rate}
             record.update(_router_metrics(model, "train"))
-            _append(run_dir, record)
+            runs.append_metrics(run_dir, record)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = moe_eval.evaluate(model, heldout, cfg.eval_batches, cfg.batch_size)
-            _append(run_dir, {"step": step, **metrics})
+            runs.append_metrics(run_dir, {"step": step, **metrics})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save(model, optimizer, config, step, run_dir)
         if progress:
@@ -156,34 +174,29 @@ def _router_metrics(model: TinyLM, prefix: str) -> dict:
     return out
 
 
-def _append(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _save(model, optimizer, config: dict, step: int, run_dir: Path) -> None:
-    meta = {"step": str(step), "config": json.dumps(config)}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, run_dir / "model.safetensors", metadata=meta)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, run_dir / "optimizer.pt")
+    runs.save_checkpoint(
+        run_dir / CHECKPOINT, config=config, step=step, modules={"model": model},
+        optimizers={"adamw": optimizer}, tensors={"rng.torch": torch.get_rng_state()},
+    )  # fmt: skip
 
 
 def _resume(model, optimizer, config: dict, run_dir: Path) -> int:
-    """Load ``run_dir``'s checkpoint if its config matches (except the step budget)."""
-    weights, opt = run_dir / "model.safetensors", run_dir / "optimizer.pt"
-    if not (weights.exists() and opt.exists() and (run_dir / "config.json").exists()):
+    """Load ``run_dir``'s checkpoint if its config matches (except the step budget and threads)."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
         return 0
-    saved = json.loads((run_dir / "config.json").read_text())
-    strip = lambda c: {**c, "train": {**c["train"], "steps": None, "threads": None}}  # noqa: E731
-    if strip(saved) != strip(config):
+    saved = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
+    if not runs.config_matches(saved, config, ignore=("train.steps", "train.threads")):
         raise ValueError(
             f"{run_dir} holds a checkpoint of a different config; use a new --run-dir or delete it"
         )
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(weights, device=str(device)))
-    state = torch.load(opt, weights_only=True, map_location=device)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    ckpt = runs.load_checkpoint(
+        path, modules={"model": model}, optimizers={"adamw": optimizer}, device=device
+    )
+    torch.set_rng_state(ckpt.tensors["rng.torch"].cpu())
+    return ckpt.step
 
 
 def train_pair(
