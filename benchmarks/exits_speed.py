@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import gatelab
+from gatelab.exits.backbones import load_exits, prepare, read_exits_meta
 from gatelab.exits.data import fashion_mnist_root
-from gatelab.exits.experiment import load_exits, prepare, read_exits_meta
 from gatelab.exits.inference import GatePolicy, run_early_exit, time_inference
+from gatelab.threads import torch_threads
 
 
 def main() -> None:
@@ -36,7 +37,12 @@ def main() -> None:
     if args.checkpoint is None or not args.checkpoint.exists():
         print(f"skip: no checkpoint at {args.checkpoint}; run `gatelab exits sweep` first")
         return
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Time early exit and the backbone at batch 1, 64 and 256; write ``bench_speed.json``."""
     torch.manual_seed(0)
     meta = read_exits_meta(args.checkpoint)
     backbone = Path(meta["backbone"])

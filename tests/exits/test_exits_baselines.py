@@ -50,7 +50,7 @@ def test_baseline_thresholds_from_validation_are_pareto():
 def test_sweep_config_and_checkpoint_names():
     import pytest
 
-    from gatelab.exits.demo import sweep_config
+    from gatelab.exits.operating_point import sweep_config
     from gatelab.exits.sweep import VARIANTS, checkpoint_name
 
     assert sweep_config(True).variants == ("jei-dnn",)

@@ -24,7 +24,7 @@ def test_eval_unknown_dataset_exits_2():
     result = runner.invoke(
         app, ["exits", "eval", "--checkpoint", "x.safetensors", "--dataset", "cifar10"]
     )
-    assert result.exit_code == 2 and "unknown dataset" in result.output
+    assert result.exit_code == 2 and "fashion-mnist" in result.output
 
 
 def test_eval_checkpoint_of_another_kind_or_arch_exits_2(tmp_path):
@@ -64,3 +64,25 @@ def test_eval_bad_gate_threshold_exits_2():
         app, ["exits", "eval", "--checkpoint", "x.safetensors", "--gate-threshold", "1.5"]
     )
     assert result.exit_code == 2 and "gate-threshold" in result.output
+
+
+def test_sweep_quick_keeps_the_flags_given(monkeypatch):
+    """--quick changes the defaults of the flags not given, never an explicit one."""
+    from gatelab.exits import operating_point
+
+    seen = {}
+
+    def fake(out, backbone, data, cfg, quick, device, progress):
+        seen.update(cfg=cfg, quick=quick)
+        return {"area_under_tradeoff": {}, "jei_vs_best_baseline": {}}
+
+    monkeypatch.setattr(operating_point, "sweep_and_report", fake)
+    args = ["exits", "sweep", "--quick", "--lams", "0.1,0.7", "--repeats", "3"]
+    result = runner.invoke(app, [*args, "--variant", "jei-dnn+ctx"])
+    assert result.exit_code == 0, result.output
+    quick = operating_point.sweep_config(True)
+    assert seen["cfg"].lams == (0.1, 0.7) and seen["cfg"].repeats == 3
+    assert seen["cfg"].n_timed == quick.n_timed and seen["cfg"].train == quick.train
+    assert seen["cfg"].variants == ("jei-dnn+ctx",) and seen["quick"]
+    result = runner.invoke(app, ["exits", "sweep", "--variant", "typo"])
+    assert result.exit_code == 2

@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from gatelab.cli import app
 from gatelab.exits import SplitConfig, TrainConfig
+from gatelab.exits.backbones import HEAD_FILE, load_exits
 from gatelab.exits.data import load_fashion_mnist, make_splits
 from gatelab.exits.efficientnet import efficientnet_early_exit, fmnist_to_effnet
-from gatelab.exits.effnet_run import HEAD_FILE, EffNetConfig, run_efficientnet
-from gatelab.exits.experiment import load_exits
+from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
 from gatelab.exits.inference import GatePolicy, exit_flops, run_early_exit
 from gatelab.exits.sweep import SweepConfig, checkpoint_name
 

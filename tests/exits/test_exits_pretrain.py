@@ -5,14 +5,9 @@ import torch
 from test_exits_data import fake_fashion_mnist
 
 from gatelab.exits import SplitConfig, ViTConfig
-from gatelab.exits.pretrain import (
-    PretrainConfig,
-    augment,
-    draw_epoch,
-    load_backbone,
-    lr_at,
-    pretrain,
-)
+from gatelab.exits.backbones import load_backbone
+from gatelab.exits.pretrain import CHECKPOINT, PretrainConfig, augment, draw_epoch, lr_at, pretrain
+from gatelab.runs import read_checkpoint_metadata
 
 TINY = ViTConfig(patch_size=7, d_model=8, n_heads=2, n_blocks=2, mlp_ratio=2)
 SPLITS = SplitConfig(n_exits=40, n_val=20, n_calib=20)
@@ -35,6 +30,44 @@ def test_pretrain_resumes_and_extends_the_schedule(tmp_path):
     assert json.loads((out / "backbone.json").read_text())["steps"] == 8
     fresh = pretrain(tmp_path / "again", data, TINY, _cfg(2), SPLITS)
     assert fresh["steps"] == 8
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    def progress(done, total):
+        if done == step:
+            raise Killed
+
+    return progress
+
+
+def test_a_kill_loses_nothing_and_resume_gives_the_same_backbone(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "data", n_train=208, n_test=50)
+    pretrain(tmp_path / "whole", data, TINY, _cfg(2), SPLITS)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):  # killed at step 5: the checkpoint of step 3 survives
+        pretrain(out, data, TINY, _cfg(2), SPLITS, progress=_kill_at(5))
+    assert int(read_checkpoint_metadata(out / CHECKPOINT)["step"]) == 3
+    assert not list(out.glob(".*.tmp")) and not (out / "backbone.safetensors").exists()
+    resumed = pretrain(out, data, TINY, _cfg(2), SPLITS)
+    assert resumed["steps"] == 8 and resumed["schedule_history"] == [{"epochs": 2, "until_step": 3}]
+    a, _ = load_backbone(tmp_path / "whole" / "backbone.safetensors")
+    b, _ = load_backbone(out / "backbone.safetensors")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_a_backbone_moved_alone_still_loads(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "data", n_train=208, n_test=50)
+    pretrain(tmp_path / "run", data, TINY, _cfg(1), SPLITS)
+    alone = tmp_path / "elsewhere" / "bb.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((tmp_path / "run" / "backbone.safetensors").read_bytes())
+    model, meta = load_backbone(alone)
+    assert meta["steps"] == 4 and model.cfg == TINY
 
 
 def test_same_seed_same_backbone(tmp_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from gatelab import gates
 from gatelab.exits import FeatureCache, TrainConfig, gate_targets, oracle_exit, train
 from gatelab.exits.train import exit_losses, weighted_im_loss
+from gatelab.runs import read_metrics
 
 
 def test_oracle_exit_against_naive_loop():
@@ -133,6 +134,34 @@ def test_train_resumes_from_checkpoint(tmp_path):
     assert out["phases"] == 5
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_kill_mid_training_loses_nothing_and_resume_is_exact(tmp_path):
+    """Phases of 20 steps over 9-batch epochs: the resume must restore the batch order too."""
+    cost = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    tr, va = _synthetic_caches(seed=0), _synthetic_caches(n=300, seed=1)
+    torch.manual_seed(0)
+    whole = _model()
+    expected = train(whole, tr, va, cost, _cfg(lam=0.2), tmp_path / "whole")
+
+    def kill_at_phase_3(done, total):
+        if done == 3:
+            raise Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train(_model(), tr, va, cost, _cfg(lam=0.2), tmp_path / "killed", kill_at_phase_3)
+    torch.manual_seed(7)  # a different initialisation: everything must come from the checkpoint
+    resumed = _model()
+    got = train(resumed, tr, va, cost, _cfg(lam=0.2), tmp_path / "killed")
+    assert got["eval/objective"] == expected["eval/objective"] and got["phases"] == 5
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert read_metrics(tmp_path / "killed") == read_metrics(tmp_path / "whole")  # no duplicates
 
 
 def test_larger_lambda_exits_earlier():

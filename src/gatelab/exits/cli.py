@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from gatelab import _cli
-from gatelab.exits.data import DEFAULT_FASHION_MNIST, check_dataset
+from gatelab.exits.data import DEFAULT_FASHION_MNIST
 from gatelab.exits.vit import ViTConfig
+from gatelab.threads import torch_threads
 
 app = typer.Typer(help="JEI-DNN early exits on Fashion-MNIST.", no_args_is_help=True)
 log = logging.getLogger(__name__)
+
+
+class DatasetName(StrEnum):
+    """Datasets gatelab.exits reads."""
+
+    fashion_mnist = "fashion-mnist"
+
+
+class Variant(StrEnum):
+    """JEI-DNN gate variants of the sweep (see ``gatelab.exits.sweep.VARIANTS``)."""
+
+    jei_dnn = "jei-dnn"  # the paper's four gate features, class-weight exponent 0.75
+    context = "jei-dnn+ctx"  # gates also read the previous exit
+    balanced = "jei-dnn-balanced"  # the paper's fully class-balanced gate BCE
+
 
 Data = Annotated[
     Path,
@@ -25,7 +42,7 @@ Data = Annotated[
         help="Folder with the Fashion-MNIST IDX .gz files.",
     ),
 ]
-Dataset = Annotated[str, typer.Option(help="Dataset (only fashion-mnist).")]
+Dataset = Annotated[DatasetName, typer.Option(help="Dataset.")]
 Device = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 Out = Annotated[Path, typer.Option(help="Run folder.")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (1 gives steady timings here).")]
@@ -44,16 +61,15 @@ def pretrain(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     data: Data = DEFAULT_FASHION_MNIST,
-    dataset: Dataset = "fashion-mnist",
+    dataset: Dataset = DatasetName.fashion_mnist,
     out: Out = Path("runs/exits"),
     device: Device = "cpu",
 ) -> None:
-    """Train the ViT backbone (6 blocks + CLS); resumes from <out>/backbone_ckpt.pt."""
+    """Train the ViT backbone (6 blocks + CLS); resumes from <out>/backbone_ckpt.safetensors."""
     from gatelab.exits.pretrain import PretrainConfig
     from gatelab.exits.pretrain import pretrain as run
 
     with _cli.user_errors():
-        check_dataset(dataset)
         model_cfg = ViTConfig(d_model=d_model, mlp_ratio=mlp_ratio)
         cfg = PretrainConfig(
             epochs=epochs,
@@ -79,16 +95,13 @@ def train_cmd(
     backbone: Backbone = DEFAULT_BACKBONE,
     out: Annotated[Path | None, typer.Option(help="Checkpoint path.")] = None,
     data: Data = DEFAULT_FASHION_MNIST,
-    dataset: Dataset = "fashion-mnist",
+    dataset: Dataset = DatasetName.fashion_mnist,
     device: Device = "cpu",
 ) -> None:
     """Train JEI-DNN IMs and gates for one lambda; writes <out>.safetensors and .json."""
-    from gatelab.exits.experiment import train_checkpoint
-    from gatelab.exits.train import TrainConfig
+    from gatelab.exits.train import TrainConfig, train_checkpoint
 
-    torch.set_num_threads(threads)
-    with _cli.user_errors():
-        check_dataset(dataset)
+    with _cli.user_errors(), torch_threads(threads):
         cfg = TrainConfig(
             lam=lam, n_rounds=n_rounds, phase_steps=phase_steps, seed=seed, device=device
         )
@@ -113,15 +126,13 @@ def eval_cmd(
         Path | None, typer.Option(help="Override the checkpoint's backbone.")
     ] = None,
     data: Data = DEFAULT_FASHION_MNIST,
-    dataset: Dataset = "fashion-mnist",
+    dataset: Dataset = DatasetName.fashion_mnist,
     device: Device = "cpu",
 ) -> None:
     """Real early exit on the 10k test images: accuracy, FLOPs, speed-up, ECE, conformal sets."""
-    from gatelab.exits.experiment import evaluate_checkpoint
+    from gatelab.exits.eval import evaluate_checkpoint
 
-    with _cli.user_errors():
-        check_dataset(dataset)
-        torch.set_num_threads(threads)
+    with _cli.user_errors(), torch_threads(threads):
         flat = evaluate_checkpoint(
             checkpoint, data, alpha, batch_size, repeats, backbone, device, gate_threshold
         )
@@ -133,24 +144,40 @@ def eval_cmd(
 @app.command()
 def sweep(
     quick: Annotated[
-        bool, typer.Option(help="Fewer lambdas, shorter phases, fewer timed images.")
+        bool,
+        typer.Option(help="Defaults of a short sweep: 5 lambdas, short phases, 1024 timed images."),
     ] = False,
+    lams: Annotated[
+        str | None, typer.Option(help="Comma-separated lambdas (default: 17, or 5 with --quick).")
+    ] = None,
+    n_timed: Annotated[
+        int | None, typer.Option(help="Test images timed per point (2048; 1024 with --quick).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timing repeats, median (2; 1 with --quick).")
+    ] = None,
     backbone: Backbone = DEFAULT_BACKBONE,
     data: Data = DEFAULT_FASHION_MNIST,
     out: Out = Path("runs/exits"),
     device: Device = "cpu",
     threads: Threads = 1,
     variants: Annotated[
-        str, typer.Option(help="Comma-separated: jei-dnn, jei-dnn+ctx, jei-dnn-balanced.")
-    ] = "jei-dnn",
+        list[Variant] | None,
+        typer.Option("--variant", help="JEI-DNN variant; repeat for several (default jei-dnn)."),
+    ] = None,
 ) -> None:
-    """Lambda grid for JEI-DNN and the baselines' thresholds -> curves.json and four plots."""
-    from gatelab.exits.demo import sweep_and_report
+    """Lambda grid for JEI-DNN and the baselines' thresholds -> curves.json and five plots."""
+    from gatelab.exits.operating_point import sweep_and_report, sweep_config
 
-    torch.set_num_threads(threads)
-    with _cli.user_errors(), _cli.progress_bar("sweep") as update:
-        names = tuple(v.strip() for v in variants.split(",") if v.strip())
-        summary = sweep_and_report(out, backbone, data, quick, device, update, names)
+    with _cli.user_errors():
+        names = tuple(v.value for v in variants or [Variant.jei_dnn])
+        cfg = sweep_config(quick, names)  # --quick only changes the flags not given
+        given = {"n_timed": n_timed, "repeats": repeats}
+        if lams is not None:
+            given["lams"] = tuple(float(v) for v in lams.split(",") if v.strip())
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    with _cli.user_errors(), torch_threads(threads), _cli.progress_bar("sweep") as update:
+        summary = sweep_and_report(out, backbone, data, cfg, quick, device, update)
     typer.echo(
         json.dumps(
             {
@@ -172,8 +199,7 @@ def efficientnet(
     """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned."""
     from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
 
-    torch.set_num_threads(threads)
-    with _cli.user_errors(), _cli.progress_bar("efficientnet") as update:
+    with _cli.user_errors(), torch_threads(threads), _cli.progress_bar("efficientnet") as update:
         summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
     keys = ("head_test_accuracy", "area_under_tradeoff", "jei_vs_best_baseline")
     typer.echo(json.dumps({k: summary[k] for k in keys}, indent=2))

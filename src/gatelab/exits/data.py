@@ -4,8 +4,8 @@ The official 60k training images are split once, by a seeded permutation, into f
 parts: ``backbone`` (trains the ViT), ``exits`` (trains the inference and gating modules),
 ``val`` (early stopping, gate class weights, baseline thresholds) and ``calib`` (conformal
 calibration). The official 10k test images are the ``test`` split. No split is reused for another
-purpose: papers.md §4.4 (5) traces the public code's missed conformal coverage to calibration data
-that overlapped the backbone's training data.
+purpose: the authors' public code missed its conformal coverage because its calibration data
+overlapped the backbone's training data.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel mean / std on [0, 1] (training set)
-DATASETS = ("fashion-mnist",)
 
 
 class Split(NamedTuple):
@@ -114,10 +113,3 @@ def make_splits(data: dict[str, Split], cfg: SplitConfig = SplitConfig()) -> dic
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, 1, 28, 28)`` -> float32 standardised with the Fashion-MNIST mean and std."""
     return (images.float() / 255.0 - MEAN) / STD
-
-
-def check_dataset(name: str) -> str:
-    """Reject dataset names gatelab.exits does not know."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; gatelab.exits supports {', '.join(DATASETS)}")
-    return name

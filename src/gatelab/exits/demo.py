@@ -2,120 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from gatelab.exits.data import DEFAULT_FASHION_MNIST, SplitConfig
+from gatelab.exits.data import DEFAULT_FASHION_MNIST
 from gatelab.exits.effnet_run import run_efficientnet
-from gatelab.exits.experiment import evaluate, load_exits, prepare
-from gatelab.exits.inference import GatePolicy, run_early_exit
+from gatelab.exits.operating_point import sweep_and_report
 from gatelab.exits.pretrain import PretrainConfig, pretrain
-from gatelab.exits.sweep import VARIANTS, SweepConfig, checkpoint_name, plot_reliability, run_sweep
-from gatelab.exits.train import TrainConfig, clone_exits
 from gatelab.report import DemoResult
+from gatelab.runs import read_json
+from gatelab.threads import torch_threads
 
 Progress = Callable[[int, int], None] | None
-ALPHAS = (0.01, 0.05, 0.1)
 QUICK_PRETRAIN_EPOCHS = 1  # a fresh clone in quick mode pretrains one epoch (a weaker backbone)
 
 
-def sweep_config(quick: bool, variants: tuple[str, ...] = ("jei-dnn",)) -> SweepConfig:
-    """The full sweep, or the quick one (< 5 min with a cached backbone)."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not variants:
-        raise ValueError(
-            f"unknown JEI-DNN variant {unknown[:1]}; choose from {', '.join(VARIANTS)}"
-        )
-    if not quick:
-        return SweepConfig(variants=variants)
-    return SweepConfig(
-        variants=variants,
-        lams=(0.01, 0.05, 0.2, 0.6, 1.5),
-        n_timed=1024,
-        repeats=1,
-        max_baseline_points=12,
-        train=TrainConfig(warmup_epochs=20, n_rounds=3, phase_steps=100),
-    )
-
-
-def sweep_and_report(
-    out: Path,
-    backbone: Path,
-    data_root: Path,
-    quick: bool,
-    device: str = "cpu",
-    progress: Progress = None,
-    variants: tuple[str, ...] = ("jei-dnn",),
-) -> dict:
-    """Sweep, then evaluate the cheapest JEI-DNN point within 1 accuracy point of the backbone.
-
-    A point is a lambda (its checkpoint) read at a gate threshold tau. The point is chosen on
-    the validation split (its accuracy there within 1 point of the backbone's validation
-    accuracy), then evaluated with real early exit on the test split; writes ``curves.json``.
-    """
-    prep = prepare(backbone, data_root, SplitConfig(), device, cache_dir=out)
-    cfg = sweep_config(quick, variants)
-    summary = run_sweep(prep, out, cfg, progress)
-    backbone_acc = float(
-        (prep.caches["test"].head_logits.argmax(-1) == prep.caches["test"].labels).double().mean()
-    )
-    val = prep.caches["val"]
-    backbone_val = float((val.head_logits.argmax(-1) == val.labels).double().mean())
-    # the primary variant's cheapest point on validation (FLOPs: deterministic, unlike noisy
-    # sweep timings) within 1 validation accuracy point of the backbone
-    variant = cfg.variants[0]
-    points = summary["curves"][variant]
-    within = [p for p in points if p["val_accuracy"] >= backbone_val - 0.01] or points
-    best = min(within, key=lambda p: (p["val_flops_fraction"], -p["val_accuracy"]))
-    checkpoint = out / checkpoint_name(variant, best["lam"])
-    prep = prep._replace(model=clone_exits(prep.model, VARIANTS[variant][0]))
-    load_exits(prep.model, checkpoint)
-    policy = GatePolicy(prep.model.gates, best["tau"])
-    n_timed = cfg.n_timed if quick else None
-    chosen = {
-        a: evaluate(prep, a, cfg.batch_size, cfg.repeats, n_timed, policy, time_it=a == 0.05)
-        for a in ALPHAS
-    }
-    main = chosen[0.05]
-    figure = plot_reliability(
-        _probs(prep, policy),
-        prep.splits["test"].labels,
-        out / "reliability.png",
-        f"{variant} lambda={best['lam']:g} tau={best['tau']:g} (gated prediction)",
-    )
-    summary["figures"].append(str(figure))
-    summary["backbone_accuracy"] = backbone_acc
-    summary["backbone_val_accuracy"] = backbone_val
-    summary["chosen"] = {
-        "checkpoint": str(checkpoint),
-        "variant": variant,
-        "lam": best["lam"],
-        "tau": best["tau"],
-        "eval": {k: v for k, v in main.items() if k != "reliability"},
-        "coverage_by_alpha": {str(a): chosen[a]["coverage"] for a in ALPHAS},
-        "set_size_by_alpha": {str(a): chosen[a]["mean_set_size"] for a in ALPHAS},
-    }
-    (out / "curves.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
-
-
-def _probs(prep, policy):
-    with torch.no_grad():
-        x = prep.transform(prep.splits["test"].images)
-        device = next(prep.model.parameters()).device
-        outs = [
-            run_early_exit(prep.model, x[i : i + 1000].to(device), policy)
-            for i in range(0, len(x), 1000)
-        ]
-        return torch.cat([o.logits.cpu() for o in outs]).double().softmax(-1)
-
-
 def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResult:
-    """Pretrain the ViT if no cached backbone exists, then sweep and evaluate (see README).
+    """Pretrain the ViT if no cached backbone exists, then sweep and evaluate (docs/exits.md).
 
     The full demo also runs the EfficientNet-Lite0 experiment (8 min here); quick mode skips it.
     """
@@ -129,17 +33,13 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
         epochs = QUICK_PRETRAIN_EPOCHS if quick else PretrainConfig().epochs
         pretrain(out, data_root, cfg=PretrainConfig(epochs=epochs, threads=1))
         pretrained_now = True
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # steady timings on a shared CPU; restored below
-    try:
-        summary = sweep_and_report(out, backbone, data_root, quick, "cpu", progress)
+    with torch_threads(1):  # steady timings on a shared CPU
+        summary = sweep_and_report(out, backbone, data_root, quick=quick, progress=progress)
         effnet = (
             None if quick else run_efficientnet(out / "efficientnet", data_root, None, progress)
         )
-    finally:
-        torch.set_num_threads(threads)
     chosen = summary["chosen"]["eval"]
-    backbone_meta = json.loads(backbone.with_suffix(".json").read_text())
+    backbone_meta = read_json(backbone.with_suffix(".json"))
     metrics = {
         "backbone_accuracy": summary["backbone_accuracy"],
         "backbone_epochs": backbone_meta["pretrain"]["epochs"],
@@ -185,4 +85,4 @@ def run_demo(runs_dir: Path, quick: bool, progress: Progress = None) -> DemoResu
     return DemoResult("exits", "JEI-DNN early exits (gatelab.exits)", metrics, figures, text)
 
 
-__all__ = ["run_demo", "sweep_and_report", "sweep_config"]
+__all__ = ["run_demo"]

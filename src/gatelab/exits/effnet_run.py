@@ -11,7 +11,6 @@ points on validation and writes the areas, margins and plots, exactly as for the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 from collections.abc import Callable
@@ -20,18 +19,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits
-from gatelab.exits.efficientnet import efficientnet_early_exit, fmnist_to_effnet
-from gatelab.exits.experiment import Prepared
-from gatelab.exits.inference import exit_flops
-from gatelab.exits.model import EarlyExitModel
+from gatelab.exits.backbones import (
+    HEAD_FILE,
+    extract_stage_features,
+    first_n,
+    prepared_efficientnet,
+    save_head,
+)
+from gatelab.exits.data import SplitConfig, load_fashion_mnist, make_splits
+from gatelab.exits.efficientnet import efficientnet_early_exit
 from gatelab.exits.sweep import SweepConfig, run_sweep
-from gatelab.exits.train import FeatureCache
+from gatelab.runs import atomic_write_bytes, atomic_write_json
 
 Progress = Callable[[int, int], None] | None
-HEAD_FILE = "head.safetensors"  # the fine-tuned fc (the exits checkpoints hold IMs and gates)
 
 
 def _sweep_defaults() -> SweepConfig:
@@ -68,37 +69,12 @@ class EffNetConfig:
                 )
 
 
-@torch.no_grad()
-def extract_stage_features(
-    model: EarlyExitModel, split: Split, resolution: int, batch: int = 250
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Pooled features after stages 1..6 ``(N, C_l)`` and the head's pooled input ``(N, 1280)``.
-
-    The head's input rather than its logits, because the new ``fc`` is trained on it.
-    """
-    feats, pooled = [], []
-    for i in range(0, len(split.labels), batch):
-        state = model.stem(fmnist_to_effnet(split.images[i : i + batch], resolution))
-        f = []
-        for ell, block in enumerate(model.blocks):
-            state = block(state)
-            if ell < model.n_exits - 1:
-                f.append(model.feature_fn(state))
-        feats.append(f)
-        pooled.append(model.head.pooled(state))
-    return [torch.cat(p) for p in zip(*feats, strict=True)], torch.cat(pooled)
-
-
-def first_n(split: Split, n: int) -> Split:
-    """The first ``n`` images of a split (the splits are already shuffled by seed)."""
-    return Split(split.images[:n], split.labels[:n])
-
-
 def run_efficientnet(
     out_dir: Path, data_root: Path, cfg: EffNetConfig | None = None, progress: Progress = None
 ) -> dict:
     """Fine-tune the head, sweep JEI-DNN and the baselines; write ``metrics.json`` and plots."""
     cfg = cfg or EffNetConfig()
+    # seeding: the head's initialisation and batches, then the IMs and gates
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,10 +101,10 @@ def run_efficientnet(
         loss.backward()
         opt.step()
     fc.requires_grad_(False)
-    save_file({k: v.contiguous() for k, v in fc.state_dict().items()}, out_dir / HEAD_FILE)
+    save_head(model, out_dir)
     del raw["backbone"]  # only the head trains on it
     name = Path(f"efficientnet-lite0-{cfg.resolution}px")  # not a file: the checkpoints' label
-    prep = _prepared(model, parts, raw, cfg.resolution, name)
+    prep = prepared_efficientnet(model, parts, raw, cfg.resolution, name)
     caches, flops = prep.caches, prep.flops
     head_acc = float((caches["test"].head_logits.argmax(-1) == parts["test"].labels).float().mean())
     summary = run_sweep(prep, out_dir, cfg.sweep, progress)
@@ -139,47 +115,8 @@ def run_efficientnet(
         "backbone_mflops": flops.backbone / 1e6,
         "effnet_config": dataclasses.asdict(cfg),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    atomic_write_bytes(
+        out_dir / "metrics.json", json.dumps(summary, indent=2, default=str).encode()
+    )
+    atomic_write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     return summary
-
-
-def _prepared(
-    model: EarlyExitModel, parts: dict[str, Split], raw: dict, resolution: int, label: Path
-) -> Prepared:
-    """Caches (head logits from the model's ``fc``), transform and FLOPs of extracted splits."""
-    with torch.no_grad():
-        caches = {
-            k: FeatureCache(feats, model.head.fc(pooled), parts[k].labels)
-            for k, (feats, pooled) in raw.items()
-        }
-    transform = functools.partial(fmnist_to_effnet, resolution=resolution)
-    flops = exit_flops(model, transform(parts["test"].images[:1]))
-    return Prepared(model, parts, caches, flops, transform, label)
-
-
-def prepare_efficientnet(
-    run_dir: Path, data_root: Path, split_names: tuple[str, ...] = ("calib", "test")
-) -> Prepared:
-    """A finished :func:`run_efficientnet` run, ready for :func:`~gatelab.exits.evaluate`.
-
-    Reads the run's ``config.json`` and fine-tuned head; extracts the features of
-    ``split_names`` (by default the calibration and test splits, the only ones evaluation
-    reads; ``test`` is always included). Load a checkpoint's exits into ``.model``.
-    """
-    config_path, head_path = Path(run_dir) / "config.json", Path(run_dir) / HEAD_FILE
-    for path in (config_path, head_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: an EfficientNet checkpoint needs its run folder "
-                "(`gatelab exits efficientnet` writes it)"
-            )
-    saved = json.loads(config_path.read_text())
-    resolution, split_cfg = saved["resolution"], SplitConfig(**saved["splits"])
-    splits = make_splits(load_fashion_mnist(data_root), split_cfg)
-    names = dict.fromkeys((*split_names, "test"))  # ordered, without repeats
-    parts = {k: first_n(splits[k], saved[f"n_{k}"]) for k in names}
-    model = efficientnet_early_exit(resolution).eval()
-    model.head.fc.load_state_dict(load_file(head_path))
-    raw = {k: extract_stage_features(model, part, resolution) for k, part in parts.items()}
-    return _prepared(model, parts, raw, resolution, Path(run_dir))

@@ -1,7 +1,7 @@
 """Real batched early exit, its post-hoc simulation, exit policies and per-exit FLOPs.
 
 After each block, the samples whose policy fires leave the batch and only the rest continue, so
-compute really falls (papers.md §4.4 (3): the public code always ran every block). The same
+compute really falls (the authors' public code always ran every block). The same
 policies can be replayed post hoc on every exit's logits (:func:`simulate_exits`); a test checks
 that both give identical exits and predictions.
 
@@ -152,8 +152,9 @@ def exit_flops(model: EarlyExitModel, example: torch.Tensor) -> ExitFlops:
     """Count FLOPs per sample with ``FlopCounterMode``, block by block, for one input.
 
     Every matmul and convolution is counted with its token dimension, including both attention
-    products (papers.md §4.4 (2)). Leaving at exit ``l`` costs the stem, blocks ``0..l``, and the
-    IMs and gates of exits ``0..l`` (the last exit runs the head instead of an IM and gate).
+    products (the authors' public counter missed the token dimension and attention). Leaving at
+    exit ``l`` costs the stem, blocks ``0..l``, and the IMs and gates of exits ``0..l`` (the last
+    exit runs the head instead of an IM and gate).
     """
     model.eval()
     x = example[:1]

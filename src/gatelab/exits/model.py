@@ -15,7 +15,7 @@ at exit :math:`l` *given* the sample reached it, so
 
 and at test time a sample leaves at the first :math:`l` with :math:`g_l \ge 0.5`
 (:func:`gatelab.gates.first_exit`). The authors' code reads :math:`g_l` as a marginal probability
-while training it on cumulative targets (papers.md §4.1); the gate targets :math:`1[l \ge l^*]`
+while training it on cumulative targets (arXiv:2310.09163); the gate targets :math:`1[l \ge l^*]`
 used in :mod:`gatelab.exits.train` are exactly the hazard's conditional targets.
 """
 
@@ -38,7 +38,7 @@ def global_pool(state: torch.Tensor) -> torch.Tensor:
 
 
 def confidence_features(probs: torch.Tensor) -> torch.Tensor:
-    r"""The four gradient-free confidence features of JEI-DNN's gates (papers.md §4.1).
+    r"""The four gradient-free confidence features of JEI-DNN's gates (arXiv:2310.09163).
 
     Max probability, entropy :math:`-\sum p\log p`, top-2 margin :math:`p_{(1)} - p_{(2)}`, and the
     entropy of the squared-renormalised probabilities :math:`p^2 / \sum p^2`. Computed under

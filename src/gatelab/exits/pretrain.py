@@ -4,9 +4,11 @@ AdamW with linear warm-up and cosine decay, optional label smoothing, light augm
 shifts of up to ``shift`` pixels and horizontal flips). Trains on the ``backbone`` split only, kept
 as one uint8 tensor on ``device``: each epoch draws its order, shifts and flips at once (on the CPU,
 seeded by the epoch, so a resumed run is exact) and every mini-batch is gathered and augmented on
-the device, so a GPU is not starved by a per-sample loader. Checkpoints every
-``ckpt_every`` steps to ``<out>/backbone_ckpt.pt`` (model, optimiser, step, config) and resumes
-from it; the finished backbone is ``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
+the device, so a GPU is not starved by a per-sample loader. Every ``ckpt_every`` steps the model,
+the optimiser, the step and the config go atomically to ``<out>/backbone_ckpt.safetensors``
+(:func:`gatelab.runs.save_checkpoint`), and a rerun resumes from it, so a run killed at any point
+loses at most ``ckpt_every`` steps and ends with the same weights as an uninterrupted one. The
+finished backbone is ``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
 """
 
 from __future__ import annotations
@@ -22,17 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from gatelab.exits.backbones import save_backbone
 from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits, normalise
 from gatelab.exits.vit import ViT, ViTConfig
+from gatelab.runs import (
+    atomic_write_json,
+    config_matches,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    read_json,
+    save_checkpoint,
+)
+from gatelab.threads import torch_threads
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
-BACKBONE_KIND = "gatelab.exits.vit-backbone"
+CHECKPOINT = "backbone_ckpt.safetensors"  # resumable state (model, optimiser, step, config)
+RESUME_IGNORES = ("epochs", "threads", "resumed_with")  # may change between a run and its resume
 
 
 @dataclass(frozen=True)
@@ -131,20 +142,23 @@ def pretrain(
     split_cfg: SplitConfig | None = None,
     progress: Progress = None,
 ) -> dict:
-    """Train the ViT on the backbone split; resume from ``backbone_ckpt.pt`` if present.
+    """Train the ViT on the backbone split; resume from ``backbone_ckpt.safetensors`` if present.
 
     Returns:
         Summary metrics (test accuracy, seconds, steps) also written to ``backbone.json``.
     """
-    # setup
     model_cfg, cfg = model_cfg or ViTConfig(), cfg or PretrainConfig()
+    split_cfg = split_cfg or SplitConfig()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but torch sees no CUDA device")
-    split_cfg = split_cfg or SplitConfig()
+    with torch_threads(cfg.threads or None):
+        return _pretrain(Path(out_dir), data_root, model_cfg, cfg, split_cfg, progress)
+
+
+def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
+    # setup
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = make_splits(load_fashion_mnist(data_root), split_cfg)
     train = splits["backbone"]
@@ -161,21 +175,24 @@ def pretrain(
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} backbone images")
     total = cfg.epochs * steps_per_epoch
-    ckpt_path = out_dir / "backbone_ckpt.pt"
+    # resume: the same run (only `epochs` may change, which re-times the cosine schedule)
+    ckpt_path = out_dir / CHECKPOINT
     step, seconds = 0, 0.0
     run_config = dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
-        if _same_run(ckpt["config"], run_config):
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            step, seconds = int(ckpt["step"]), float(ckpt["seconds"])
-            history = list(ckpt["config"].get("resumed_with", [])) + [
-                {"epochs": ckpt["config"]["epochs"], "until_step": step}
+        saved_config = json.loads(read_checkpoint_metadata(ckpt_path)["config"])
+        if config_matches(saved_config, run_config, RESUME_IGNORES):
+            ckpt = load_checkpoint(
+                ckpt_path, modules={"model": model}, optimizers={"opt": opt}, device=cfg.device
+            )
+            step, seconds = ckpt.step, float(ckpt.state["seconds"])
+            history = list(saved_config.get("resumed_with", []))
+            run_config["resumed_with"] = [
+                *history,
+                {"epochs": saved_config["epochs"], "until_step": step},
             ]
-            run_config["resumed_with"] = history
             log.info("resuming backbone pretraining at step %d/%d", step, total)
-    (out_dir / "backbone_config.json").write_text(json.dumps(run_config, indent=2))
+    atomic_write_json(out_dir / "backbone_config.json", run_config)
     # train
     images, labels = train.images.to(cfg.device), train.labels.to(cfg.device)  # uint8, int64
     start = time.perf_counter()
@@ -201,17 +218,19 @@ def pretrain(
                 progress(step, total)
             if step % cfg.ckpt_every == 0 or step == total:
                 elapsed = seconds + time.perf_counter() - start
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-                torch.save(
-                    state | {"step": step, "seconds": elapsed, "config": run_config}, ckpt_path
+                save_checkpoint(
+                    ckpt_path,
+                    config=run_config,
+                    step=step,
+                    modules={"model": model},
+                    optimizers={"opt": opt},
+                    state={"seconds": elapsed},
                 )
     seconds += time.perf_counter() - start
     # evaluate and export
     test_acc = accuracy(model, splits["test"], cfg.eval_batch, cfg.device)
     val_acc = accuracy(model, splits["val"], cfg.eval_batch, cfg.device)
-    save_backbone(model, out_dir / "backbone.safetensors")
     summary = {
-        "kind": BACKBONE_KIND,
         "model": dataclasses.asdict(model_cfg),
         "pretrain": dataclasses.asdict(cfg),
         "splits": dataclasses.asdict(split_cfg),
@@ -222,46 +241,5 @@ def pretrain(
         "schedule_history": run_config.get("resumed_with", []),
         "torch_threads": torch.get_num_threads(),
     }
-    (out_dir / "backbone.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _same_run(saved: dict, current: dict) -> bool:
-    """A checkpoint resumes a run with the same settings; only ``epochs`` may change.
-
-    Changing ``epochs`` re-times the cosine schedule from the saved step on (lengthen a run, or
-    shorten it and anneal the learning rate sooner); the summary records ``resumed_with``.
-    """
-    ignore = ("epochs", "threads", "resumed_with")
-    return {k: v for k, v in saved.items() if k not in ignore} == {
-        k: v for k, v in current.items() if k not in ignore
-    }
-
-
-def save_backbone(model: ViT, path: Path) -> None:
-    """Weights as safetensors; the config lives in the JSON file beside it."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
-
-
-def load_backbone(path: Path, device: str = "cpu") -> tuple[ViT, dict]:
-    """Load ``backbone.safetensors`` and its ``backbone.json``; refuse other kinds of file."""
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(
-            f"no backbone at {path} (with {meta_path.name} beside it); "
-            "run `gatelab exits pretrain` first"
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != BACKBONE_KIND:
-        raise ValueError(f"{path} is not a gatelab.exits ViT backbone (kind={meta.get('kind')!r})")
-    model = ViT(ViTConfig(**meta["model"]))
-    model.load_state_dict(load_file(path))
-    return model.to(device).eval(), meta
-
-
-def set_threads_seed(seed: int) -> np.random.Generator:
-    """Seed ``random`` and torch and return a NumPy generator (house rule 18)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
+    save_backbone(model, out_dir / "backbone.safetensors", summary)
+    return read_json(out_dir / "backbone.json")

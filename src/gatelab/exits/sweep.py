@@ -7,8 +7,8 @@ several confidence thresholds; only the points whose *validation* (cost, accurac
 validation Pareto front count, for every method alike. Accuracy, FLOPs, ECE and conformal sets
 come from the cached features of the test and calibration splits (identical to real early exit,
 which a test checks); wall-clock comes from real early exit on ``n_timed`` test images at batch
-``batch_size``, for the points selected on validation. Writes ``curves.json``, four trade-off
-plots and a reliability diagram.
+``batch_size``, for the points selected on validation. Returns the curves, areas and margins
+and writes four trade-off plots.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gatelab.cost import area_under_tradeoff, pareto_front, plot_tradeoff
+from gatelab.exits.backbones import Prepared, save_exits
 from gatelab.exits.baselines import (
     baseline_policies,
     margins,
@@ -30,14 +31,7 @@ from gatelab.exits.baselines import (
     select_on_validation,
     validation_point,
 )
-from gatelab.exits.eval import (
-    conformal_thresholds,
-    gated_metrics,
-    prediction_sets,
-    reliability,
-    set_metrics,
-)
-from gatelab.exits.experiment import Prepared, save_exits
+from gatelab.exits.eval import conformal_thresholds, gated_metrics, prediction_sets, set_metrics
 from gatelab.exits.inference import GatePolicy, run_early_exit, simulate_exits, time_inference
 from gatelab.exits.train import TrainConfig, clone_exits, train
 
@@ -69,7 +63,8 @@ LAMS = (
     3.0,
 )
 # hazard thresholds each lambda's gates are read at: 0.2 ... 0.9 raised the validation area over
-# 30-90% cost from 0.9297 (0.5 only) to 0.9306 on the 92.77% ViT (README, exits_gate_choice)
+# 30-90% cost from 0.9297 (0.5 only) to 0.9306 on the 92.77% ViT (docs/notes/exits.md,
+# experiments/exits_gate_choice.py)
 GATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORACLE_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # 0-1 loss + lambda*cost: > 1 trades accuracy
 
@@ -312,29 +307,3 @@ def _summarise(curves: dict, t_full: float, cfg: SweepConfig, out_dir: Path) -> 
     ]
     summary["figures"] = [str(f) for f in figures]
     return summary
-
-
-def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, path: Path, title: str) -> Path:
-    """Reliability diagram (15 equal-width bins) with the ECE in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rel = reliability(probs, labels)
-    centers = (torch.arange(15) + 0.5) / 15
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    mask = rel.counts > 0
-    ax.bar(
-        centers[mask], rel.accuracy[mask], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy"
-    )
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE = {rel.ece:.4f}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -1,4 +1,4 @@
-r"""JEI-DNN training of the IMs and gates on a frozen backbone (papers.md §4.2).
+r"""JEI-DNN training of the IMs and gates on a frozen backbone (arXiv:2310.09163).
 
 The backbone is frozen, so each split's pooled features are computed once
 (:func:`extract_features`) and every phase trains on them:
@@ -13,10 +13,15 @@ The backbone is frozen, so each split's pooled features are computed once
      weighted by negatives/positives on the validation split;
    - **IM phase**: :math:`\frac1B \sum_b \sum_{l<L} \operatorname{sg}[P_l(x_b)]\,
      \mathrm{CE}_l(x_b, y_b)` with the hazard probabilities :math:`P_l` *detached* (``sg``) and no
-     normalising ratio, so the weights really change the gradient (papers.md §4.4 (1)).
+     normalising ratio, so the weights really change the gradient (the authors' public code
+     divided by an undetached ratio that cancelled them).
 
 After every phase the validation objective (cross-entropy at the hard exit plus
 :math:`\lambda` times its cost) is measured and the best IMs and gates are kept (early stopping).
+With a run folder, every phase ends with one atomic checkpoint
+(:func:`gatelab.runs.save_checkpoint`: IMs, gates, both optimisers, the batch order and the best
+state so far) and a line of
+``metrics.jsonl``; a rerun resumes after the last finished phase and ends in the same state.
 """
 
 from __future__ import annotations
@@ -30,39 +35,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gatelab import gates as gating
-from gatelab.exits.data import Split
+from gatelab.exits.backbones import FeatureCache, prepare, save_exits
+from gatelab.exits.data import SplitConfig
 from gatelab.exits.model import EarlyExitModel, ExitGate
+from gatelab.runs import (
+    append_metrics,
+    atomic_write_json,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
-
-
-class FeatureCache(NamedTuple):
-    """Frozen-backbone outputs for one split: per-exit pooled features, head logits, labels."""
-
-    feats: list[torch.Tensor]  # L-1 tensors (N, D_l)
-    head_logits: torch.Tensor  # (N, C)
-    labels: torch.Tensor  # (N,)
-
-    def index(self, index: torch.Tensor) -> FeatureCache:
-        """The rows ``index`` of every tensor."""
-        return FeatureCache(
-            [f[index] for f in self.feats], self.head_logits[index], self.labels[index]
-        )
-
-    def to(self, device: str | torch.device) -> FeatureCache:
-        """A copy on ``device``."""
-        return FeatureCache(
-            [f.to(device) for f in self.feats], self.head_logits.to(device), self.labels.to(device)
-        )
+CHECKPOINT = "train_ckpt.safetensors"  # resumable state, rewritten after every phase
 
 
 @dataclass(frozen=True)
@@ -79,7 +72,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     balance: float = 0.75  # gate positive weight (neg/pos)^balance; 1 = fully class-balanced as
     # in the paper, which exits far too early here; 0.75 chosen on validation (README,
-    # benchmarks/exits_gate_choice.py)
+    # experiments/exits_gate_choice.py)
     seed: int = 0
     device: str = "cpu"
 
@@ -88,23 +81,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: lam must be >= 0, got {self.lam}")
         if self.warmup_epochs < 0 or self.n_rounds < 0 or self.phase_steps < 1:
             raise ValueError("TrainConfig: warmup_epochs, n_rounds >= 0 and phase_steps >= 1")
-
-
-@torch.no_grad()
-def extract_features(
-    model: EarlyExitModel, split: Split, transform, batch_size: int = 500, device: str = "cpu"
-) -> FeatureCache:
-    """Run the frozen backbone once over a split (``transform`` maps uint8 images to inputs)."""
-    model.eval()
-    feats, heads = [], []
-    for start in range(0, len(split.labels), batch_size):
-        x = transform(split.images[start : start + batch_size]).to(device)
-        f, h = model.features(x)
-        feats.append([t.float().cpu() for t in f])
-        heads.append(h.float().cpu())
-    return FeatureCache(
-        [torch.cat(parts) for parts in zip(*feats, strict=True)], torch.cat(heads), split.labels
-    )
 
 
 def exit_losses(model: EarlyExitModel, cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +139,47 @@ def hard_objective(model: EarlyExitModel, cache: FeatureCache, cost: torch.Tenso
         return float((ce[exit_index, n] + lam * cost.to(ce)[exit_index]).mean())
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+class Batches:
+    """Endless mini-batch indices: a fresh seeded order per pass, resumable mid-pass.
+
+    Equivalent to drawing ``torch.randperm(n, generator=generator)`` at the start of every pass
+    and cutting it into full batches; :meth:`state` and :meth:`load_state` capture the current
+    order and position too, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order, self.start = torch.randperm(n, generator=generator), 0
+
+    def __next__(self) -> torch.Tensor:
+        """The next batch of indices ``(batch_size,)``."""
+        if self.start + self.batch_size > self.n:
+            self.order, self.start = torch.randperm(self.n, generator=self.generator), 0
+        index = self.order[self.start : self.start + self.batch_size]
+        self.start += self.batch_size
+        return index
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON state that :meth:`load_state` restores."""
+        tensors = {"batches.order": self.order, "batches.generator": self.generator.get_state()}
+        return tensors, {"batch_start": self.start}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Continue from a :meth:`state`."""
+        self.order, self.start = tensors["batches.order"], int(state["batch_start"])
+        self.generator.set_state(tensors["batches.generator"])
+
+
+def _phase_loss(kind, model, batch, cost, cfg, warm, pos_weight) -> torch.Tensor:
+    """The loss of one mini-batch in a ``warmup``, ``gate`` or ``im`` phase."""
+    logits, ce = exit_losses(model, batch)  # (L, B, C), (L, B)
+    if kind == "warmup":
+        return (warm[:, None] * ce[:-1]).sum(0).mean()
+    if kind == "gate":
+        targets = gate_targets(oracle_exit(ce.detach(), cost, cfg.lam), model.n_exits)
+        return gate_loss(model.gate_values(logits.detach()), targets, pos_weight)
+    probs = gating.exit_probabilities(model.gate_values(logits))  # (B, L)
+    return weighted_im_loss(probs, ce)
 
 
 def train(
@@ -187,7 +199,8 @@ def train(
         val_cache: features of the validation split.
         cost: FLOPs fraction of leaving at each exit ``(L,)``.
         cfg: the training configuration.
-        run_dir: where ``train_ckpt.pt`` (resume) and ``metrics.jsonl`` go; ``None`` for neither.
+        run_dir: where ``train_ckpt.safetensors`` (resume) and ``metrics.jsonl`` go; ``None``
+            for neither.
         progress: ``(done, total)`` callback over phases.
 
     Returns:
@@ -196,83 +209,72 @@ def train(
     # setup
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     model.to(cfg.device)
     train_cache, val_cache = train_cache.to(cfg.device), val_cache.to(cfg.device)
     cost = cost.to(cfg.device, torch.float32)
-    n_exits, n = model.n_exits, len(train_cache.labels)
+    n = len(train_cache.labels)
     batch_size = min(cfg.batch_size, n)
+    batches = Batches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
     opt_im = torch.optim.Adam(model.ims.parameters(), cfg.lr_im, weight_decay=cfg.weight_decay)
     opt_gate = torch.optim.Adam(model.gates.parameters(), cfg.lr_gate)
+    modules, optimizers = {"ims": model.ims, "gates": model.gates}, {"im": opt_im, "gate": opt_gate}
     steps_per_epoch = max(1, n // batch_size)
     total_phases = 1 + 2 * cfg.n_rounds
     phase, best, best_state, start = 0, float("inf"), None, time.perf_counter()
-    ckpt = run_dir / "train_ckpt.pt" if run_dir is not None else None
     config = dataclasses.asdict(cfg)
+    ckpt = None if run_dir is None else Path(run_dir) / CHECKPOINT
+    # resume after the last finished phase of the same run
     if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True, map_location=cfg.device)
-        if saved["config"] == config:
-            model.load_state_dict(saved["model"], strict=False)
-            opt_im.load_state_dict(saved["opt_im"])
-            opt_gate.load_state_dict(saved["opt_gate"])
-            phase, best, best_state = saved["phase"], saved["best"], saved["best_state"]
-            generator.set_state(saved["generator"])
+        if json.loads(read_checkpoint_metadata(ckpt)["config"]) == config:
+            saved = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, device=cfg.device)
+            phase, best = saved.step, saved.state["best"]
+            best = float("inf") if best is None else best
+            batches.load_state(saved.tensors, saved.state)
+            prefix = "best."
+            own = {k[len(prefix) :]: v for k, v in saved.tensors.items() if k.startswith(prefix)}
+            best_state = own or None
             log.info("resuming JEI-DNN training at phase %d/%d", phase, total_phases)
-    batches = _batches(n, batch_size, generator)
-    warm = warmup_weights(n_exits).to(cfg.device)
+    if run_dir is not None:
+        truncate_metrics(run_dir, phase)  # a fresh run starts a fresh log
+    warm = warmup_weights(model.n_exits).to(cfg.device)
     model.train()
     while phase < total_phases:
+        # one phase: IM warm-up, then alternating gate and IM phases
         kind = "warmup" if phase == 0 else ("gate" if phase % 2 == 1 else "im")
         steps = cfg.warmup_epochs * steps_per_epoch if kind == "warmup" else cfg.phase_steps
+        opt = opt_gate if kind == "gate" else opt_im
+        pos_weight = None
         if kind == "gate":
             pos_weight = _pos_weight(model, val_cache, cost, cfg.lam) ** cfg.balance
         loss = torch.tensor(float("nan"))
         for _ in range(steps):
             batch = train_cache.index(next(batches))
-            logits, ce = exit_losses(model, batch)
-            if kind == "warmup":
-                loss = (warm[:, None] * ce[:-1]).sum(0).mean()
-                opt, params = opt_im, model.ims
-            elif kind == "gate":
-                targets = gate_targets(oracle_exit(ce.detach(), cost, cfg.lam), n_exits)
-                loss = gate_loss(model.gate_values(logits.detach()), targets, pos_weight)
-                opt, params = opt_gate, model.gates
-            else:
-                probs = gating.exit_probabilities(model.gate_values(logits))  # (B, L)
-                loss = weighted_im_loss(probs, ce)
-                opt, params = opt_im, model.ims
+            loss = _phase_loss(kind, model, batch, cost, cfg, warm, pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            del params
         phase += 1
-        # log and keep the best state (gates only exist after the first gate phase)
+        # evaluate and keep the best state (gates only exist after the first gate phase)
         score = hard_objective(model, val_cache, cost, cfg.lam) if phase > 1 else float("inf")
         if phase > 1 and score < best:
             best = score
             best_state = {k: v.detach().clone() for k, v in _trainable_state(model).items()}
-        record = {
-            "phase": phase,
-            "kind": kind,
-            "train/loss": float(loss.detach()),
-            "eval/objective": score,
-        }
+        # log and checkpoint
+        record = {"phase": phase, "kind": kind, "train/loss": float(loss.detach())}
+        record["eval/objective"] = score
         log.info("%s", record)
         if run_dir is not None:
-            with (run_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            torch.save(
-                {
-                    "model": _trainable_state(model),
-                    "opt_im": opt_im.state_dict(),
-                    "opt_gate": opt_gate.state_dict(),
-                    "phase": phase,
-                    "best": best,
-                    "best_state": best_state,
-                    "generator": generator.get_state(),
-                    "config": config,
-                },
+            append_metrics(run_dir, {"step": phase} | record)
+            batch_tensors, batch_state = batches.state()
+            best_tensors = {f"best.{k}": v for k, v in (best_state or {}).items()}
+            save_checkpoint(
                 ckpt,
+                config=config,
+                step=phase,
+                modules=modules,
+                optimizers=optimizers,
+                tensors=batch_tensors | best_tensors,
+                state={"best": best} | batch_state,
             )
         if progress:
             progress(phase, total_phases)
@@ -295,13 +297,6 @@ def _pos_weight(model: EarlyExitModel, val: FeatureCache, cost: torch.Tensor, la
         return (len(targets) - targets.sum(0)).clamp_min(1.0) / pos
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed ``random`` and torch; return the NumPy generator to pass down (house rule 18)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
 def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> EarlyExitModel:
     """A deep copy sharing nothing with ``model`` (to train several lambdas from one warm-up).
 
@@ -315,3 +310,21 @@ def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> Earl
             twin.gates = nn.ModuleList(ExitGate(gate_context) for _ in twin.gates)
         twin.to(next(model.parameters()).device)
     return twin
+
+
+def train_checkpoint(
+    backbone: Path, data_root: Path, out: Path, cfg: TrainConfig, progress: Progress = None
+) -> dict:
+    """Train JEI-DNN for ``cfg.lam`` on a ViT backbone; write ``out`` (+ .json) and a run folder.
+
+    The run folder ``out`` without suffix holds ``config.json``, ``metrics.jsonl`` and the
+    resumable ``train_ckpt.safetensors``.
+    """
+    prep = prepare(backbone, data_root, SplitConfig(), cfg.device, cache_dir=backbone.parent)
+    run_dir = Path(out).with_suffix("")
+    atomic_write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    caches, cost = prep.caches, prep.flops.fraction
+    metrics = train(prep.model, caches["exits"], caches["val"], cost, cfg, run_dir, progress)
+    meta = {"lam": cfg.lam, "backbone": str(backbone), "train": dataclasses.asdict(cfg)}
+    save_exits(prep.model, out, meta | {"metrics": metrics})
+    return metrics

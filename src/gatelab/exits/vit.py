@@ -1,7 +1,7 @@
 """A small ViT for 28x28 images: patch embedding, pre-norm blocks, a CLS-token head.
 
 Attention uses explicit matmuls so that ``FlopCounterMode`` counts both attention products on
-every backend (papers.md §4.4 (2)). :func:`gatelab.exits.model.vit_early_exit` wraps a pretrained
+every backend. :func:`gatelab.exits.model.vit_early_exit` wraps a pretrained
 :class:`ViT` with exits.
 """
 
@@ -80,7 +80,7 @@ class Attention(nn.Module):
     r"""Multi-head self-attention written with explicit matmuls.
 
     :math:`\mathrm{softmax}(QK^\top/\sqrt{d_h})V`. Plain matmuls (not the fused kernel) so that
-    ``FlopCounterMode`` sees both attention products on every backend (papers.md §4.4 (2)).
+    ``FlopCounterMode`` sees both attention products on every backend.
 
     Shape:
         ``(B, T, D)`` -> ``(B, T, D)``.

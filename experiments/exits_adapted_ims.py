@@ -1,9 +1,10 @@
 """Do JEI-DNN's gains come from its gates or from the IMs it adapts?
 
-Usage: python benchmarks/exits_adapted_ims.py --run-dir runs/exits_gpu100_tau
-       python benchmarks/exits_adapted_ims.py --run-dir runs/exits/efficientnet
+Usage: python experiments/exits_adapted_ims.py [--run-dir runs/exits]
+       python experiments/exits_adapted_ims.py --run-dir runs/exits/efficientnet
 
-``--run-dir`` is the output of ``gatelab exits sweep`` (ViT) or ``gatelab exits efficientnet``.
+``--run-dir`` is the output of ``gatelab exits sweep`` (ViT, default ``runs/exits``) or of
+``gatelab exits efficientnet``.
 The sweep compares JEI-DNN with threshold baselines on the warmed-up IMs that every method starts
 from; JEI-DNN then adapts its own IMs in its IM phases. Here the max-prob threshold is also read on
 each lambda's *adapted* IMs (all lambdas pooled; as everywhere, only the points on the validation
@@ -21,12 +22,12 @@ import numpy as np
 import torch
 
 from gatelab.cost import area_under_tradeoff, pareto_front
+from gatelab.exits.backbones import Prepared, load_exits, prepare, prepare_efficientnet
 from gatelab.exits.baselines import baseline_policies, margins, validation_point
 from gatelab.exits.data import fashion_mnist_root
-from gatelab.exits.effnet_run import prepare_efficientnet
-from gatelab.exits.experiment import Prepared, load_exits, prepare
 from gatelab.exits.inference import GatePolicy
 from gatelab.exits.sweep import checkpoint_name
+from gatelab.threads import torch_threads
 
 
 def _prepared(run_dir: Path, effnet: bool, lam: float, data: Path) -> Prepared:
@@ -38,21 +39,29 @@ def _prepared(run_dir: Path, effnet: bool, lam: float, data: Path) -> Prepared:
 
 
 def main() -> None:
+    """Parse the arguments, run, print and write the JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/exits"))
     parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    effnet = (args.run_dir / "metrics.json").exists()
-    summary = json.loads((args.run_dir / ("metrics.json" if effnet else "curves.json")).read_text())
+    with torch_threads(1):
+        result = adapted_ims(args.run_dir, args.data)
+    print(json.dumps(result, indent=2))
+    (args.run_dir / "adapted_ims.json").write_text(json.dumps(result, indent=2))
+
+
+def adapted_ims(run_dir: Path, data: Path) -> dict:
+    """JEI-DNN against max-prob on its own adapted IMs for one run folder."""
+    effnet = (run_dir / "metrics.json").exists()
+    summary = json.loads((run_dir / ("metrics.json" if effnet else "curves.json")).read_text())
     lams, taus = summary["config"]["lams"], summary["config"]["gate_thresholds"]
     cost_range = tuple(summary["area_cost_range"])
-    prep = _prepared(args.run_dir, effnet, lams[0], args.data)
+    prep = _prepared(run_dir, effnet, lams[0], data)
     model, cost = prep.model, prep.flops.fraction
     caches = {k: prep.caches[k] for k in ("val", "test")}
     points = {m: {"val": [], "test": []} for m in ("jei-dnn", "max-prob on adapted IMs")}
     for lam in lams:
-        load_exits(model, args.run_dir / checkpoint_name("jei-dnn", lam))
+        load_exits(model, run_dir / checkpoint_name("jei-dnn", lam))
         with torch.no_grad():
             logits = {
                 k: model.logits_from_features(c.feats, c.head_logits) for k, c in caches.items()
@@ -74,7 +83,7 @@ def main() -> None:
         if m in ("max-prob", "entropy", "patience")
     }
     result = {
-        "run_dir": str(args.run_dir),
+        "run_dir": str(run_dir),
         "area": {m: area_under_tradeoff(v, cost_range=cost_range) for m, v in fronts.items()}
         | {
             f"{m} (warm IMs)": area_under_tradeoff(v, cost_range=cost_range)
@@ -85,8 +94,7 @@ def main() -> None:
             warm | {"jei-dnn": fronts["jei-dnn"]}, "jei-dnn", *cost_range
         ),
     }
-    print(json.dumps(result, indent=2))
-    (args.run_dir / "adapted_ims.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

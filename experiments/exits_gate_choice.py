@@ -1,6 +1,6 @@
 """Choose JEI-DNN's gate class-weight exponent (and gate features) on the validation split.
 
-Usage: python benchmarks/exits_gate_choice.py --backbone runs/exits_gpu100/backbone.safetensors
+Usage: python experiments/exits_gate_choice.py [--backbone runs/exits/backbone.safetensors]
     [--balances 0.5,0.75] [--context] [--lams 0.005,0.01,...] [--taus 0.2,0.3,...]
     [--train lr_im=0.01 --train n_rounds=10] [--out runs/exits_choice/plain.json]
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from gatelab.cost import area_under_tradeoff, pareto_front
+from gatelab.exits.backbones import prepare
 from gatelab.exits.baselines import (
     baseline_policies,
     margins,
@@ -34,10 +35,10 @@ from gatelab.exits.baselines import (
     validation_point,
 )
 from gatelab.exits.data import fashion_mnist_root
-from gatelab.exits.experiment import prepare
 from gatelab.exits.inference import GatePolicy
 from gatelab.exits.sweep import SweepConfig
 from gatelab.exits.train import TrainConfig, clone_exits, train
+from gatelab.threads import torch_threads
 
 COST_RANGE = (0.3, 0.9)
 
@@ -65,8 +66,9 @@ def _override(text: str) -> tuple[str, float]:
 
 
 def main() -> None:
+    """Parse the arguments, run, print and write the JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", type=Path, required=True)
+    parser.add_argument("--backbone", type=Path, default=Path("runs/exits/backbone.safetensors"))
     parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     parser.add_argument("--balances", type=_floats, default=[0.5, 0.75])
     parser.add_argument("--lams", type=_floats, default=list(SweepConfig().lams))
@@ -75,7 +77,12 @@ def main() -> None:
     parser.add_argument("--context", action="store_true", help="gates also read the previous exit")
     parser.add_argument("--out", type=Path, default=Path("runs/exits_choice/choice.json"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        choose(args)
+
+
+def choose(args: argparse.Namespace) -> None:
+    """Train and compare every exponent (see the module docstring); write ``args.out``."""
     prep = prepare(args.backbone, args.data, cache_dir=args.backbone.parent)
     cost, caches = prep.flops.fraction, prep.caches
     base_cfg = TrainConfig()

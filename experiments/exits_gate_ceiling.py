@@ -1,7 +1,7 @@
 """How much can any exit gate gain over one max-probability threshold on a given backbone?
 
-Usage: python benchmarks/exits_gate_ceiling.py --backbone runs/exits_gpu100/backbone.safetensors
-    [--backbone runs/exits/backbone.safetensors ...] [--out runs/exits_choice/ceiling.json]
+Usage: python experiments/exits_gate_ceiling.py [--backbone runs/exits/backbone.safetensors ...]
+    [--out runs/exits_choice/ceiling.json]
 
 On the warmed-up IMs that every method shares, it measures two upper-bound style quantities:
 
@@ -34,6 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from gatelab.cost import area_under_tradeoff, pareto_front
+from gatelab.exits.backbones import prepare
 from gatelab.exits.baselines import (
     baseline_policies,
     margins,
@@ -41,9 +42,9 @@ from gatelab.exits.baselines import (
     validation_point,
 )
 from gatelab.exits.data import fashion_mnist_root
-from gatelab.exits.experiment import prepare
 from gatelab.exits.model import confidence_features
 from gatelab.exits.train import TrainConfig, train
+from gatelab.threads import torch_threads
 
 COST_RANGE = (0.3, 0.9)
 
@@ -140,17 +141,20 @@ def ceiling(backbone: Path, data: Path, n_rules: int, seed: int) -> dict:
 
 
 def main() -> None:
+    """Parse the arguments, run, print and write the JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", type=Path, action="append", required=True)
+    parser.add_argument(
+        "--backbone", type=Path, action="append", help="repeat for several (runs/exits/...)"
+    )
     parser.add_argument("--data", type=Path, default=fashion_mnist_root())
     parser.add_argument("--n-rules", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/exits_choice/ceiling.json"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
     results = []
-    for backbone in args.backbone:
-        result = ceiling(backbone, args.data, args.n_rules, args.seed)
+    for backbone in args.backbone or [Path("runs/exits/backbone.safetensors")]:
+        with torch_threads(1):
+            result = ceiling(backbone, args.data, args.n_rules, args.seed)
         results.append(result)
         print(json.dumps(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
