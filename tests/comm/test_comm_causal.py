@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import config
+from comm_config import config
 
 from gatelab.comm.gating import causal_effect, causal_labels, listen_share
 from gatelab.comm.ppo import Batch, collect, ppo_losses

@@ -83,7 +83,7 @@ def test_train_then_eval_json(tmp_path, capsys):
 
 
 def test_compare_eval_only_reevaluates_without_training(tmp_path):
-    from conftest import config
+    from comm_config import config
 
     from gatelab.comm.compare import CompareConfig, compare
 
@@ -137,7 +137,7 @@ def test_reproduce_runs_the_docs_command(tmp_path, monkeypatch):
     assert reproduce.configs() == from_docs
     assert "min" in reproduce.EXPECTED_TIME
     # the same path end to end on a tiny configuration (2 updates, 1 seed)
-    from conftest import config
+    from comm_config import config
 
     tiny = config(agents=2, grid=3, episode_limit=4, n_envs=4, updates=2, d_model=16)
     small = [CompareConfig(base=tiny, seeds=(0,), eval_episodes=4, comm_budget=0.22)]

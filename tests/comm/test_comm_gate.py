@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import config
+from comm_config import config
 
 from gatelab.comm.config import Estimator, GateConfig, TrainConfig
 from gatelab.comm.gating import gate_schedule, gate_temperature

@@ -1,7 +1,7 @@
 """The one-step action memory: what it stores, that ratios stay exact, and that runs round-trip."""
 
 import torch
-from conftest import config
+from comm_config import config
 
 from gatelab.comm.eval import evaluate
 from gatelab.comm.ppo import collect, recompute_logp, with_memory

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import config
+from comm_config import config
 
 from gatelab.comm.ppo import (
     Batch,
