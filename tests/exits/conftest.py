@@ -22,3 +22,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_sweep():
+    """``tiny_sweep(n_timed, warmup_epochs, phase_steps)``: a two-lambda, two-threshold sweep."""
+    from gatelab.exits import TrainConfig
+    from gatelab.exits.sweep import SweepConfig
+
+    def make(n_timed: int = 50, warmup_epochs: int = 2, phase_steps: int = 3) -> SweepConfig:
+        return SweepConfig(
+            lams=(0.05, 1.0),
+            gate_thresholds=(0.3, 0.6),
+            n_timed=n_timed,
+            repeats=1,
+            max_baseline_points=4,
+            train=TrainConfig(
+                warmup_epochs=warmup_epochs, n_rounds=1, phase_steps=phase_steps, batch_size=32
+            ),
+        )
+
+    return make

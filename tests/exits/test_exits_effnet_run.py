@@ -7,26 +7,18 @@ from test_exits_data import fake_fashion_mnist
 from typer.testing import CliRunner
 
 from gatelab.cli import app
-from gatelab.exits import SplitConfig, TrainConfig
+from gatelab.exits import SplitConfig
 from gatelab.exits.backbones import HEAD_FILE, load_exits
 from gatelab.exits.data import load_fashion_mnist, make_splits
 from gatelab.exits.efficientnet import efficientnet_early_exit, fmnist_to_effnet
 from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
 from gatelab.exits.inference import GatePolicy, exit_flops, run_early_exit
-from gatelab.exits.sweep import SweepConfig, checkpoint_name
+from gatelab.exits.sweep import checkpoint_name
 
 SPLITS = SplitConfig(n_exits=80, n_val=40, n_calib=40)
 
 
-def tiny_config() -> EffNetConfig:
-    sweep = SweepConfig(
-        lams=(0.05, 1.0),
-        gate_thresholds=(0.3, 0.6),
-        n_timed=50,
-        repeats=1,
-        max_baseline_points=4,
-        train=TrainConfig(warmup_epochs=2, n_rounds=1, phase_steps=3, batch_size=32),
-    )
+def tiny_config(sweep) -> EffNetConfig:
     return EffNetConfig(
         resolution=32,
         n_head=100,
@@ -40,10 +32,10 @@ def tiny_config() -> EffNetConfig:
     )
 
 
-def test_effnet_run_writes_the_sweep_and_its_checkpoints_reproduce_it(tmp_path):
+def test_effnet_run_writes_the_sweep_and_its_checkpoints_reproduce_it(tmp_path, tiny_sweep):
     data = fake_fashion_mnist(tmp_path / "data")
     out = tmp_path / "effnet"
-    cfg = tiny_config()
+    cfg = tiny_config(tiny_sweep())
     summary = run_efficientnet(out, data, cfg)
 
     saved = json.loads((out / "metrics.json").read_text())

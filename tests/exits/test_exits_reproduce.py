@@ -7,9 +7,8 @@ from test_exits_effnet_run import tiny_config
 from typer.testing import CliRunner
 
 from gatelab.cli import app
-from gatelab.exits import TrainConfig, ViTConfig, reproduce
+from gatelab.exits import ViTConfig, reproduce
 from gatelab.exits.pretrain import PretrainConfig
-from gatelab.exits.sweep import SweepConfig
 
 DOC = Path(__file__).parents[2] / "docs" / "exits.md"
 
@@ -64,23 +63,18 @@ def test_reproduce_runs_exactly_the_commands_in_the_doc(monkeypatch):
         assert {(name, tau, a, 3 if a == 0.05 else 0) for a in alphas} <= evaluated
 
 
-def test_reproduce_chains_on_tiny_configs_write_the_tables_and_resume(tmp_path, monkeypatch):
+def test_reproduce_chains_on_tiny_configs_write_the_tables_and_resume(
+    tmp_path, monkeypatch, tiny_sweep
+):
     data = fake_fashion_mnist(tmp_path / "data", n_train=12100, n_test=60)
     vit = ViTConfig(patch_size=7, d_model=8, n_heads=2, n_blocks=3, mlp_ratio=2)
-    sweep = SweepConfig(
-        lams=(0.05, 1.0),
-        gate_thresholds=(0.3, 0.6),
-        n_timed=32,
-        repeats=1,
-        max_baseline_points=4,
-        train=TrainConfig(warmup_epochs=1, n_rounds=1, phase_steps=2, batch_size=32),
-    )
+    sweep = tiny_sweep(n_timed=32, warmup_epochs=1, phase_steps=2)
     pre = PretrainConfig(epochs=1, batch_size=64, device="cpu", threads=1)
     runs = tmp_path / "runs"
     monkeypatch.setattr(reproduce, "EVAL_REPEATS", 1)
     first = reproduce.run_vit(runs, data, vit, pre, sweep)
     points = ((1.0, 0.5, reproduce.ALPHAS), (0.05, 0.3, (0.05,)))
-    effnet = reproduce.run_effnet(runs, data, tiny_config(), points)
+    effnet = reproduce.run_effnet(runs, data, tiny_config(tiny_sweep()), points)
     path = reproduce.write_tables(first, effnet, runs / "reproduce" / "exits")
     text = path.read_text()
     assert "## ViT sweep: areas" in text and "| jei-dnn |" in text and "λ=1, τ=0.5" in text
