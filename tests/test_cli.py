@@ -62,3 +62,13 @@ def test_report_keeps_same_named_figures_apart(tmp_path):
     assert "files in runs/sys/a/, runs/sys/b/" in report
     assert (tmp_path / "demo" / "sys__a__curve.png").read_bytes() == b"a"
     assert (tmp_path / "demo" / "sys__b__curve.png").read_bytes() == b"b"
+
+
+def test_reproduce_names_each_systems_module_and_expected_time():
+    from gatelab.cli import ReproducibleSystem, _reproducer
+
+    for system in ReproducibleSystem:
+        module = _reproducer(system.value)
+        assert module.__name__ == f"gatelab.{system.value}.reproduce"
+        assert isinstance(module.EXPECTED_TIME, str) and "min" in module.EXPECTED_TIME
+        assert callable(module.reproduce)
