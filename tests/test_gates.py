@@ -223,3 +223,29 @@ def test_router_z_loss_value():
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     expected = (math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2
     assert_close(gates.router_z_loss(logits), torch.tensor(expected))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
+        st.just(float("nan")),
+    ),
+    st.integers(0, 3),
+)
+def test_exit_probabilities_refuses_values_outside_unit_interval(bad, position):
+    values = torch.full((2, 4), 0.5)
+    values[1, position] = bad
+    with pytest.raises(ValueError, match="gates must lie in"):
+        gates.exit_probabilities(values)
+
+
+def test_exit_probabilities_refuses_bad_shapes_and_dtypes():
+    with pytest.raises(ValueError, match="gates must have shape"):
+        gates.exit_probabilities(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="gates must have shape"):
+        gates.exit_probabilities(torch.tensor(0.5))
+    with pytest.raises(TypeError, match="gates must be a floating-point tensor"):
+        gates.exit_probabilities(torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="gates must be a floating-point tensor"):
+        gates.exit_probabilities([0.5, 0.5])

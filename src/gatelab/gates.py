@@ -275,7 +275,21 @@ def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
 
     Shape:
         gates ``(..., L-1)`` in [0, 1] -> ``(..., L)``.
+
+    Raises:
+        TypeError: ``gates`` is not a floating-point tensor.
+        ValueError: ``gates`` has no exit axis, or a value outside [0, 1] (NaN included).
     """
+    if not isinstance(gates, torch.Tensor) or not gates.is_floating_point():
+        kind = gates.dtype if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise TypeError(f"gates must be a floating-point tensor, got {kind}")
+    if gates.ndim == 0 or gates.shape[-1] == 0:
+        raise ValueError(
+            f"gates must have shape (..., L-1) with L-1 >= 1, got {tuple(gates.shape)}"
+        )
+    if not bool(((gates >= 0) & (gates <= 1)).all()):  # NaN fails both comparisons
+        bad = gates[~((gates >= 0) & (gates <= 1))].flatten()[0].item()
+        raise ValueError(f"gates must lie in [0, 1] (hazard probabilities), got {bad}")
     survive = torch.cumprod(1 - gates, dim=-1)  # (..., L-1)
     reach = torch.cat([torch.ones_like(gates[..., :1]), survive[..., :-1]], dim=-1)
     return torch.cat([gates * reach, survive[..., -1:]], dim=-1)

@@ -353,3 +353,25 @@ def test_collect_records_missing_and_resumes(server, tmp_path):
     results = asyncio.run(ask_experts([alive, dead], QUESTION.question, QUESTION.options))
     assert isinstance(results["tiny-random"], ExpertAnswer)
     assert isinstance(results["tiny-random-chat"], ExpertError)
+
+
+def test_collect_resumes_after_a_torn_last_line(server, tmp_path, caplog):
+    alive = EdgeExpert("tiny-random", server.url, PROFILES["jetson-agx-orin"])
+    questions = [
+        QUESTION,
+        MCQuestion("t/1", "words", "words", "Red is?", ("a colour", "b", "c", "d"), 0),
+    ]
+    cache = tmp_path / "answers.jsonl"
+    assert collect([alive], questions, cache)["ok"] == 2
+    first, second = cache.read_text().splitlines()
+    cache.write_text(first + "\n" + second[: len(second) // 2])  # killed inside the second write
+    with caplog.at_level("WARNING"):
+        assert collect([alive], questions, cache) == {"asked": 1, "ok": 1, "missing": 0}
+    assert "answers.jsonl:2: torn last line" in caplog.text
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["ok"] for line in lines)  # tail cut, re-asked
+    assert load_answers(cache, questions, ["tiny-random"]).available.all()
+    # a corrupt line that is not the last is an error naming the file and the line
+    cache.write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not a cache record"):
+        collect([alive], questions, cache)

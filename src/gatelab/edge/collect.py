@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,16 +30,53 @@ from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import MCQuestion
 from gatelab.edge.experts import DEFAULT_POOL
 
+log = logging.getLogger(__name__)
+
 
 def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
-    """The last cache record of every ``(qid, expert)`` pair (empty if no cache yet)."""
+    """The last cache record of every ``(qid, expert)`` pair (empty if no cache yet).
+
+    A torn last line (a writer killed mid-line) is skipped with a warning naming the file and
+    line, so its pair counts as missing and is asked again; any other line that is not a cache
+    record is an error naming the file and line.
+
+    Raises:
+        ValueError: a line other than a torn last one is not a JSON cache record.
+    """
+    cache = Path(cache)
     records: dict[tuple[str, str], dict] = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[(record["qid"], record["expert"])] = record
+    if not cache.exists():
+        return records
+    text = cache.read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = (record["qid"], record["expert"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning(
+                    "%s:%d: torn last line skipped (its answer is asked again)", cache, number
+                )
+                break
+            raise ValueError(f"{cache}:{number}: not a cache record (qid, expert, ...)") from None
+        records[key] = record
     return records
+
+
+def _drop_torn_tail(cache: Path) -> None:
+    """Cut an unterminated last line, so that the next append starts a line of its own."""
+    if not cache.exists() or cache.stat().st_size == 0:
+        return
+    data = cache.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    with cache.open("r+b") as handle:
+        handle.truncate(data.rfind(b"\n") + 1)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
@@ -64,6 +103,7 @@ def seed_from_shipped(
     ]
     if new:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(cache)
         with cache.open("a") as out:
             out.writelines(json.dumps(r) + "\n" for r in new)
     return len(new)
@@ -83,6 +123,7 @@ def collect(
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = {key for key, r in read_cache(cache).items() if r["ok"]}
+    _drop_torn_tail(cache)
     asked = failed = 0
     with cache.open("a") as out:
         for i, q in enumerate(questions):
