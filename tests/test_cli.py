@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from gatelab.cli import app, main
@@ -72,3 +74,23 @@ def test_reproduce_names_each_systems_module_and_expected_time():
         assert module.__name__ == f"gatelab.{system.value}.reproduce"
         assert isinstance(module.EXPECTED_TIME, str) and "min" in module.EXPECTED_TIME
         assert callable(module.reproduce)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["moe", "train"],
+        ["gmoe", "fit"],
+        ["exits", "pretrain"],
+        ["comm", "train"],
+        ["edge", "serve", "--model", "smollm2-135m"],
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_line_exit_2(argv, capsys):
+    assert main([*argv, "--device", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'nonsense' is not a torch device" in err and len(err.splitlines()) == 1
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "CUDA is not available" in err and "Traceback" not in err

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,35 @@ Callback = Callable[[int, int], None]
 def stderr() -> Console:
     """A Rich console on stderr: logs, progress and errors never mix with results on stdout."""
     return Console(stderr=True)
+
+
+def check_device(value: str) -> str:
+    """A ``--device`` callback: the name parses as a torch device that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(
+            f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise typer.BadParameter(
+                f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise typer.BadParameter("MPS is not available on this machine (use --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise typer.BadParameter(f"{value!r}: gatelab runs on cpu, cuda or mps")
+    return value
+
+
+DeviceOption = Annotated[
+    str, typer.Option(help="torch device: cpu, cuda, cuda:N or mps.", callback=check_device)
+]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -40,7 +40,7 @@ def train(
     updates: Annotated[int | None, typer.Option(help="PPO updates.")] = None,
     n_envs: Annotated[int | None, typer.Option(help="Episodes per rollout.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: _cli.DeviceOption = "cpu",
     run_dir: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from run-dir's checkpoint.")] = False,
     quick: Annotated[

@@ -41,7 +41,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: _cli.DeviceOption = "cpu",
 ) -> None:
     """Run an OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions."""
     import uvicorn

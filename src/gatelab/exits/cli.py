@@ -43,7 +43,7 @@ Data = Annotated[
     ),
 ]
 Dataset = Annotated[DatasetName, typer.Option(help="Dataset.")]
-Device = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
+Device = _cli.DeviceOption
 Out = Annotated[Path, typer.Option(help="Run folder.")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (1 gives steady timings here).")]
 Backbone = Annotated[Path, typer.Option(help="Pretrained backbone (.safetensors).")]

@@ -58,7 +58,7 @@ def fit(
     top_k: Annotated[int | None, typer.Option(help="Experts per input K (default k).")] = None,
     n_init: Annotated[int, typer.Option(help="k-means restarts.")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: _cli.DeviceOption = "cpu",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/gmoe-fit"),
 ) -> None:
     """Fit a GaussianMoERegressor to a CSV file and write params.json."""

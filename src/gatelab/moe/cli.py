@@ -35,7 +35,7 @@ def train(
     ] = False,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default by --quick).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights and batches.")] = 0,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    device: _cli.DeviceOption = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default by --quick).")] = (
         None
     ),
