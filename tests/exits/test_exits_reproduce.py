@@ -2,6 +2,7 @@ import re
 import shlex
 from pathlib import Path
 
+import torch
 from test_exits_data import fake_fashion_mnist
 from test_exits_effnet_run import tiny_config
 from typer.testing import CliRunner
@@ -35,6 +36,9 @@ def _captured(monkeypatch, module, name, args):
 def test_reproduce_runs_exactly_the_commands_in_the_doc(monkeypatch):
     from gatelab.exits import effnet_run, eval, operating_point, pretrain
 
+    # the docs pretrain on a GPU; the CLI checks --device where it is parsed, so pretend one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     commands = _doc_commands()
     by_name = {}
     for args in dict.fromkeys(map(tuple, commands)):  # each distinct command once
