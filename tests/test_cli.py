@@ -94,3 +94,20 @@ def test_a_device_this_machine_lacks_is_one_line_exit_2(argv, capsys):
         assert main([*argv, "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert "CUDA is not available" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["comm", "compare", "--jobs", "0"], "--jobs"),
+        (["comm", "compare", "--max-minutes", "-1"], "--max-minutes"),
+        (["exits", "pretrain", "--d-model", "0"], "--d-model"),
+        (["exits", "pretrain", "--epochs", "0"], "--epochs"),
+        (["exits", "train", "--n-rounds", "0"], "--n-rounds"),
+        (["exits", "train", "--phase-steps", "0"], "--phase-steps"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_any_work(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gatelab: error:") and flag in err and len(err.splitlines()) == 1

@@ -103,8 +103,10 @@ def compare(
     env: Annotated[list[Env] | None, typer.Option(help="Environments (repeatable).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per variant [3; quick: 1].")] = None,
     updates: Annotated[int, typer.Option(help="PPO updates per run; 0 = the preset's.")] = 0,
-    jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes.")] = 1,
-    max_minutes: Annotated[float, typer.Option(help="Time budget per run; 0 = none.")] = 0.0,
+    jobs: Annotated[int, typer.Option(min=1, help="Runs trained in parallel processes.")] = 1,
+    max_minutes: Annotated[
+        float, typer.Option(min=0.0, help="Time budget per run; 0 = none.")
+    ] = 0.0,
     comm_cost: Annotated[
         float, typer.Option(help="Comm cost of commformer_tg's straight-through gates.")
     ] = 0.1,

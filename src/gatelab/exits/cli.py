@@ -52,11 +52,11 @@ DEFAULT_BACKBONE = Path("runs/exits/backbone.safetensors")
 
 @app.command()
 def pretrain(
-    epochs: Annotated[int, typer.Option(help="Passes over the backbone split.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the backbone split.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Mini-batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing in [0, 1).")] = 0.0,
-    d_model: Annotated[int, typer.Option(help="ViT token width.")] = ViTConfig.d_model,
+    d_model: Annotated[int, typer.Option(min=1, help="ViT token width.")] = ViTConfig.d_model,
     mlp_ratio: Annotated[float, typer.Option(help="ViT MLP width / token width.")] = 2.0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -88,8 +88,8 @@ def pretrain(
 @app.command("train")
 def train_cmd(
     lam: Annotated[float, typer.Option("--lam", help="Cost weight lambda (>= 0).")] = 0.5,
-    n_rounds: Annotated[int, typer.Option(help="Gate+IM phase pairs.")] = 5,
-    phase_steps: Annotated[int, typer.Option(help="Mini-batches per phase.")] = 200,
+    n_rounds: Annotated[int, typer.Option(min=1, help="Gate+IM phase pairs.")] = 5,
+    phase_steps: Annotated[int, typer.Option(min=1, help="Mini-batches per phase.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     threads: Threads = 1,
     backbone: Backbone = DEFAULT_BACKBONE,
