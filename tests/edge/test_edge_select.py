@@ -106,3 +106,20 @@ def test_monotone_hull_is_monotone_and_records_argmax():
     assert hull(frozenset({0, 1})) == 0.5
     assert argmax[frozenset({0, 1})] == frozenset({0})
     assert hull(frozenset({1})) == 0.2
+
+
+def test_nan_quality_or_cost_and_oversized_problems_are_refused():
+    import math
+
+    import pytest
+
+    from gatelab.edge.select import select_subset
+
+    with pytest.raises(ValueError, match=r"quality\(\[.*\]\) is NaN"):
+        select_subset(3, lambda s: math.nan if 1 in s else len(s), [(len, 2)])
+    with pytest.raises(ValueError, match=r"constraints\[1\]: cost of .* is NaN"):
+        select_subset(3, len, [(len, 2), (lambda s: math.nan if s else 0.0, 1.0)])
+    with pytest.raises(ValueError, match="n_items=24 exceeds max_items=20"):
+        select_subset(24, len, [(len, 2)])
+    with pytest.warns(UserWarning, match="up to 2\\^18 subsets"):
+        assert select_subset(18, len, [(len, 2)], max_items=18).quality == 2

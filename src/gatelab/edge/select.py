@@ -25,6 +25,8 @@ result equals brute-force enumeration of all feasible subsets whenever ``q`` is 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -63,8 +65,14 @@ def _check(n_items: int, constraints: Sequence[tuple[CostFn, float]]) -> None:
             raise ValueError(f"constraints[{i}]: budget must be >= 0 (or inf), got {budget}")
 
 
+WARN_ITEMS = 16  # above this many items the worst case (2^n subsets) takes noticeable time
+
+
 def select_subset(
-    n_items: int, quality: Quality, constraints: Sequence[tuple[CostFn, float]]
+    n_items: int,
+    quality: Quality,
+    constraints: Sequence[tuple[CostFn, float]],
+    max_items: int = 20,
 ) -> Selection:
     """The feasible subset of maximum quality, found by branch-reduce-and-bound (module doc).
 
@@ -73,24 +81,46 @@ def select_subset(
         quality: non-decreasing set function ``frozenset[int] -> float``.
         constraints: ``(cost_fn, budget)`` pairs, each ``cost_fn`` non-decreasing; feasible means
             ``cost_fn(S) <= budget`` for all pairs.
+        max_items: refuse larger ``n_items`` (the worst case visits 2^n subsets); a warning is
+            given above ``WARN_ITEMS``.
 
     Returns:
         :class:`Selection`; ties are broken towards the set found first.
 
     Raises:
-        ValueError: negative budgets or a bad ``n_items``.
+        ValueError: negative budgets, a bad ``n_items`` or one above ``max_items``, or a NaN
+            quality or cost.
         TypeError: a constraint is not a ``(callable, number)`` pair.
     """
     _check(n_items, constraints)
+    if n_items > max_items:
+        raise ValueError(
+            f"n_items={n_items} exceeds max_items={max_items}: the search may visit 2^{n_items} "
+            "subsets; pass a larger max_items to allow it"
+        )
+    if n_items > WARN_ITEMS:
+        warnings.warn(
+            f"select_subset over {n_items} items may visit up to 2^{n_items} subsets",
+            stacklevel=2,
+        )
     memo: dict[frozenset[int], float] = {}
 
     def q(subset: frozenset[int]) -> float:
         if subset not in memo:
-            memo[subset] = float(quality(subset))
+            value = float(quality(subset))
+            if math.isnan(value):
+                raise ValueError(f"quality({sorted(subset)}) is NaN")
+            memo[subset] = value
         return memo[subset]
 
     def feasible(subset: frozenset[int]) -> bool:
-        return all(cost(subset) <= budget for cost, budget in constraints)
+        for i, (cost, budget) in enumerate(constraints):
+            value = cost(subset)
+            if value != value:  # NaN compares false with everything: it would pass silently
+                raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
+            if not value <= budget:
+                return False
+        return True
 
     def share(j: int) -> float:  # how much of the tightest budget item j uses alone
         single = frozenset([j])
