@@ -16,6 +16,7 @@ tensor ``<prefix>.<param_id>.<key>``, and the ``param_groups`` go to the metadat
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -26,10 +27,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,16 +99,20 @@ def append_metrics(run_dir: str | Path, record: Mapping[str, Any]) -> None:
         handle.write(json.dumps(_jsonable(dict(record))) + "\n")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of ``run_dir/metrics.jsonl``; a torn last line (a killed writer) is skipped.
+def read_jsonl(path: str | Path, what: str = "JSON record") -> list[dict]:
+    """The records of a JSONL file (none if it does not exist); ``what`` names them in errors.
+
+    An unterminated last line that is not JSON was torn by a writer killed mid-line: it is
+    skipped with a warning naming the file and line.
 
     Raises:
-        ValueError: a line other than the last is not JSON (the file is corrupt), naming it.
+        ValueError: any other line is not JSON (the file is corrupt), naming file and line.
     """
-    path = Path(run_dir) / METRICS
+    path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -113,10 +120,39 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):
-                break  # torn by a kill mid-write; the checkpoint decides what is kept
-            raise ValueError(f"{path}:{number}: not a JSON record") from None
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s:%d: torn last line skipped", path, number)
+                break
+            raise ValueError(f"{path}:{number}: not a {what}") from None
     return records
+
+
+def drop_torn_tail(path: str | Path) -> None:
+    """Cut an unterminated last line (a writer killed mid-line), so an append starts afresh.
+
+    Cut even when the fragment parses: the writer died before finishing the record's line.
+    Only the last byte is read unless the file does end mid-line.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        number = data.count(b"\n") + 1
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.warning("%s:%d: torn last line cut", path, number)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of ``run_dir/metrics.jsonl`` (see :func:`read_jsonl`)."""
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
@@ -190,19 +226,7 @@ def save_checkpoint(
         "state": json.dumps(_jsonable(dict(state or {}))),
         "param_groups": json.dumps(groups),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(payload, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, save(payload, metadata=metadata))
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:

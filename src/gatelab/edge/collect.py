@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gatelab import runs
 from gatelab.edge.client import (
     DEFAULT_NORMALIZE,
     EdgeExpert,
@@ -30,53 +29,23 @@ from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import MCQuestion
 from gatelab.edge.experts import DEFAULT_POOL
 
-log = logging.getLogger(__name__)
-
 
 def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
     """The last cache record of every ``(qid, expert)`` pair (empty if no cache yet).
 
     A torn last line (a writer killed mid-line) is skipped with a warning naming the file and
-    line, so its pair counts as missing and is asked again; any other line that is not a cache
-    record is an error naming the file and line.
+    line, so its pair counts as missing (:func:`gatelab.runs.read_jsonl`).
 
     Raises:
-        ValueError: a line other than a torn last one is not a JSON cache record.
+        ValueError: another line is not JSON, or a record lacks ``qid`` / ``expert``.
     """
-    cache = Path(cache)
     records: dict[tuple[str, str], dict] = {}
-    if not cache.exists():
-        return records
-    text = cache.read_text()
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            key = (record["qid"], record["expert"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines) and not text.endswith("\n"):
-                log.warning(
-                    "%s:%d: torn last line skipped (its answer is asked again)", cache, number
-                )
-                break
-            raise ValueError(f"{cache}:{number}: not a cache record (qid, expert, ...)") from None
-        records[key] = record
+    what = "cache record (qid, expert, ...)"
+    for number, record in enumerate(runs.read_jsonl(cache, what), start=1):
+        if not isinstance(record, dict) or not {"qid", "expert"} <= record.keys():
+            raise ValueError(f"{cache}: record {number} is not a {what}")
+        records[(record["qid"], record["expert"])] = record
     return records
-
-
-def _drop_torn_tail(cache: Path) -> None:
-    """Cut an unterminated last line, so that the next append starts a line of its own."""
-    if not cache.exists() or cache.stat().st_size == 0:
-        return
-    data = cache.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    with cache.open("r+b") as handle:
-        handle.truncate(data.rfind(b"\n") + 1)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
@@ -93,6 +62,7 @@ def seed_from_shipped(
     """
     if not shipped.is_file():
         return 0
+    runs.drop_torn_tail(cache)  # before reading, so a cut pair is seeded again
     done = {key for key, record in read_cache(cache).items() if record["ok"]}
     wanted = {q.qid for q in questions}
     pool = {name for name, _ in DEFAULT_POOL}
@@ -103,7 +73,6 @@ def seed_from_shipped(
     ]
     if new:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(cache)
         with cache.open("a") as out:
             out.writelines(json.dumps(r) + "\n" for r in new)
     return len(new)
@@ -122,8 +91,8 @@ def collect(
     """
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
+    runs.drop_torn_tail(cache)  # before reading, so a cut pair is asked again
     done = {key for key, r in read_cache(cache).items() if r["ok"]}
-    _drop_torn_tail(cache)
     asked = failed = 0
     with cache.open("a") as out:
         for i, q in enumerate(questions):
@@ -177,13 +146,16 @@ def load_answers(
     questions: list[MCQuestion],
     experts: list[str],
     normalize: str | None = None,
+    records: dict[tuple[str, str], dict] | None = None,
 ) -> AnswerTable:
     """Arrange the cache for ``questions`` x ``experts`` (missing pairs marked unavailable).
 
     ``normalize`` (``"none"``, ``"chars"``, ``"tokens"``) recomputes the distribution of
     continuation-scored answers from their stored per-option sums; None keeps the stored one.
+    ``records`` is :func:`read_cache` of ``cache`` when the caller has already read it.
     """
-    records = read_cache(Path(cache))
+    if records is None:
+        records = read_cache(Path(cache))
     n, e = len(questions), len(experts)
     probs = np.full((n, e, 4), 0.25)
     available = np.zeros((n, e), dtype=bool)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from gatelab.edge.client import DEFAULT_NORMALIZE
-from gatelab.edge.collect import AnswerTable, load_answers
+from gatelab.edge.collect import AnswerTable, load_answers, read_cache
 from gatelab.edge.data import MCQuestion, generate_suite, load_mmlu, split_questions
 from gatelab.edge.experts import DEFAULT_POOL
 from gatelab.edge.model import EdgeGate, embed_texts, mixture, mixture_nll, subset_mask
@@ -79,11 +78,9 @@ class Pool:
         return GateData(self.x[rows], t.probs[rows], t.available[rows], t.answer[rows])
 
 
-def cached_experts(cache: Path) -> list[str]:
-    """Expert names in the cache, in demo-pool order where they belong to it."""
-    names = list(
-        dict.fromkeys(json.loads(line)["expert"] for line in cache.read_text().splitlines() if line)
-    )
+def cached_experts(records: dict[tuple[str, str], dict]) -> list[str]:
+    """Expert names of the cache's records, in demo-pool order where they belong to it."""
+    names = list(dict.fromkeys(expert for _, expert in records))
     order = [n for n, _ in DEFAULT_POOL]
     return sorted(
         names, key=lambda n: (order.index(n) if n in order else len(order), names.index(n))
@@ -94,18 +91,17 @@ def build_pool(cfg: SweepConfig, cache: Path, out_dir: Path) -> Pool:
     """Collected questions (every expert attempted), their answers, embeddings and splits."""
     if not cache.exists():
         raise FileNotFoundError(f"no answer cache at {cache}: run `gatelab edge collect` first")
-    experts = cached_experts(cache)
+    records = read_cache(cache)  # read once: experts, attempts and answers all come from it
+    experts = cached_experts(records)
     attempted: dict[str, set[str]] = {}
-    for line in cache.read_text().splitlines():
-        if line:
-            record = json.loads(line)
-            attempted.setdefault(record["qid"], set()).add(record["expert"])
+    for qid, expert in records:
+        attempted.setdefault(qid, set()).add(expert)
     questions = [q for q in questions_for(cfg) if attempted.get(q.qid, set()) >= set(experts)]
     if len(questions) < 4 * len({q.category for q in questions}) or not questions:
         raise ValueError(
             f"{cache}: too few collected questions ({len(questions)}) to train and test"
         )
-    table = load_answers(cache, questions, experts, cfg.normalize)
+    table = load_answers(cache, questions, experts, cfg.normalize, records=records)
     emb_path = out_dir / "embeddings.npz"
     stored = dict(np.load(emb_path)) if emb_path.exists() else {}
     todo = [q for q in questions if q.qid not in stored]
