@@ -74,9 +74,10 @@ def demo(
             "behind the documented tables (hours).",
         ),
     ] = False,
-    runs_dir: Annotated[Path, typer.Option(help="Where experiments write their folders.")] = Path(
-        "runs"
-    ),
+    runs_dir: Annotated[
+        Path,
+        typer.Option(help="Where experiments write their folders.", callback=_cli.writable_dir),
+    ] = Path("runs"),
     only: Annotated[
         list[DemoSystem] | None, typer.Option(help="Run only these systems (repeatable).")
     ] = None,
@@ -87,7 +88,8 @@ def demo(
     chosen = {s.value for s in only or []}
     names = [n for n in demo_lib.SYSTEMS if not chosen or n in chosen]
     results = []
-    with _cli.progress_bar("demo", total=len(names)) as update:
+    with _cli.user_errors(), _cli.progress_bar("demo", total=len(names)) as update:
+        update(0, len(names))
         for i, name in enumerate(names):
             results.append(demo_lib.run_system_demo(name, runs_dir, quick))
             update(i + 1, len(names))
@@ -137,7 +139,9 @@ def _reproducer(system: str):
 def reproduce(
     system: Annotated[ReproducibleSystem, typer.Argument(help="Whose tables to regenerate.")],
     jobs: Annotated[int, typer.Option(min=1, help="Runs in parallel (one thread each).")] = 1,
-    runs_dir: Annotated[Path, typer.Option(help="Where the runs and tables go.")] = Path("runs"),
+    runs_dir: Annotated[
+        Path, typer.Option(help="Where the runs and tables go.", callback=_cli.writable_dir)
+    ] = Path("runs"),
 ) -> None:
     """Run exactly the configurations behind docs/SYSTEM.md's tables (resumable), then write them.
 

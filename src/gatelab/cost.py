@@ -11,8 +11,10 @@ r"""One vocabulary for budgets: what a gated computation costs and how quality t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,11 @@ class Cost:
     def __post_init__(self) -> None:
         for name in _FIELDS:
             value = getattr(self, name)
-            if value is not None and not (np.isfinite(value) and value >= 0):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"Cost.{name} must be a number or None, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Cost.{name} must be a finite number >= 0, got {value}")
 
     def __add__(self, other: Cost) -> Cost:
@@ -61,6 +67,10 @@ class Cost:
         return NotImplemented
 
     def __mul__(self, factor: float) -> Cost:
+        if isinstance(factor, bool) or not isinstance(factor, Real):
+            return NotImplemented  # Python then raises its TypeError naming both types
+        if not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"factor must be a finite number >= 0, got {factor}")
         return Cost(**{k: None if v is None else v * factor for k, v in self.as_dict().items()})
 
     __rmul__ = __mul__
@@ -71,6 +81,8 @@ class Cost:
 
     def within(self, budget: Cost) -> bool:
         """True when every field the budget sets is tracked here and no larger than the budget."""
+        if not isinstance(budget, Cost):
+            raise TypeError(f"budget must be a Cost, got {type(budget).__name__}")
         for name in _FIELDS:
             limit, value = getattr(budget, name), getattr(self, name)
             if limit is not None and (value is None or value > limit):
@@ -78,14 +90,24 @@ class Cost:
         return True
 
 
-def _as_points(points: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
-    array = np.asarray(points, dtype=float)
+def _as_points(points: Sequence[Sequence[float]] | np.ndarray, name: str = "points") -> np.ndarray:
+    """``points`` as a float ``(n, 2)`` array, ``n >= 1``, all finite; errors name ``name``."""
+    if isinstance(points, str | bytes | Mapping) or points is None:
+        raise TypeError(
+            f"{name} must be an (n, 2) array of (cost, quality), got {type(points).__name__}"
+        )
+    try:
+        array = np.asarray(points, dtype=float)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name} must be an (n, 2) array of (cost, quality) numbers ({error})"
+        ) from None
     if array.ndim != 2 or array.shape[1] != 2 or len(array) == 0:
         raise ValueError(
-            f"points must be a non-empty (n, 2) array of (cost, quality), got {array.shape}"
+            f"{name} must be a non-empty (n, 2) array of (cost, quality), got shape {array.shape}"
         )
     if not np.isfinite(array).all():
-        raise ValueError("points contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values")
     return array
 
 
@@ -138,9 +160,10 @@ def area_under_tradeoff(
     gives the hull's value at that cost.
     """
     array = _as_points(points)
-    lo, hi = (array[:, 0].min(), array[:, 0].max()) if cost_range is None else cost_range
-    if hi < lo:
-        raise ValueError(f"cost_range must be (low, high) with low <= high, got {cost_range}")
+    if cost_range is None:
+        lo, hi = array[:, 0].min(), array[:, 0].max()
+    else:
+        lo, hi = _check_range(cost_range)
     front = array[pareto_front(array)]
     hull = _upper_hull(front)
     peak = int(np.argmax(hull[:, 1]))
@@ -157,6 +180,22 @@ def area_under_tradeoff(
     knots = np.concatenate([[start], inside, [hi]])
     area = np.trapezoid(np.interp(knots, hull[:, 0], hull[:, 1]), knots)
     return float(area / (hi - lo))
+
+
+def _check_range(cost_range: object) -> tuple[float, float]:
+    """``cost_range`` as ``(low, high)``: two finite numbers with ``low <= high``."""
+    if isinstance(cost_range, str | bytes) or not isinstance(cost_range, Sequence | np.ndarray):
+        raise TypeError(
+            f"cost_range must be a (low, high) pair or None, got {type(cost_range).__name__}"
+        )
+    if len(cost_range) != 2:
+        raise ValueError(f"cost_range must be a (low, high) pair, got {len(cost_range)} values")
+    if any(isinstance(v, bool) or not isinstance(v, Real) for v in cost_range):
+        raise TypeError(f"cost_range must hold two numbers, got {cost_range!r}")
+    lo, hi = float(cost_range[0]), float(cost_range[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"cost_range must be (low, high), finite, low <= high, got {cost_range}")
+    return lo, hi
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -194,7 +233,12 @@ def count_flops(fn: Callable[..., object], *args: object, **kwargs: object) -> i
     A multiply-add counts as two FLOPs; matmuls, convolutions and attention are counted with all
     their token dimensions. Elementwise ops are not counted (they are a rounding error next to
     matmuls and torch does not count them).
+
+    Raises:
+        TypeError: ``fn`` is not callable.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     with flop_counter_mode() as counter, torch.no_grad():
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
@@ -223,7 +267,18 @@ def plot_tradeoff(
 
     Returns:
         The path written.
+
+    Raises:
+        TypeError: ``curves`` is not a mapping of names to points, or ``path`` not a path.
+        ValueError: ``curves`` is empty or a curve's points are not a finite ``(n, 2)`` array.
     """
+    if not isinstance(curves, Mapping):
+        raise TypeError(f"curves must map method names to points, got {type(curves).__name__}")
+    if not curves:
+        raise ValueError("curves must hold at least one method")
+    arrays = {name: _as_points(points, f"curves[{name!r}]") for name, points in curves.items()}
+    if not isinstance(path, str | Path):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,8 +288,7 @@ def plot_tradeoff(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     markers = "osD^v<>pP*X"
-    for i, (name, points) in enumerate(curves.items()):
-        array = _as_points(points)
+    for i, (name, array) in enumerate(arrays.items()):
         array = array[np.argsort(array[:, 0], kind="stable")]
         (line,) = ax.plot(
             array[:, 0], array[:, 1], marker=markers[i % len(markers)], ms=4, label=name

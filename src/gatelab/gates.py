@@ -15,6 +15,7 @@ Zhou et al. 2022 (arXiv:2202.09368) ยง3.1; Xie & Ermon 2019 (arXiv:1901.10517) ย
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,31 @@ class ExpertChoice(NamedTuple):
     token_indices: torch.Tensor
 
 
+def _check_scores(
+    x: object, name: str, *, ndim: int | None = None, finite: bool = True, floating: bool = True
+) -> None:
+    """``x`` is a real tensor of shape ``(..., E)``, ``E >= 1`` (or exactly ``ndim`` dims).
+
+    ``finite``: no NaN or inf (weights computed from them would be NaN); otherwise only NaN is
+    refused (a selection can order infinities, not NaN). One check of all values, which on an
+    accelerator waits for the tensor to be computed.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex() or (floating and not x.is_floating_point()):
+        kind = "a floating-point" if floating else "a real (integer or floating-point)"
+        raise TypeError(f"{name} must be {kind} tensor, got {x.dtype}")
+    if (ndim is not None and x.ndim != ndim) or x.ndim == 0 or x.shape[-1] == 0:
+        wanted = "(N, E)" if ndim == 2 else "(..., E)"
+        raise ValueError(f"{name} must have shape {wanted} with E >= 1, got {tuple(x.shape)}")
+    if x.is_floating_point() and x.numel():
+        bad = ~torch.isfinite(x) if finite else torch.isnan(x)
+        if bool(bad.any()):
+            value = x[bad].flatten()[0].item()
+            what = "finite (no NaN or inf)" if finite else "free of NaN"
+            raise ValueError(f"{name} must be {what}, got {value}")
+
+
 def _check_k(k: int, n: int, name: str = "k") -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
@@ -49,9 +75,46 @@ def _check_k(k: int, n: int, name: str = "k") -> None:
         raise ValueError(f"{name} must be in [1, n={n}], got {k}")
 
 
-def _check_bias(bias: torch.Tensor | None, n: int, name: str = "bias") -> None:
-    if bias is not None and bias.shape[-1:] != (n,):
+def _check_bias(bias: torch.Tensor | None, logits: torch.Tensor, name: str = "bias") -> None:
+    """``bias`` is ``None`` or a finite float tensor ``(..., E)`` that broadcasts to logits."""
+    if bias is None:
+        return
+    n = logits.shape[-1]
+    _check_scores(bias, name)
+    if bias.shape[-1:] != (n,):
         raise ValueError(f"{name} must have last dimension n={n}, got shape {tuple(bias.shape)}")
+    try:
+        shape = torch.broadcast_shapes(bias.shape, logits.shape)
+    except RuntimeError:
+        shape = None
+    if shape != logits.shape:
+        raise ValueError(
+            f"{name} of shape {tuple(bias.shape)} does not broadcast to logits "
+            f"{tuple(logits.shape)}"
+        )
+    if bias.device != logits.device:
+        raise ValueError(f"{name} is on {bias.device}, logits on {logits.device}")
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
+def _check_number(
+    value: object, name: str, low: float, *, low_open: bool, high: float | None = None
+):
+    """``value`` is a real number (not a bool), finite, above ``low`` and at most ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    inside = math.isfinite(value) and (value > low if low_open else value >= low)
+    if inside and high is not None:
+        inside = value <= high
+    if not inside:
+        bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f", <= {high:g}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,8 +125,19 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Shape:
         scores ``(..., E)`` -> indices ``(..., K)``, sorted by decreasing score.
+
+    Raises:
+        TypeError: ``scores`` is not a real tensor or ``k`` not an int.
+        ValueError: ``scores`` has no last axis or holds NaN (infinities sort fine), or ``k`` is
+            outside ``[1, E]``.
     """
+    _check_scores(scores, "scores", finite=False, floating=False)
     _check_k(k, scores.shape[-1])
+    return _topk_indices(scores, k)
+
+
+def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`select_topk` without the checks (its callers have made them)."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
@@ -91,12 +165,14 @@ def topk_softmax(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None)
         ``TopK(weights, indices)``; weights sum to one over the last dim.
 
     Raises:
-        ValueError: ``k`` outside ``[1, E]`` or ``bias`` of the wrong shape.
+        TypeError: ``logits`` or ``bias`` is not a floating-point tensor, ``k`` not an int.
+        ValueError: ``logits`` without a last axis or with NaN/inf, ``k`` outside ``[1, E]``,
+            or ``bias`` of the wrong shape, with NaN/inf or on another device.
     """
-    n = logits.shape[-1]
-    _check_k(k, n)
-    _check_bias(bias, n)
-    indices = select_topk(logits, k)  # (..., K)
+    _check_scores(logits, "logits")
+    _check_k(k, logits.shape[-1])
+    _check_bias(bias, logits)
+    indices = _topk_indices(logits, k)  # (..., K)
     scores = logits if bias is None else logits + bias
     weights = torch.softmax(torch.gather(scores, -1, indices), dim=-1)  # (..., K)
     return TopK(weights, indices)
@@ -137,16 +213,31 @@ def noisy_topk(
 
     Shape:
         clean_logits, noise_std ``(N, E)`` -> weights, indices ``(N, K)``; load ``(E,)``.
+
+    Raises:
+        TypeError: a tensor argument of the wrong type or dtype, ``k`` not an int, ``training``
+            not a bool, ``generator`` not a ``torch.Generator``.
+        ValueError: ``clean_logits`` not ``(N, E)`` or with NaN/inf, ``noise_std`` of another
+            shape or device, with NaN/inf or values <= 0, ``k`` outside ``[1, E]`` (``< E``
+            when training).
     """
+    _check_scores(clean_logits, "clean_logits", ndim=2)
     n = clean_logits.shape[-1]
     _check_k(k, n)
-    if noise_std.shape != clean_logits.shape:
+    _check_scores(noise_std, "noise_std", ndim=2)
+    if noise_std.shape != clean_logits.shape or noise_std.device != clean_logits.device:
         raise ValueError(
-            f"noise_std must match clean_logits {tuple(clean_logits.shape)}, "
-            f"got {tuple(noise_std.shape)}"
+            f"noise_std must match clean_logits {tuple(clean_logits.shape)} on "
+            f"{clean_logits.device}, got {tuple(noise_std.shape)} on {noise_std.device}"
         )
+    if noise_std.numel() and not bool((noise_std > 0).all()):
+        raise ValueError(f"noise_std must be > 0, got {noise_std.min().item()}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    _check_generator(generator)
     if not training:
-        weights, indices = topk_softmax(clean_logits, k)
+        indices = _topk_indices(clean_logits, k)  # (N, K)
+        weights = torch.softmax(torch.gather(clean_logits, -1, indices), dim=-1)
         flat = indices.reshape(-1)
         load = torch.bincount(flat, minlength=n).to(clean_logits.dtype)
         return NoisyTopK(weights, indices, load)
@@ -185,12 +276,17 @@ def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | No
 
     Shape:
         logits ``(..., E)`` -> weights, indices ``(..., K)``.
+
+    Raises:
+        TypeError: ``logits``/``selection_bias`` not floating-point tensors, ``k`` not an int.
+        ValueError: NaN/inf in either, a ``selection_bias`` that does not broadcast to the
+            logits, ``k`` outside ``[1, E]``.
     """
-    n = logits.shape[-1]
-    _check_k(k, n)
-    _check_bias(selection_bias, n, "selection_bias")
+    _check_scores(logits, "logits")
+    _check_k(k, logits.shape[-1])
+    _check_bias(selection_bias, logits, "selection_bias")
     scores = torch.sigmoid(logits)
-    indices = select_topk(scores if selection_bias is None else scores + selection_bias, k)
+    indices = _topk_indices(scores if selection_bias is None else scores + selection_bias, k)
     chosen = torch.gather(scores, -1, indices)  # (..., K)
     return TopK(chosen / chosen.sum(-1, keepdim=True), indices)
 
@@ -206,12 +302,18 @@ def expert_choice(logits: torch.Tensor, capacity: int) -> ExpertChoice:
 
     Shape:
         logits ``(N, E)`` -> weights, token_indices ``(E, C)``.
+
+    Raises:
+        TypeError: ``logits`` not a floating-point tensor, ``capacity`` not an int.
+        ValueError: ``logits`` not ``(N, E)`` with ``N, E >= 1`` or with NaN/inf, ``capacity``
+            outside ``[1, N]``.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"expert_choice expects logits (N, E), got {tuple(logits.shape)}")
+    _check_scores(logits, "logits", ndim=2)
+    if logits.shape[0] == 0:
+        raise ValueError(f"logits must hold at least one token, got {tuple(logits.shape)}")
     _check_k(capacity, logits.shape[0], "capacity")
     affinity = torch.softmax(logits, dim=-1).T  # (E, N)
-    token_indices = select_topk(affinity, capacity)  # (E, C)
+    token_indices = _topk_indices(affinity, capacity)  # (E, C)
     return ExpertChoice(torch.gather(affinity, -1, token_indices), token_indices)
 
 
@@ -241,12 +343,20 @@ def gumbel_topk(
 
     Shape:
         logits ``(..., E)`` -> ``(..., E)`` with entries summing to ``k``.
+
+    Raises:
+        TypeError: ``logits`` not a floating-point tensor, ``k`` not an int, ``tau``/``noise``
+            not numbers, ``hard`` not a bool, ``generator`` not a ``torch.Generator``.
+        ValueError: NaN/inf logits, ``k`` outside ``[1, E]``, ``tau <= 0`` or ``noise < 0``
+            (or either not finite).
     """
+    _check_scores(logits, "logits")
     _check_k(k, logits.shape[-1])
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_number(tau, "tau", 0, low_open=True)
+    _check_number(noise, "noise", 0, low_open=False)
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
+    _check_generator(generator)
     # G = -log(E), E ~ Exp(1), drawn on CPU so a CPU generator seeds any device.
     exponential = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator)
     gumbel = -exponential.clamp_min(torch.finfo(logits.dtype).tiny).log()
@@ -259,7 +369,7 @@ def gumbel_topk(
         shifted = shifted + torch.log1p(-p.clamp(max=1 - 1e-6))
     if not hard:
         return soft
-    khot = torch.zeros_like(logits).scatter(-1, select_topk(perturbed, k), 1.0)
+    khot = torch.zeros_like(logits).scatter(-1, _topk_indices(perturbed, k), 1.0)
     return khot + (soft - soft.detach())  # value exactly the k-hot
 
 
@@ -280,6 +390,14 @@ def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
         TypeError: ``gates`` is not a floating-point tensor.
         ValueError: ``gates`` has no exit axis, or a value outside [0, 1] (NaN included).
     """
+    _check_hazards(gates)
+    survive = torch.cumprod(1 - gates, dim=-1)  # (..., L-1)
+    reach = torch.cat([torch.ones_like(gates[..., :1]), survive[..., :-1]], dim=-1)
+    return torch.cat([gates * reach, survive[..., -1:]], dim=-1)
+
+
+def _check_hazards(gates: object) -> None:
+    """``gates`` is a floating-point tensor ``(..., L-1)``, ``L-1 >= 1``, with values in [0, 1]."""
     if not isinstance(gates, torch.Tensor) or not gates.is_floating_point():
         kind = gates.dtype if isinstance(gates, torch.Tensor) else type(gates).__name__
         raise TypeError(f"gates must be a floating-point tensor, got {kind}")
@@ -290,9 +408,6 @@ def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
     if not bool(((gates >= 0) & (gates <= 1)).all()):  # NaN fails both comparisons
         bad = gates[~((gates >= 0) & (gates <= 1))].flatten()[0].item()
         raise ValueError(f"gates must lie in [0, 1] (hazard probabilities), got {bad}")
-    survive = torch.cumprod(1 - gates, dim=-1)  # (..., L-1)
-    reach = torch.cat([torch.ones_like(gates[..., :1]), survive[..., :-1]], dim=-1)
-    return torch.cat([gates * reach, survive[..., -1:]], dim=-1)
 
 
 def first_exit(gates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -300,9 +415,14 @@ def first_exit(gates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
     Shape:
         gates ``(..., L-1)`` -> ``(...,)`` long in ``[0, L-1]``.
+
+    Raises:
+        TypeError: ``gates`` not a floating-point tensor, ``threshold`` not a number.
+        ValueError: ``gates`` without an exit axis or outside [0, 1], ``threshold`` outside
+            [0, 1].
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    _check_hazards(gates)
+    _check_number(threshold, "threshold", 0, low_open=False, high=1)
     fire = gates >= threshold  # (..., L-1)
     n_gates = gates.shape[-1]
     index = torch.arange(n_gates, device=gates.device).expand_as(fire)
@@ -322,12 +442,65 @@ def load_balancing_loss(
 
     Shape:
         router_probs ``(N, E)`` (full softmax), expert_indices ``(N, K)`` -> scalar.
+
+    Raises:
+        TypeError: ``router_probs`` not a floating-point tensor, ``expert_indices`` not an
+            integer tensor, ``n_experts`` not an int.
+        ValueError: no tokens, shapes that disagree, NaN/inf or negative probabilities, indices
+            outside ``[0, n_experts)``.
     """
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int):
+        raise TypeError(f"n_experts must be an int, got {type(n_experts).__name__}")
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    _check_scores(router_probs, "router_probs", ndim=2)
+    n = router_probs.shape[0]
+    if n == 0 or router_probs.shape[1] != n_experts:
+        raise ValueError(
+            f"router_probs must have shape (N, n_experts={n_experts}) with N >= 1, "
+            f"got {tuple(router_probs.shape)}"
+        )
+    if not bool((router_probs >= 0).all()):
+        raise ValueError(f"router_probs must be >= 0, got {router_probs.min().item()}")
+    if not isinstance(expert_indices, torch.Tensor):
+        kind = type(expert_indices).__name__
+        raise TypeError(f"expert_indices must be a torch.Tensor, got {kind}")
+    if (
+        expert_indices.is_floating_point()
+        or expert_indices.is_complex()
+        or (expert_indices.dtype == torch.bool)
+    ):
+        raise TypeError(f"expert_indices must be an integer tensor, got {expert_indices.dtype}")
+    if expert_indices.ndim != 2 or expert_indices.shape[0] != n or expert_indices.shape[1] == 0:
+        raise ValueError(
+            f"expert_indices must have shape (N={n}, K) with K >= 1, "
+            f"got {tuple(expert_indices.shape)}"
+        )
+    if expert_indices.device != router_probs.device:
+        raise ValueError(
+            f"expert_indices is on {expert_indices.device}, router_probs on {router_probs.device}"
+        )
+    if not bool(((expert_indices >= 0) & (expert_indices < n_experts)).all()):
+        outside = expert_indices[(expert_indices < 0) | (expert_indices >= n_experts)]
+        raise ValueError(
+            f"expert_indices must lie in [0, n_experts={n_experts}), got {outside[0].item()}"
+        )
     counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts)
     fraction = counts.to(router_probs.dtype) / expert_indices.numel()  # (E,)
     return n_experts * (fraction * router_probs.mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    r"""Router z-loss (Zoph et al. 2022, Eq. 5): :math:`\frac1N\sum_t (\log\sum_i e^{u_{ti}})^2`."""
+    r"""Router z-loss (Zoph et al. 2022, Eq. 5): :math:`\frac1N\sum_t (\log\sum_i e^{u_{ti}})^2`.
+
+    Shape:
+        logits ``(..., E)`` -> scalar.
+
+    Raises:
+        TypeError: ``logits`` not a floating-point tensor.
+        ValueError: ``logits`` without a last axis, without a row, or with NaN/inf.
+    """
+    _check_scores(logits, "logits")
+    if logits.numel() == 0:
+        raise ValueError(f"logits must hold at least one row, got {tuple(logits.shape)}")
     return torch.logsumexp(logits, dim=-1).square().mean()

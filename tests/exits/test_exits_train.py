@@ -1,13 +1,20 @@
 import dataclasses
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from exits_toy import COST, KILL_CONFIG, synthetic_caches, toy_config, toy_model
 
+import gatelab
 from gatelab import gates
-from gatelab.exits import FeatureCache, TrainConfig, gate_targets, oracle_exit, train
+from gatelab.exits import TrainConfig, gate_targets, oracle_exit, train
 from gatelab.exits.train import exit_losses, weighted_im_loss
-from gatelab.runs import read_metrics
+from gatelab.runs import FAULT_ENV, FAULT_EXIT_CODE, read_json, read_metrics
 
 
 def test_oracle_exit_against_naive_loop():
@@ -75,48 +82,20 @@ def test_detached_weighting_changes_the_gradient(tiny_exit_model):
     assert max((g - u).abs().max().item() for g, u in zip(got, unweighted, strict=True)) > 1e-3
 
 
-def _synthetic_caches(n=600, d=6, c=4, n_exits=4, seed=0):
-    """Features whose class signal grows with depth, so later exits are more accurate."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, c, (n,), generator=g)
-    means = torch.randn(c, d, generator=torch.Generator().manual_seed(100))  # shared by all splits
-    feats = [
-        means[labels] * (0.5 + 0.5 * ell) + torch.randn(n, d, generator=g)
-        for ell in range(n_exits - 1)
-    ]
-    head = F.one_hot(labels, c).float() * 4 + torch.randn(n, c, generator=g)
-    return FeatureCache(feats, head, labels)
-
-
-def _model(d=6, c=4, n_exits=4):
-    from torch import nn
-
-    from gatelab.exits import EarlyExitModel
-
-    blocks = [nn.Identity() for _ in range(n_exits)]
-    return EarlyExitModel(blocks, nn.Identity(), lambda s: s, d, c)
-
-
-def _cfg(**kw):
-    return TrainConfig(
-        warmup_epochs=10, n_rounds=2, phase_steps=20, batch_size=64, lr_im=1e-2, **kw
-    )
-
-
 def test_train_smoke_loss_falls_and_seed_is_reproducible(tmp_path):
     cost = torch.tensor([0.25, 0.5, 0.75, 1.0])
-    tr, va = _synthetic_caches(seed=0), _synthetic_caches(n=300, seed=1)
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
     torch.manual_seed(0)
-    model = _model()
+    model = toy_model()
     before = float(exit_losses(model, tr)[1][:-1].mean().detach())
-    metrics = train(model, tr, va, cost, _cfg(lam=0.2), tmp_path)
+    metrics = train(model, tr, va, cost, toy_config(lam=0.2), tmp_path)
     after = float(exit_losses(model, tr)[1][:-1].mean().detach())
     assert after < before and metrics["phases"] == 5
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5
     torch.manual_seed(0)
-    again = _model()
-    metrics2 = train(again, tr, va, cost, _cfg(lam=0.2))
+    again = toy_model()
+    metrics2 = train(again, tr, va, cost, toy_config(lam=0.2))
     assert metrics2["eval/objective"] == metrics["eval/objective"]
     for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
@@ -124,13 +103,13 @@ def test_train_smoke_loss_falls_and_seed_is_reproducible(tmp_path):
 
 def test_train_resumes_from_checkpoint(tmp_path):
     cost = torch.tensor([0.25, 0.5, 0.75, 1.0])
-    tr, va = _synthetic_caches(seed=0), _synthetic_caches(n=300, seed=1)
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
     torch.manual_seed(0)
-    model = _model()
-    train(model, tr, va, cost, _cfg(lam=0.2), tmp_path)
+    model = toy_model()
+    train(model, tr, va, cost, toy_config(lam=0.2), tmp_path)
     torch.manual_seed(5)
-    resumed = _model()
-    out = train(resumed, tr, va, cost, _cfg(lam=0.2), tmp_path)  # checkpoint says: all done
+    resumed = toy_model()
+    out = train(resumed, tr, va, cost, toy_config(lam=0.2), tmp_path)  # checkpoint says: all done
     assert out["phases"] == 5
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
@@ -143,10 +122,10 @@ class Killed(Exception):
 def test_a_kill_mid_training_loses_nothing_and_resume_is_exact(tmp_path):
     """Phases of 20 steps over 9-batch epochs: the resume must restore the batch order too."""
     cost = torch.tensor([0.25, 0.5, 0.75, 1.0])
-    tr, va = _synthetic_caches(seed=0), _synthetic_caches(n=300, seed=1)
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
     torch.manual_seed(0)
-    whole = _model()
-    expected = train(whole, tr, va, cost, _cfg(lam=0.2), tmp_path / "whole")
+    whole = toy_model()
+    expected = train(whole, tr, va, cost, toy_config(lam=0.2), tmp_path / "whole")
 
     def kill_at_phase_3(done, total):
         if done == 3:
@@ -154,10 +133,10 @@ def test_a_kill_mid_training_loses_nothing_and_resume_is_exact(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        train(_model(), tr, va, cost, _cfg(lam=0.2), tmp_path / "killed", kill_at_phase_3)
+        train(toy_model(), tr, va, cost, toy_config(lam=0.2), tmp_path / "killed", kill_at_phase_3)
     torch.manual_seed(7)  # a different initialisation: everything must come from the checkpoint
-    resumed = _model()
-    got = train(resumed, tr, va, cost, _cfg(lam=0.2), tmp_path / "killed")
+    resumed = toy_model()
+    got = train(resumed, tr, va, cost, toy_config(lam=0.2), tmp_path / "killed")
     assert got["eval/objective"] == expected["eval/objective"] and got["phases"] == 5
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -166,12 +145,12 @@ def test_a_kill_mid_training_loses_nothing_and_resume_is_exact(tmp_path):
 
 def test_larger_lambda_exits_earlier():
     cost = torch.tensor([0.25, 0.5, 0.75, 1.0])
-    tr, va = _synthetic_caches(seed=0), _synthetic_caches(n=300, seed=1)
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
     mean_exit = []
     for lam in (0.0, 3.0):
         torch.manual_seed(0)
-        model = _model()
-        train(model, tr, va, cost, dataclasses.replace(_cfg(), lam=lam))
+        model = toy_model()
+        train(model, tr, va, cost, dataclasses.replace(toy_config(), lam=lam))
         logits, _ = exit_losses(model, va)
         mean_exit.append(gates.first_exit(model.gate_values(logits)).double().mean().item())
     assert mean_exit[1] < mean_exit[0]
@@ -180,3 +159,79 @@ def test_larger_lambda_exits_earlier():
 def test_train_config_errors():
     with pytest.raises(ValueError, match="lam"):
         TrainConfig(lam=-1)
+
+
+def test_another_configuration_is_refused_naming_fresh(tmp_path):
+    cost = torch.tensor(COST)
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
+    short = dataclasses.replace(toy_config(lam=0.2), n_rounds=1, warmup_epochs=1)
+    train(toy_model(), tr, va, cost, short, tmp_path)
+    other = dataclasses.replace(short, lam=0.5)
+    with pytest.raises(ValueError, match=r"differs in: train\.lam.*--fresh"):
+        train(toy_model(), tr, va, cost, other, tmp_path)
+    assert read_json(tmp_path / "config.json")["train"]["lam"] == 0.2  # nothing overwritten
+    assert train(toy_model(), tr, va, cost, other, tmp_path, fresh=True)["phases"] == 3
+    assert read_json(tmp_path / "config.json")["train"]["lam"] == 0.5
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- kill anywhere
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+from exits_toy import COST, KILL_CONFIG, synthetic_caches, toy_model
+from gatelab.exits import train
+torch.set_num_threads(1)
+torch.manual_seed(0)
+tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
+train(toy_model(), tr, va, torch.tensor(COST), KILL_CONFIG, Path(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run (5 phases, one checkpoint after each) and its final model."""
+    run = tmp_path_factory.mktemp("jei") / "whole"
+    torch.manual_seed(0)
+    model = toy_model()
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
+    train(model, tr, va, torch.tensor(COST), KILL_CONFIG, run)
+    return model, run
+
+
+@pytest.mark.parametrize(
+    ("fault", "resumes_from"),
+    [
+        ("checkpoint-write:3", 2),  # half of phase 3's checkpoint written
+        ("checkpoint-rotate:2", 2),  # phase 2's moved to .prev, phase 3's not yet in its place
+        pytest.param("exits-train-step:25", 1, marks=pytest.mark.slow),  # mid gate phase
+        pytest.param("checkpoint-rotate:4", 4, marks=pytest.mark.slow),  # the last checkpoint
+    ],
+)
+def test_a_kill_anywhere_resumes_to_the_uninterrupted_run(
+    fault, resumes_from, uninterrupted, tmp_path
+):
+    """Killed (``os._exit``) at a fault point, rerun: the same weights and metrics, bit for bit."""
+    whole_model, whole = uninterrupted
+    run = tmp_path / "killed"
+    env = os.environ | {FAULT_ENV: fault, "PYTHONPATH": str(Path(gatelab.__file__).parents[1])}
+    argv = [sys.executable, "-c", KILLED_RUN, str(run), str(Path(__file__).parent)]
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr
+    torch.manual_seed(7)  # another initialisation: everything must come from the checkpoint
+    resumed, phases = toy_model(), []
+    tr, va = synthetic_caches(seed=0), synthetic_caches(n=300, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = lambda done, _: phases.append(done)  # noqa: E731
+        train(resumed, tr, va, torch.tensor(COST), KILL_CONFIG, run, record)
+    fell_back = [w for w in caught if "previous checkpoint" in str(w.message)]
+    assert bool(fell_back) == ("rotate" in fault)  # a missing checkpoint falls back, warned
+    assert phases == list(range(resumes_from + 1, 6))  # resumed, not started over
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert read_metrics(run) == read_metrics(whole)  # no phase logged twice
+    assert not list(run.glob("*.tmp"))

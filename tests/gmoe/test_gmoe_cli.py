@@ -41,17 +41,18 @@ def test_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_study(cfg, out, workers, progress):
-        seen.update(cfg=cfg, workers=workers)
+    def fake_study(cfg, out, workers, progress, fresh):
+        seen.update(cfg=cfg, workers=workers, fresh=fresh)
         return {}, None
 
     monkeypatch.setattr(report, "rate_study", fake_study)
     monkeypatch.setattr(report, "table", lambda summary: "")
     args = ["gmoe", "rates", "--quick", "--runs-dir", str(tmp_path)]
     assert runner.invoke(app, [*args, "--n-reps", "3", "--workers", "1"]).exit_code == 0
-    assert seen["cfg"].n_reps == 3 and seen["workers"] == 1
+    assert seen["cfg"].n_reps == 3 and seen["workers"] == 1 and not seen["fresh"]
     assert seen["cfg"].sample_sizes == (500, 1000, 2000, 4000)  # quick's default kept
     assert runner.invoke(app, args).exit_code == 0
     assert seen["cfg"].n_reps == 6
     bad = runner.invoke(app, [*args, "--n-reps", "1"])
     assert bad.exit_code == 2
+    assert runner.invoke(app, [*args, "--fresh"]).exit_code == 0 and seen["fresh"]

@@ -1,10 +1,16 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import gatelab
 from gatelab.gmoe.rates import RateConfig, run_study, sample_inputs, start_near_truth, true_model
 from gatelab.gmoe.rates_report import rate_study, summarise, table
+from gatelab.runs import FAULT_ENV, FAULT_EXIT_CODE, read_json
 
 
 def test_truth_visits_several_regions_and_split_atom_is_always_selected():
@@ -67,3 +73,61 @@ def test_quick_study_exact_slopes_near_minus_half(tmp_path):
     summary, _ = rate_study(RateConfig.preset(True), tmp_path, workers=2)
     for metric in ("hellinger", "tv", "voronoi"):
         assert summary["exact"][metric]["slope"] == pytest.approx(-0.5, abs=0.15)
+
+
+TINY = RateConfig(sample_sizes=(200, 400), n_reps=2, n_eval=50, max_iter=50, settings=("exact",))
+
+
+def test_quick_and_full_share_a_folder_but_another_configuration_is_refused(tmp_path):
+    one = RateConfig(sample_sizes=(200,), n_reps=2, n_eval=50, max_iter=50, settings=("exact",))
+    rate_study(one, tmp_path, workers=1)
+    calls = []
+    rate_study(TINY, tmp_path, workers=1, progress=lambda d, t: calls.append((d, t)))
+    assert calls[0] == (2, 4)  # more sizes: the n = 200 replications came from the cache
+    with pytest.raises(ValueError, match=r"differs in: max_iter.*--fresh"):
+        rate_study(RateConfig(**{**TINY.__dict__, "max_iter": 60}), tmp_path, workers=1)
+    assert len(list((tmp_path / "reps").glob("*.json"))) == 4  # nothing deleted
+    rate_study(RateConfig(**{**TINY.__dict__, "max_iter": 60}), tmp_path, workers=1, fresh=True)
+    assert {r["n_iter"] <= 60 for r in map(read_json, (tmp_path / "reps").glob("*.json"))} == {True}
+
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+from gatelab.gmoe.rates import RateConfig
+from gatelab.gmoe.rates_report import rate_study
+cfg = RateConfig(sample_sizes=(200, 400), n_reps=2, n_eval=50, max_iter=50, settings=("exact",))
+rate_study(cfg, Path(sys.argv[1]), workers=1)
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rates") / "whole"
+    rate_study(TINY, out, workers=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fault", "cached"),
+    [
+        ("gmoe-rep-write:2", 1),  # half of the second record written
+        pytest.param("gmoe-rep-done:3", 3, marks=pytest.mark.slow),  # between two replications
+    ],
+)
+def test_a_kill_anywhere_resumes_to_the_same_records(fault, cached, uninterrupted, tmp_path):
+    """Killed (``os._exit``) at a fault point, rerun: the same records and rates, byte for byte."""
+    out = tmp_path / "killed"
+    env = os.environ | {FAULT_ENV: fault, "PYTHONPATH": str(Path(gatelab.__file__).parents[1])}
+    argv = [sys.executable, "-c", KILLED_RUN, str(out)]
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr
+    assert not (out / "rates.json").exists()
+    calls = []
+    rate_study(TINY, out, workers=1, progress=lambda d, t: calls.append(d))
+    assert calls[0] == cached  # resumed: only the missing replications ran
+    names = sorted(p.name for p in (uninterrupted / "reps").iterdir())
+    assert sorted(p.name for p in (out / "reps").iterdir()) == names  # no temporary file left
+    for name in names:
+        assert (out / "reps" / name).read_bytes() == (uninterrupted / "reps" / name).read_bytes()
+    assert (out / "rates.json").read_bytes() == (uninterrupted / "rates.json").read_bytes()

@@ -54,13 +54,22 @@ class Selection:
     nodes: int
 
 
-def _check(n_items: int, constraints: Sequence[tuple[CostFn, float]]) -> None:
-    if not isinstance(n_items, int) or n_items < 0:
+def _check(n_items: int, constraints: Sequence[tuple[CostFn, float]], quality=None) -> None:
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 0:
         raise ValueError(f"n_items must be an integer >= 0, got {n_items!r}")
+    if quality is not None and not callable(quality):
+        raise TypeError(f"quality must be a callable set function, got {type(quality).__name__}")
+    if isinstance(constraints, str | bytes) or not isinstance(constraints, Sequence):
+        raise TypeError(
+            f"constraints must be a sequence of (cost_fn, budget) pairs, "
+            f"got {type(constraints).__name__}"
+        )
     for i, pair in enumerate(constraints):
-        if len(pair) != 2 or not callable(pair[0]):
+        if not isinstance(pair, Sequence) or len(pair) != 2 or not callable(pair[0]):
             raise TypeError(f"constraints[{i}] must be a (cost_fn, budget) pair")
         budget = pair[1]
+        if isinstance(budget, bool) or not isinstance(budget, int | float | np.number):
+            raise TypeError(f"constraints[{i}]: budget must be a number, got {budget!r}")
         if not np.isfinite(budget) and budget != np.inf or budget < 0:
             raise ValueError(f"constraints[{i}]: budget must be >= 0 (or inf), got {budget}")
 
@@ -92,7 +101,9 @@ def select_subset(
             quality or cost.
         TypeError: a constraint is not a ``(callable, number)`` pair.
     """
-    _check(n_items, constraints)
+    _check(n_items, constraints, quality)
+    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
+        raise ValueError(f"max_items must be an integer >= 0, got {max_items!r}")
     if n_items > max_items:
         raise ValueError(
             f"n_items={n_items} exceeds max_items={max_items}: the search may visit 2^{n_items} "
@@ -107,7 +118,10 @@ def select_subset(
 
     def q(subset: frozenset[int]) -> float:
         if subset not in memo:
-            value = float(quality(subset))
+            value = quality(subset)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise TypeError(f"quality({sorted(subset)}) must be a number, got {value!r}")
+            value = float(value)
             if math.isnan(value):
                 raise ValueError(f"quality({sorted(subset)}) is NaN")
             memo[subset] = value
@@ -116,6 +130,8 @@ def select_subset(
     def feasible(subset: frozenset[int]) -> bool:
         for i, (cost, budget) in enumerate(constraints):
             value = cost(subset)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise TypeError(f"constraints[{i}]: cost of {sorted(subset)} must be a number")
             if value != value:  # NaN compares false with everything: it would pass silently
                 raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
             if not value <= budget:

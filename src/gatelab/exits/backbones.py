@@ -132,14 +132,41 @@ def save_backbone(model: ViT, path: Path, meta: dict) -> Path:
     return path
 
 
+def _complete_header(path: Path) -> dict:
+    """The JSON header of a safetensors file whose length is the one the header describes.
+
+    Raises:
+        ValueError: naming the file, if it is truncated (a copy cut short, a full disk) or not
+            safetensors at all, before any work is built on it.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        try:
+            if not 0 < length <= size - 8:
+                raise ValueError
+            header = json.loads(handle.read(length))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path}: not a safetensors file (truncated or corrupt)") from None
+    if 8 + length + end != size:
+        raise ValueError(
+            f"{path}: truncated or corrupt ({size} bytes, its header describes {8 + length + end})"
+        )
+    return header
+
+
 def _meta(path: Path) -> dict:
-    """The JSON beside ``path``, else the one in its safetensors metadata (a file moved alone)."""
+    """The JSON beside ``path``, else the one in its safetensors metadata (a file moved alone).
+
+    The file itself must be complete (:func:`_complete_header`) either way.
+    """
+    header = _complete_header(path)
     beside = path.with_suffix(".json")
     if beside.is_file():
         return read_json(beside)
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size)) if 0 < size < 100_000_000 else {}
     text = (header.get("__metadata__") or {}).get(META_KEY)
     if text is None:
         raise FileNotFoundError(f"config {beside} not found beside {path.name}")

@@ -44,28 +44,77 @@ Data = Annotated[
 ]
 Dataset = Annotated[DatasetName, typer.Option(help="Dataset.")]
 Device = _cli.DeviceOption
-Out = Annotated[Path, typer.Option(help="Run folder.")]
-Threads = Annotated[int, typer.Option(help="torch CPU threads (1 gives steady timings here).")]
+Out = Annotated[Path, typer.Option(help="Run folder.", callback=_cli.writable_dir)]
+Threads = Annotated[
+    int, typer.Option(min=0, help="torch CPU threads (0: torch's default; 1 gives steady timings).")
+]
+Seed = Annotated[int, typer.Option(min=0, help="Seed.")]
 Backbone = Annotated[Path, typer.Option(help="Pretrained backbone (.safetensors).")]
+Fresh = Annotated[bool, typer.Option(help="Delete the run folder first instead of resuming it.")]
 DEFAULT_BACKBONE = Path("runs/exits/backbone.safetensors")
+
+
+def _heads_divide(value: int) -> int:
+    """``--d-model`` callback: the ViT's attention heads split the token width evenly."""
+    if value % ViTConfig.n_heads:
+        raise typer.BadParameter(
+            f"must be a multiple of the ViT's {ViTConfig.n_heads} attention heads, got {value}"
+        )
+    return value
+
+
+def _lams(value: str | None) -> tuple[float, ...] | None:
+    """``--lams`` callback: comma-separated finite lambdas >= 0, at least one."""
+    if value is None:
+        return None
+    check = _cli.finite_float(0)
+    try:
+        lams = tuple(check(float(v)) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if not lams:
+        raise typer.BadParameter(f"{value!r} holds no lambda")
+    return lams
 
 
 @app.command()
 def pretrain(
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the backbone split.")] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="Mini-batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing in [0, 1).")] = 0.0,
-    d_model: Annotated[int, typer.Option(min=1, help="ViT token width.")] = ViTConfig.d_model,
-    mlp_ratio: Annotated[float, typer.Option(help="ViT MLP width / token width.")] = 2.0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    lr: Annotated[
+        float,
+        typer.Option(
+            help="Peak AdamW learning rate.", callback=_cli.finite_float(0, low_open=True)
+        ),
+    ] = 2e-3,
+    label_smoothing: Annotated[
+        float,
+        typer.Option(
+            help="Label smoothing in [0, 1).", callback=_cli.finite_float(0, 1, high_open=True)
+        ),
+    ] = 0.0,
+    d_model: Annotated[
+        int, typer.Option(min=1, help="ViT token width.", callback=_heads_divide)
+    ] = ViTConfig.d_model,
+    mlp_ratio: Annotated[
+        float,
+        typer.Option(
+            help="ViT MLP width / token width.", callback=_cli.finite_float(0, low_open=True)
+        ),
+    ] = 2.0,
+    threads: Threads = 1,
+    seed: Seed = 0,
     data: Data = DEFAULT_FASHION_MNIST,
     dataset: Dataset = DatasetName.fashion_mnist,
     out: Out = Path("runs/exits"),
+    fresh: Fresh = False,
     device: Device = "cpu",
 ) -> None:
-    """Train the ViT backbone (6 blocks + CLS); resumes from <out>/backbone_ckpt.safetensors."""
+    """Train the ViT backbone (6 blocks + CLS) -> <out>/backbone.safetensors.
+
+    A rerun resumes <out>/pretrain/ (only --epochs may change); another configuration is refused
+    unless --fresh.
+    """
     from gatelab.exits.pretrain import PretrainConfig
     from gatelab.exits.pretrain import pretrain as run
 
@@ -81,24 +130,38 @@ def pretrain(
             device=device,
         )
         with _cli.progress_bar("pretrain") as update:
-            summary = run(out, data, model_cfg, cfg, progress=update)
+            summary = run(out, data, model_cfg, cfg, progress=update, fresh=fresh)
     typer.echo(f"test accuracy {summary['test_accuracy']:.4f} -> {out / 'backbone.safetensors'}")
 
 
 @app.command("train")
 def train_cmd(
-    lam: Annotated[float, typer.Option("--lam", help="Cost weight lambda (>= 0).")] = 0.5,
+    lam: Annotated[
+        float,
+        typer.Option("--lam", help="Cost weight lambda (>= 0).", callback=_cli.finite_float(0)),
+    ] = 0.5,
     n_rounds: Annotated[int, typer.Option(min=1, help="Gate+IM phase pairs.")] = 5,
     phase_steps: Annotated[int, typer.Option(min=1, help="Mini-batches per phase.")] = 200,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: Seed = 0,
     threads: Threads = 1,
     backbone: Backbone = DEFAULT_BACKBONE,
-    out: Annotated[Path | None, typer.Option(help="Checkpoint path.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint path (.safetensors); its run folder is the path without suffix.",
+            callback=_cli.writable_file,
+        ),
+    ] = None,
+    fresh: Fresh = False,
     data: Data = DEFAULT_FASHION_MNIST,
     dataset: Dataset = DatasetName.fashion_mnist,
     device: Device = "cpu",
 ) -> None:
-    """Train JEI-DNN IMs and gates for one lambda; writes <out>.safetensors and .json."""
+    """Train JEI-DNN IMs and gates for one lambda; writes <out>.safetensors and .json.
+
+    A rerun resumes the run folder <out> (without suffix); another configuration or backbone is
+    refused unless --fresh.
+    """
     from gatelab.exits.train import TrainConfig, train_checkpoint
 
     with _cli.user_errors(), torch_threads(threads):
@@ -107,19 +170,34 @@ def train_cmd(
         )
         out = out or backbone.parent / f"jei_lam{lam:g}.safetensors"
         with _cli.progress_bar(f"train lam={lam:g}") as update:
-            metrics = train_checkpoint(backbone, data, out, cfg, update)
+            metrics = train_checkpoint(backbone, data, out, cfg, update, fresh=fresh)
     typer.echo(f"val objective {metrics['eval/objective']:.4f} -> {out}")
 
 
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="JEI-DNN checkpoint (.safetensors).")],
-    alpha: Annotated[float, typer.Option(help="Conformal miscoverage in (0, 1).")] = 0.05,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 256,
-    repeats: Annotated[int, typer.Option(help="Timing repeats (median); 0 skips timing.")] = 3,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="Conformal miscoverage in (0, 1).",
+            callback=_cli.finite_float(0, 1, low_open=True, high_open=True),
+        ),
+    ] = 0.05,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write metrics here.", callback=_cli.writable_file),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 256,
+    repeats: Annotated[
+        int, typer.Option(min=0, help="Timing repeats (median); 0 skips timing.")
+    ] = 3,
     gate_threshold: Annotated[
-        float, typer.Option(help="Leave at the first exit whose gate value reaches this.")
+        float,
+        typer.Option(
+            help="Leave at the first exit whose gate value reaches this, in (0, 1).",
+            callback=_cli.finite_float(0, 1, low_open=True, high_open=True),
+        ),
     ] = 0.5,
     threads: Threads = 1,
     backbone: Annotated[
@@ -148,13 +226,17 @@ def sweep(
         typer.Option(help="Defaults of a short sweep: 5 lambdas, short phases, 1024 timed images."),
     ] = False,
     lams: Annotated[
-        str | None, typer.Option(help="Comma-separated lambdas (default: 17, or 5 with --quick).")
+        str | None,
+        typer.Option(
+            help="Comma-separated lambdas >= 0 (default: 17, or 5 with --quick).", callback=_lams
+        ),
     ] = None,
     n_timed: Annotated[
-        int | None, typer.Option(help="Test images timed per point (2048; 1024 with --quick).")
+        int | None,
+        typer.Option(min=1, help="Test images timed per point (2048; 1024 with --quick)."),
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Timing repeats, median (2; 1 with --quick).")
+        int | None, typer.Option(min=1, help="Timing repeats, median (2; 1 with --quick).")
     ] = None,
     backbone: Backbone = DEFAULT_BACKBONE,
     data: Data = DEFAULT_FASHION_MNIST,
@@ -172,9 +254,7 @@ def sweep(
     with _cli.user_errors():
         names = tuple(v.value for v in variants or [Variant.jei_dnn])
         cfg = sweep_config(quick, names)  # --quick only changes the flags not given
-        given = {"n_timed": n_timed, "repeats": repeats}
-        if lams is not None:
-            given["lams"] = tuple(float(v) for v in lams.split(",") if v.strip())
+        given = {"n_timed": n_timed, "repeats": repeats, "lams": lams}  # lams: a tuple
         cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     with _cli.user_errors(), torch_threads(threads), _cli.progress_bar("sweep") as update:
         summary = sweep_and_report(out, backbone, data, cfg, quick, device, update)
@@ -191,7 +271,9 @@ def sweep(
 
 @app.command()
 def efficientnet(
-    resolution: Annotated[int, typer.Option(help="Input pixels (224 is ImageNet's).")] = 64,
+    resolution: Annotated[
+        int, typer.Option(min=32, help="Input pixels, >= 32 (224 is ImageNet's).")
+    ] = 64,
     threads: Threads = 1,
     data: Data = DEFAULT_FASHION_MNIST,
     out: Out = Path("runs/exits/efficientnet"),

@@ -4,17 +4,22 @@ AdamW with linear warm-up and cosine decay, optional label smoothing, light augm
 shifts of up to ``shift`` pixels and horizontal flips). Trains on the ``backbone`` split only, kept
 as one uint8 tensor on ``device``: each epoch draws its order, shifts and flips at once (on the CPU,
 seeded by the epoch, so a resumed run is exact) and every mini-batch is gathered and augmented on
-the device, so a GPU is not starved by a per-sample loader. Every ``ckpt_every`` steps the model,
-the optimiser, the step and the config go atomically to ``<out>/backbone_ckpt.safetensors``
-(:func:`gatelab.runs.save_checkpoint`), and a rerun resumes from it, so a run killed at any point
-loses at most ``ckpt_every`` steps and ends with the same weights as an uninterrupted one. The
-finished backbone is ``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
+the device, so a GPU is not starved by a per-sample loader.
+
+The run folder is ``<out>/pretrain/`` (:func:`gatelab.runs.start_run`): ``config.json``, one
+``metrics.jsonl`` record per checkpoint (mean training loss since the previous one) and, every
+``ckpt_every`` steps, one atomic checkpoint of the model, the optimiser and the step
+(:func:`gatelab.runs.save_checkpoint`, the previous one kept beside it). A rerun resumes from it —
+a run killed at any point, even inside the checkpoint write, loses at most ``ckpt_every`` steps and
+ends with the same weights and metrics as an uninterrupted one; a rerun with another configuration
+is refused unless ``fresh``. Only ``epochs`` may change between a run and its resume (the cosine
+schedule is re-timed from there, recorded in ``schedule_history``). The finished backbone is
+``<out>/backbone.safetensors`` with ``backbone.json`` beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -31,19 +36,22 @@ from gatelab.exits.backbones import save_backbone
 from gatelab.exits.data import Split, SplitConfig, load_fashion_mnist, make_splits, normalise
 from gatelab.exits.vit import ViT, ViTConfig
 from gatelab.runs import (
-    atomic_write_json,
-    config_matches,
+    append_metrics,
+    checkpoint_exists,
+    fault_point,
     load_checkpoint,
-    read_checkpoint_metadata,
     read_json,
     save_checkpoint,
+    start_run,
+    truncate_metrics,
 )
 from gatelab.threads import torch_threads
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
-CHECKPOINT = "backbone_ckpt.safetensors"  # resumable state (model, optimiser, step, config)
-RESUME_IGNORES = ("epochs", "threads", "resumed_with")  # may change between a run and its resume
+RUN_DIR = "pretrain"  # <out>/pretrain/: config.json, metrics.jsonl, the resumable checkpoint
+CHECKPOINT = "checkpoint.safetensors"  # model, optimiser, step (and its .prev beside it)
+RESUME_IGNORES = ("pretrain.epochs", "pretrain.threads")  # may change between a run and its resume
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,20 @@ class PretrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("PretrainConfig: epochs and batch_size must be >= 1")
+        for name in ("epochs", "batch_size", "ckpt_every", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"PretrainConfig: lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                "PretrainConfig: weight_decay must be a finite number >= 0, "
+                f"got {self.weight_decay}"
+            )
+        if self.shift < 0 or self.threads < 0:
+            raise ValueError(
+                f"PretrainConfig: shift and threads must be >= 0, got {self.shift}, {self.threads}"
+            )
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(
                 f"PretrainConfig: warmup_frac must be in [0, 1), got {self.warmup_frac}"
@@ -141,25 +161,45 @@ def pretrain(
     cfg: PretrainConfig | None = None,
     split_cfg: SplitConfig | None = None,
     progress: Progress = None,
+    *,
+    fresh: bool = False,
 ) -> dict:
-    """Train the ViT on the backbone split; resume from ``backbone_ckpt.safetensors`` if present.
+    """Train the ViT on the backbone split; a rerun resumes ``<out_dir>/pretrain/``.
+
+    Args:
+        out_dir: where ``backbone.safetensors`` (+ ``.json``) and the run folder go.
+        data_root: the Fashion-MNIST folder.
+        model_cfg: the ViT's architecture.
+        cfg: the optimisation.
+        split_cfg: the data splits (the backbone trains on ``backbone`` only).
+        progress: ``(step, total)`` callback.
+        fresh: delete the run folder first instead of resuming it.
 
     Returns:
         Summary metrics (test accuracy, seconds, steps) also written to ``backbone.json``.
+
+    Raises:
+        ValueError: the run folder holds a run of another configuration (and not ``fresh``).
     """
     model_cfg, cfg = model_cfg or ViTConfig(), cfg or PretrainConfig()
     split_cfg = split_cfg or SplitConfig()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but torch sees no CUDA device")
+    config = {
+        "pretrain": dataclasses.asdict(cfg),
+        "model": dataclasses.asdict(model_cfg),
+        "splits": dataclasses.asdict(split_cfg),
+    }
+    run_dir = Path(out_dir) / RUN_DIR
+    start_run(run_dir, config, fresh=fresh, ignore=RESUME_IGNORES)
     with torch_threads(cfg.threads or None):
-        return _pretrain(Path(out_dir), data_root, model_cfg, cfg, split_cfg, progress)
+        return _pretrain(Path(out_dir), run_dir, data_root, model_cfg, cfg, split_cfg, progress)
 
 
-def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
+def _pretrain(out_dir, run_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
     # setup
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     splits = make_splits(load_fashion_mnist(data_root), split_cfg)
     train = splits["backbone"]
     model = ViT(model_cfg).to(cfg.device)
@@ -175,27 +215,25 @@ def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} backbone images")
     total = cfg.epochs * steps_per_epoch
-    # resume: the same run (only `epochs` may change, which re-times the cosine schedule)
-    ckpt_path = out_dir / CHECKPOINT
-    step, seconds = 0, 0.0
-    run_config = dataclasses.asdict(cfg) | {"model": dataclasses.asdict(model_cfg)}
-    if ckpt_path.exists():
-        saved_config = json.loads(read_checkpoint_metadata(ckpt_path)["config"])
-        if config_matches(saved_config, run_config, RESUME_IGNORES):
-            ckpt = load_checkpoint(
-                ckpt_path, modules={"model": model}, optimizers={"opt": opt}, device=cfg.device
-            )
-            step, seconds = ckpt.step, float(ckpt.state["seconds"])
-            history = list(saved_config.get("resumed_with", []))
-            run_config["resumed_with"] = [
-                *history,
-                {"epochs": saved_config["epochs"], "until_step": step},
-            ]
-            log.info("resuming backbone pretraining at step %d/%d", step, total)
-    atomic_write_json(out_dir / "backbone_config.json", run_config)
+    # resume from the last good checkpoint (start_run has checked that the config is the same;
+    # only `epochs` may differ, which re-times the cosine schedule from there)
+    ckpt_path = run_dir / CHECKPOINT
+    step, seconds, history = 0, 0.0, []
+    if checkpoint_exists(ckpt_path):
+        ckpt = load_checkpoint(
+            ckpt_path, modules={"model": model}, optimizers={"opt": opt}, device=cfg.device
+        )
+        step, seconds = ckpt.step, float(ckpt.state["seconds"])
+        history = list(ckpt.state.get("schedule_history", []))
+        if ckpt.config["pretrain"]["epochs"] != cfg.epochs:
+            history.append({"epochs": ckpt.config["pretrain"]["epochs"], "until_step": step})
+        log.info("resuming backbone pretraining at step %d/%d", step, total)
+    truncate_metrics(run_dir, step)  # records past the checkpoint are logged again
+    run_config = read_json(run_dir / "config.json")
     # train
     images, labels = train.images.to(cfg.device), train.labels.to(cfg.device)  # uint8, int64
     start = time.perf_counter()
+    loss_sum, losses = torch.zeros((), dtype=torch.float64, device=cfg.device), 0
     model.train()
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -212,11 +250,20 @@ def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
             loss.backward()
             opt.step()
             step += 1
+            loss_sum, losses = loss_sum + loss.detach().double(), losses + 1
             if step % 50 == 0:
                 log.info("step %d/%d loss %.4f", step, total, loss.item())
             if progress:
                 progress(step, total)
             if step % cfg.ckpt_every == 0 or step == total:
+                # the record first: killed before the checkpoint lands, the resume drops it
+                record = {"step": step, "epoch": step / steps_per_epoch}
+                record |= {
+                    "lr": lr_at(step - 1, total, cfg),
+                    "train/loss": float(loss_sum) / losses,
+                }
+                append_metrics(run_dir, record)
+                loss_sum, losses = torch.zeros_like(loss_sum), 0
                 elapsed = seconds + time.perf_counter() - start
                 save_checkpoint(
                     ckpt_path,
@@ -224,8 +271,9 @@ def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
                     step=step,
                     modules={"model": model},
                     optimizers={"opt": opt},
-                    state={"seconds": elapsed},
+                    state={"seconds": elapsed, "schedule_history": history},
                 )
+            fault_point("exits-pretrain-step")  # kill tests: die between two steps
     seconds += time.perf_counter() - start
     # evaluate and export
     test_acc = accuracy(model, splits["test"], cfg.eval_batch, cfg.device)
@@ -238,7 +286,7 @@ def _pretrain(out_dir, data_root, model_cfg, cfg, split_cfg, progress) -> dict:
         "val_accuracy": val_acc,
         "train_seconds": seconds,
         "steps": step,
-        "schedule_history": run_config.get("resumed_with", []),
+        "schedule_history": history,
         "torch_threads": torch.get_num_threads(),
     }
     save_backbone(model, out_dir / "backbone.safetensors", summary)

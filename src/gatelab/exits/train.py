@@ -18,18 +18,20 @@ The backbone is frozen, so each split's pooled features are computed once
 
 After every phase the validation objective (cross-entropy at the hard exit plus
 :math:`\lambda` times its cost) is measured and the best IMs and gates are kept (early stopping).
-With a run folder, every phase ends with one atomic checkpoint
-(:func:`gatelab.runs.save_checkpoint`: IMs, gates, both optimisers, the batch order and the best
-state so far) and a line of
-``metrics.jsonl``; a rerun resumes after the last finished phase and ends in the same state.
+With a run folder (claimed by :func:`gatelab.runs.start_run`), every phase ends with a line of
+``metrics.jsonl`` and one atomic checkpoint (:func:`gatelab.runs.save_checkpoint`: IMs, gates,
+both optimisers, the batch order and the best state so far, the previous one kept beside it). A
+rerun resumes after the last finished phase and ends in the same state, even when the run was
+killed inside a checkpoint write; a rerun with another configuration is refused unless ``fresh``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -41,15 +43,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatelab import gates as gating
-from gatelab.exits.backbones import FeatureCache, prepare, save_exits
+from gatelab.exits.backbones import FeatureCache, load_backbone, prepare, save_exits
 from gatelab.exits.data import SplitConfig
 from gatelab.exits.model import EarlyExitModel, ExitGate
 from gatelab.runs import (
     append_metrics,
-    atomic_write_json,
+    checkpoint_exists,
+    config_matches,
+    fault_point,
     load_checkpoint,
-    read_checkpoint_metadata,
     save_checkpoint,
+    start_run,
     truncate_metrics,
 )
 
@@ -77,10 +81,23 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not self.lam >= 0:
-            raise ValueError(f"TrainConfig: lam must be >= 0, got {self.lam}")
+        for name, positive in (
+            ("lam", False),
+            ("lr_im", True),
+            ("lr_gate", True),
+            ("weight_decay", False),
+            ("balance", False),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                wanted = "> 0" if positive else ">= 0"
+                raise ValueError(
+                    f"TrainConfig: {name} must be a finite number {wanted}, got {value}"
+                )
         if self.warmup_epochs < 0 or self.n_rounds < 0 or self.phase_steps < 1:
             raise ValueError("TrainConfig: warmup_epochs, n_rounds >= 0 and phase_steps >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainConfig: batch_size must be >= 1, got {self.batch_size}")
 
 
 def exit_losses(model: EarlyExitModel, cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +207,9 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     run_dir: Path | None = None,
     progress: Progress = None,
+    *,
+    fresh: bool = False,
+    run_config: dict | None = None,
 ) -> dict:
     """Warm up the IMs, then alternate gate and IM phases; keep the best validation state.
 
@@ -199,12 +219,18 @@ def train(
         val_cache: features of the validation split.
         cost: FLOPs fraction of leaving at each exit ``(L,)``.
         cfg: the training configuration.
-        run_dir: where ``train_ckpt.safetensors`` (resume) and ``metrics.jsonl`` go; ``None``
-            for neither.
+        run_dir: the run folder (``config.json``, ``metrics.jsonl``, the resumable
+            ``train_ckpt.safetensors``); a rerun on it resumes. ``None``: nothing is written.
         progress: ``(done, total)`` callback over phases.
+        fresh: delete ``run_dir`` first instead of resuming it.
+        run_config: what ``config.json`` records and a resume must match (default: ``cfg``;
+            :func:`train_checkpoint` adds the backbone).
 
     Returns:
         Metrics of the kept state (validation objective, phases run, seconds).
+
+    Raises:
+        ValueError: ``run_dir`` holds a run of another configuration (and not ``fresh``).
     """
     # setup
     random.seed(cfg.seed)
@@ -221,21 +247,25 @@ def train(
     steps_per_epoch = max(1, n // batch_size)
     total_phases = 1 + 2 * cfg.n_rounds
     phase, best, best_state, start = 0, float("inf"), None, time.perf_counter()
-    config = dataclasses.asdict(cfg)
+    config = run_config if run_config is not None else {"train": dataclasses.asdict(cfg)}
     ckpt = None if run_dir is None else Path(run_dir) / CHECKPOINT
-    # resume after the last finished phase of the same run
-    if ckpt is not None and ckpt.exists():
-        if json.loads(read_checkpoint_metadata(ckpt)["config"]) == config:
-            saved = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, device=cfg.device)
-            phase, best = saved.step, saved.state["best"]
-            best = float("inf") if best is None else best
-            batches.load_state(saved.tensors, saved.state)
-            prefix = "best."
-            own = {k[len(prefix) :]: v for k, v in saved.tensors.items() if k.startswith(prefix)}
-            best_state = own or None
-            log.info("resuming JEI-DNN training at phase %d/%d", phase, total_phases)
+    # resume after the last finished phase of the same run (start_run refuses another config)
+    if run_dir is not None and start_run(run_dir, config, fresh=fresh) and checkpoint_exists(ckpt):
+        saved = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, device=cfg.device)
+        if not config_matches(saved.config, config, ()):
+            raise ValueError(
+                f"{ckpt}: was written for another configuration than {run_dir}/config.json; "
+                "rerun with --fresh to start over"
+            )
+        phase, best = saved.step, saved.state["best"]
+        best = float("inf") if best is None else best
+        batches.load_state(saved.tensors, saved.state)
+        prefix = "best."
+        own = {k[len(prefix) :]: v for k, v in saved.tensors.items() if k.startswith(prefix)}
+        best_state = own or None
+        log.info("resuming JEI-DNN training at phase %d/%d", phase, total_phases)
     if run_dir is not None:
-        truncate_metrics(run_dir, phase)  # a fresh run starts a fresh log
+        truncate_metrics(run_dir, phase)  # records past the checkpoint are logged again
     warm = warmup_weights(model.n_exits).to(cfg.device)
     model.train()
     while phase < total_phases:
@@ -253,6 +283,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            fault_point("exits-train-step")  # kill tests: die between two steps
         phase += 1
         # evaluate and keep the best state (gates only exist after the first gate phase)
         score = hard_objective(model, val_cache, cost, cfg.lam) if phase > 1 else float("inf")
@@ -312,19 +343,44 @@ def clone_exits(model: EarlyExitModel, gate_context: bool | None = None) -> Earl
     return twin
 
 
+def backbone_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensor bytes (its metadata, e.g. timings, left out)."""
+    blob = Path(path).read_bytes()
+    header = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header :]).hexdigest()
+
+
 def train_checkpoint(
-    backbone: Path, data_root: Path, out: Path, cfg: TrainConfig, progress: Progress = None
+    backbone: Path,
+    data_root: Path,
+    out: Path,
+    cfg: TrainConfig,
+    progress: Progress = None,
+    *,
+    fresh: bool = False,
 ) -> dict:
     """Train JEI-DNN for ``cfg.lam`` on a ViT backbone; write ``out`` (+ .json) and a run folder.
 
-    The run folder ``out`` without suffix holds ``config.json``, ``metrics.jsonl`` and the
-    resumable ``train_ckpt.safetensors``.
+    The run folder ``out`` without suffix holds ``config.json`` (the training config and the
+    backbone's tensor digest), ``metrics.jsonl`` and the resumable ``train_ckpt.safetensors``; a
+    rerun resumes it, one with another configuration or backbone is refused unless ``fresh``.
     """
+    out, backbone = Path(out), Path(backbone)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {out}")
+    load_backbone(backbone)  # a missing, truncated or foreign file fails here, before any work
+    run_config = {
+        "train": dataclasses.asdict(cfg),
+        "backbone_sha256": backbone_digest(backbone),  # the same weights, wherever they lie
+    }
+    run_dir = out.with_suffix("")
+    start_run(run_dir, run_config, fresh=fresh)
     prep = prepare(backbone, data_root, SplitConfig(), cfg.device, cache_dir=backbone.parent)
-    run_dir = Path(out).with_suffix("")
-    atomic_write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     caches, cost = prep.caches, prep.flops.fraction
-    metrics = train(prep.model, caches["exits"], caches["val"], cost, cfg, run_dir, progress)
+    metrics = train(
+        prep.model, caches["exits"], caches["val"], cost, cfg, run_dir, progress,
+        run_config=run_config,
+    )  # fmt: skip
     meta = {"lam": cfg.lam, "backbone": str(backbone), "train": dataclasses.asdict(cfg)}
     save_exits(prep.model, out, meta | {"metrics": metrics})
     return metrics

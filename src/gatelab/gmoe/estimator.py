@@ -17,7 +17,14 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_consistent_length,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 from threadpoolctl import threadpool_limits
 
 from gatelab.gmoe.em import design, expert_step, newton_direction, run_em, softmax_experts
@@ -30,6 +37,22 @@ INIT_CANDIDATES = 4  # candidate partitions per restart, screened by a short EM 
 SHORT_RUN = 20  # EM iterations of that screening run
 MAX_BATCH = 5_000_000  # cap on candidates * n_samples * n_experts (memory of one batch tensor)
 SMALL_PROBLEM = 2_000_000  # n_samples * n_experts * n_init below which fit uses one thread
+
+
+def _named(name: str, error: Exception) -> Exception:
+    """``error`` (a ``ValueError`` or ``TypeError``) with its message prefixed by ``name:``."""
+    kind = TypeError if isinstance(error, TypeError) else ValueError
+    return kind(f"{name}: {error}")
+
+
+def _random_state(value, name: str = "random_state"):
+    """``check_random_state`` with an error that names the argument."""
+    try:
+        return check_random_state(value)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{name} must be None, an int in [0, 2**32) or a numpy RandomState, got {value!r}"
+        ) from None
 
 
 @contextmanager
@@ -135,8 +158,18 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
             )
         for name in ("tol", "reg_var"):
             value = getattr(self, name)
-            if not isinstance(value, Real) or not value >= 0 or not math.isfinite(value):
+            bad_type = isinstance(value, bool) or not isinstance(value, Real)
+            if bad_type or not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(
+                f"device must name a torch device (cpu, cuda), got {self.device!r}"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}, but CUDA is not available on this machine")
+        _random_state(self.random_state)
         if n_samples < max(2, self.n_experts):
             raise ValueError(
                 f"n_samples={n_samples} is too few: need at least max(2, n_experts="
@@ -167,7 +200,7 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         Raises:
             ValueError: NaN/inf, wrong shapes, ``y`` of the wrong length, ``top_k > n_experts``.
         """
-        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        X, y = self._check_Xy(X, y, reset=True)
         top_k = self._check_params(*X.shape)
         threads = self.n_threads
         if threads is None and len(X) * self.n_experts * self.n_init < SMALL_PROBLEM:
@@ -182,6 +215,29 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
                 stacklevel=2,
             )
         return self
+
+    def _check_Xy(self, X, y, reset: bool):
+        """Validated ``(X, y)``; every error names the argument at fault."""
+        X = self._check_X(X, reset)
+        try:
+            if y is None:
+                raise ValueError("requires y to be passed, but the target y is None")
+            y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+            y = column_or_1d(y, warn=True)  # a column vector warns, as sklearn regressors do
+        except (ValueError, TypeError) as error:
+            raise _named("y", error) from None
+        try:
+            check_consistent_length(X, y)
+        except ValueError as error:
+            raise _named("X and y", error) from None
+        return X, y
+
+    def _check_X(self, X, reset: bool):
+        """Validated ``X`` (2-D, finite, float64; its width that of ``fit`` unless ``reset``)."""
+        try:
+            return validate_data(self, X, reset=reset, dtype=np.float64)
+        except (ValueError, TypeError) as error:
+            raise _named("X", error) from None
 
     def _fit(self, X, y, top_k):
         rng = check_random_state(self.random_state)
@@ -284,7 +340,7 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
     # ----------------------------------------------------------------- prediction
     def _X(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=np.float64)
+        return self._check_X(X, reset=False)
 
     def predict(self, X):
         r"""Conditional mean :math:`E[y \mid x]`, ndarray of shape (n_samples,)."""
@@ -300,17 +356,30 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
             sample_weight: optional array-like of shape (n_samples,) for a weighted mean.
         """
         check_is_fitted(self)
-        X, y = validate_data(self, X, y, reset=False, y_numeric=True, dtype=np.float64)
+        X, y = self._check_Xy(X, y, reset=False)
+        if sample_weight is not None:
+            weights = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+            if not weights.sum() > 0:
+                raise ValueError("sample_weight must not sum to zero")
+            sample_weight = weights
         return float(np.average(self.params_.log_density(X, y, self.device), weights=sample_weight))
 
     def sample(self, X, random_state=None):
         """Draw one ``y`` per row of ``X`` from the fitted model, ndarray (n_samples,)."""
         X = self._X(X)
-        return self.params_.sample(X, random_state)
+        try:
+            rng = np.random.default_rng(random_state)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"random_state must be None, an int >= 0 or a numpy Generator, got {random_state!r}"
+            ) from None
+        return self.params_.sample(X, rng)
 
     def bic(self, X, y):
         r"""Bayesian information criterion :math:`-2\log L + p\log n` (lower is better)."""
-        n = _num_samples(X)
+        check_is_fitted(self)
+        X, y = self._check_Xy(X, y, reset=False)
+        n = len(X)
         return -2.0 * n * self.score(X, y) + self.params_.n_parameters() * math.log(n)
 
     def __sklearn_tags__(self):
@@ -319,7 +388,3 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         # (check_regressors_train) does not apply: it is the only check we opt out of.
         tags.regressor_tags.poor_score = True
         return tags
-
-
-def _num_samples(X) -> int:
-    return len(X) if hasattr(X, "__len__") else np.asarray(X).shape[0]

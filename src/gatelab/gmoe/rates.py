@@ -16,16 +16,17 @@ and K̄ = 3, the Voronoi cardinality condition (cells of sizes 2, 1, 1 and every
 contains cell 0: 3 atoms); (c) ``over_small`` k = 4 with K̄ = 2 < 3, where the theory predicts no
 consistency.
 
-Each (setting, n, replication) is one job; results are cached as JSON in
-``runs/gmoe-rates/reps/`` (keyed by a fingerprint of the configuration) and skipped on rerun, and
-jobs run in a process pool with one torch thread per worker.
+Each (setting, n, replication) is one job; jobs run in a process pool with one torch thread per
+worker. The main process writes each result atomically to ``runs/gmoe-rates/reps/`` as it
+arrives (keyed by a fingerprint of the configuration), and a rerun skips the cached ones: a study
+killed at any point, even inside a write, resumes to the same records (the replications are
+seeded by (seed, n, rep), so the order they run in does not matter).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,6 +38,7 @@ import numpy as np
 
 from gatelab.gmoe.eval import hellinger, total_variation, voronoi_cells, voronoi_loss
 from gatelab.gmoe.model import GaussianMoE
+from gatelab.runs import atomic_write_bytes, fault_point, read_json
 from gatelab.threads import torch_threads
 
 SETTINGS = {  # name: (n_experts, top_k, split the first true atom in two)
@@ -197,19 +199,34 @@ def fingerprint(cfg: RateConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# fingerprint-free settings: they choose which replications run, not what one of them gives
+STUDY_SIZE_KEYS = ("sample_sizes", "n_reps", "settings")
+
+
 def _job(args):
-    setting, n, rep, cfg, path = args
-    result = run_replication(setting, n, rep, cfg) | {"fingerprint": fingerprint(cfg)}
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written file
-    return result
+    setting, n, rep, cfg = args
+    return run_replication(setting, n, rep, cfg) | {"fingerprint": fingerprint(cfg)}
+
+
+def _save(record: dict, path: Path) -> dict:
+    """Write one replication's record atomically (fault points ``gmoe-rep-write``, ``-done``)."""
+    atomic_write_bytes(path, json.dumps(record).encode(), fault="gmoe-rep")
+    fault_point("gmoe-rep-done")  # kill tests: die between two replications
+    return record
+
+
+def _order(record: dict) -> tuple:
+    return record["setting"], record["n"], record["rep"]
 
 
 def run_study(
     cfg: RateConfig, out_dir: Path, workers: int = 2, progress: Callable | None = None
 ) -> list[dict]:
-    """Run (or resume) every replication; returns all per-replication records."""
+    """Run (or resume) every replication; all per-replication records, by (setting, n, rep).
+
+    A cached record is kept if its fingerprint is this configuration's (a corrupt one is
+    reported naming its file); the others run, ``workers`` at a time.
+    """
     cache = Path(out_dir) / "reps"
     cache.mkdir(parents=True, exist_ok=True)
     key = fingerprint(cfg)
@@ -219,18 +236,18 @@ def run_study(
             for rep in range(cfg.n_reps):
                 path = cache / f"{setting}_n{n}_r{rep}.json"
                 if path.exists():
-                    record = json.loads(path.read_text())
+                    record = read_json(path)
                     if record.get("fingerprint") == key:
                         records.append(record)
                         continue
-                todo.append((setting, n, rep, cfg, path))
-    todo.sort(key=lambda job: (-job[1], job[0] == "exact"))  # big jobs first balances the pool
+                todo.append(((setting, n, rep, cfg), path))
+    todo.sort(key=lambda job: (-job[0][1], job[0][0] == "exact"))  # big jobs first balance the pool
     total = len(records) + len(todo)
     if progress:
         progress(len(records), total)
     if todo and workers <= 1:
-        for job in todo:
-            records.append(_job(job))
+        for job, path in todo:
+            records.append(_save(_job(job), path))
             if progress:
                 progress(len(records), total)
     elif todo:
@@ -238,11 +255,12 @@ def run_study(
         # pool after fork and every worker runs single-threaded (run_replication)
         ctx = get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for future in as_completed([pool.submit(_job, job) for job in todo]):
-                records.append(future.result())
+            futures = {pool.submit(_job, job): path for job, path in todo}
+            for future in as_completed(futures):
+                records.append(_save(future.result(), futures[future]))
                 if progress:
                     progress(len(records), total)
-    return records
+    return sorted(records, key=_order)  # one order, however the run was split or interrupted
 
 
 def config_dict(cfg: RateConfig) -> dict:

@@ -6,12 +6,12 @@ Slopes are least squares of ``log(mean loss)`` on ``log(n)``, as in the authors'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from gatelab.gmoe.rates import THEORY, RateConfig
+from gatelab.runs import atomic_write_bytes, atomic_write_json, start_run
 
 METRICS = ("hellinger", "tv", "voronoi", "beta1", "a", "b", "var")
 LABELS = {
@@ -115,26 +115,29 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 
 
 def rate_study(
-    cfg: RateConfig, out_dir: Path, workers: int = 2, progress=None
+    cfg: RateConfig, out_dir: Path, workers: int = 2, progress=None, *, fresh: bool = False
 ) -> tuple[dict, list[Path]]:
     """Run (or resume) the study and write ``config.json``, ``rates.json``, plots, ``report.md``.
+
+    ``out_dir`` is a run folder (:func:`gatelab.runs.start_run`): a rerun resumes it, and the
+    quick and full presets share it (they differ only in which replications run); a study whose
+    replications would differ (another seed, tolerance, ...) is refused unless ``fresh``.
 
     Returns:
         The summary (see :func:`summarise`) and the figure paths.
     """
-    from gatelab.gmoe.rates import config_dict, run_study
+    from gatelab.gmoe.rates import STUDY_SIZE_KEYS, config_dict, run_study
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+    start_run(out_dir, config_dict(cfg), fresh=fresh, ignore=STUDY_SIZE_KEYS)
     records = run_study(cfg, out_dir, workers=workers, progress=progress)
     summary = summarise(records, cfg)
-    (out_dir / "rates.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "rates.json", summary)
     figures = plot(summary, out_dir)
     n_text = ", ".join(str(n) for n in cfg.sample_sizes)
     report = (
         f"# Convergence rates (gatelab gmoe rates)\n\nn = {n_text}; {cfg.n_reps} replications; "
         "fitted slope of log(mean loss) vs log(n), theory in brackets.\n\n" + table(summary) + "\n"
     )
-    (out_dir / "report.md").write_text(report)
+    atomic_write_bytes(out_dir / "report.md", report.encode())
     return summary, figures
