@@ -202,11 +202,13 @@ def train(
                             gate_logits = model.gate.logits(batch.obs)
                             bce = F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
                             loss = loss + bce
-                        opt.zero_grad(set_to_none=True)
-                        if opt_alpha is not None:
-                            opt_alpha.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if opt is opt_theta:
+                        if opt is opt_alpha:  # alpha's gradient only: no weight gradients
+                            (model.graph.alpha.grad,) = torch.autograd.grad(
+                                loss, [model.graph.alpha]
+                            )
+                        else:
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
                             params = [q for g in opt_theta.param_groups for q in g["params"]]
                             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
                             stats.append(torch.stack(list(parts)).detach())
