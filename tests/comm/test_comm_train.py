@@ -207,3 +207,34 @@ def test_smoke_loss_finite_and_improving():
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):
         config(**{field: value})
+
+
+def test_kl_guard_stops_the_update_where_the_kl_passes_the_target():
+    # one minibatch per epoch and a large lr: some epoch's step overshoots, the next epoch
+    # measures a KL past the target and the update ends there without stepping again
+    cfg = config(TINY, updates=1, minibatches=1, ppo_epochs=4, lr=0.1, target_kl=0.03)
+    stopped = train(cfg)
+    row = stopped.history[0]
+    assert row["ppo/kl_stop"] == 1.0 and row["ppo/approx_kl_max"] > 0.03
+    epochs = row["ppo/epochs"]
+    assert epochs in (1.0, 2.0, 3.0)
+    # the same update cut to that many epochs without a guard: the very same weights
+    cut = train(config(cfg, ppo_epochs=int(epochs), target_kl=0.0))
+    assert cut.history[0]["ppo/kl_stop"] == 0.0
+    for p, q in zip(stopped.model.parameters(), cut.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    unguarded = train(config(cfg, target_kl=0.0)).history[0]  # every epoch runs
+    assert unguarded["ppo/epochs"] == 4.0 and unguarded["ppo/kl_stop"] == 0.0
+
+
+def test_kl_guard_stops_a_diverged_policy():
+    # lr 1.0: the first step sends the logits to inf, the KL is NaN (NaN > target is False)
+    row = train(config(TINY, updates=1, minibatches=1, lr=1.0)).history[0]
+    assert row["ppo/kl_stop"] == 1.0 and row["ppo/epochs"] == 1.0
+    assert row["ppo/approx_kl_max"] != row["ppo/approx_kl_max"]  # NaN recorded as such
+
+
+def test_kl_guard_leaves_a_calm_update_alone():
+    row = train(config(TINY, updates=1)).history[0]  # default lr, default target
+    assert row["ppo/kl_stop"] == 0.0 and row["ppo/epochs"] == TINY.ppo.ppo_epochs
+    assert 0 < row["ppo/approx_kl_max"] < TINY.ppo.target_kl

@@ -99,16 +99,17 @@ def causal_effect(model: CommFormer, ro: Rollout) -> torch.Tensor:
     if ro.listen is None:
         raise ValueError("causal_effect needs a rollout with temporal gates")
     t, b, a = ro.actions.shape
-    obs, actions = ro.obs.flatten(0, 1), ro.actions.flatten(0, 1)
-    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)  # (T*B, A, A)
-    listen = ro.listen.flatten(0, 1)  # (T*B, A)
-    factual = ro.log_probs.flatten(0, 1)  # (T*B, A, n_act)
+    rows = ro.alive.flatten()  # (T*B,): only the steps of running episodes
+    obs, actions = ro.obs.flatten(0, 1)[rows], ro.actions.flatten(0, 1)[rows]
+    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)[rows]  # (N, A, A)
+    listen = ro.listen.flatten(0, 1)[rows]  # (N, A)
+    factual = ro.log_probs.flatten(0, 1)[rows]  # (N, A, n_act)
     flipped = F.log_softmax(model.flipped_logits(obs, graph, listen, actions), -1)
     heard = listen.bool()[..., None]
     on, off = torch.where(heard, factual, flipped), torch.where(heard, flipped, factual)
-    effect = (on.exp() * (on - off)).sum(-1)  # KL(pi(.|z_i = 1) || pi(.|z_i = 0))
-    live = ro.acting & ro.alive[..., None]
-    return effect.unflatten(0, (t, b)).clamp_min(0.0) * live
+    effect = torch.zeros(t * b, a, dtype=obs.dtype, device=obs.device)
+    effect[rows] = (on.exp() * (on - off)).sum(-1)  # KL(pi(.|z_i = 1) || pi(.|z_i = 0))
+    return effect.unflatten(0, (t, b)).clamp_min(0.0) * ro.acting
 
 
 def causal_labels(effect: torch.Tensor, live: torch.Tensor, share: float) -> torch.Tensor:

@@ -141,7 +141,7 @@ def train(
         log.info("comm run %s from update %d: %s", run_dir, start, cfg)
         alpha0 = model.graph.alpha.detach().clone()
         agent_steps, share = state.get("agent_steps", 0), state.get("label_share")
-        causal, straight_through = uses_causal(cfg), cfg.gate.kind is Estimator.st
+        causal = uses_causal(cfg)
         p = cfg.ppo
         began = time.perf_counter()
         for update in range(start, p.updates):
@@ -165,57 +165,16 @@ def train(
             targets = value_norm.normalize(returns)
             a_live = adv.flatten(0, 1)[alive]
             adv = (adv - a_live.mean()) / (a_live.std() + 1e-8)
-            # ---- PPO epochs on theta; every alpha_every-th epoch also a pass on alpha
+            # ---- PPO epochs on theta (and alpha), stopped early past the target KL
             model.train()
-            index = torch.nonzero(alive).squeeze(-1)  # joint samples (t, b) still running
-            env_index = index % ro.graph.shape[0]
-            stored = {k: getattr(ro, k) for k in ("obs", "actions", "logp", "acting")}
-            flat = {
-                k: v.flatten(0, 1) for k, v in {**stored, "adv": adv, "targets": targets}.items()
-            }
-            listen = None if ro.listen is None else ro.listen.flatten(0, 1)
-            gated = listen is not None
             train_alpha = opt_alpha is not None and update >= p.alpha_warmup_updates
-            stats = []
-            for epoch in range(p.ppo_epochs):
-                order = torch.as_tensor(rng.permutation(len(index)))
-                alpha_pass = train_alpha and (epoch + 1) % p.alpha_every == 0
-                for opt in (opt_theta, opt_alpha) if alpha_pass else (opt_theta,):
-                    for chunk in order.chunk(p.minibatches):
-                        rows, envs = index[chunk], env_index[chunk]
-                        batch = Batch(
-                            **{k: v[rows] for k, v in flat.items()},
-                            listen=listen[rows] if gated else None,
-                            env_index=envs,
-                        )
-                        graph = ro.graph
-                        if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's grad
-                            graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                        parts = ppo_losses(
-                            model, batch, graph[envs], p.clip, not (causal and gated)
-                        )
-                        loss = parts.policy + p.value_coef * parts.value
-                        loss = loss - p.entropy_coef * parts.entropy
-                        if straight_through and gated:  # the paper's cost on the comm rate
-                            loss = loss + cost * parts.comm
-                        if causal and gated:  # the gate classifies its observation (labels)
-                            gate_logits = model.gate.logits(batch.obs)
-                            bce = F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
-                            loss = loss + bce
-                        if opt is opt_alpha:  # alpha's gradient only: no weight gradients
-                            (model.graph.alpha.grad,) = torch.autograd.grad(
-                                loss, [model.graph.alpha]
-                            )
-                        else:
-                            opt.zero_grad(set_to_none=True)
-                            loss.backward()
-                            params = [q for g in opt_theta.param_groups for q in g["params"]]
-                            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-                            stats.append(torch.stack(list(parts)).detach())
-                        opt.step()
+            flat = {"adv": adv, "targets": targets, "labels": labels}
+            epochs = _ppo_epochs(
+                cfg, model, ro, flat, (opt_theta, opt_alpha), train_alpha, cost, rng
+            )
             # ---- log, adapt the label share, checkpoint
             agent_steps += int(ro.steps.sum()) * cfg.env.agents
-            mean = torch.stack(stats).mean(0).tolist()
+            mean = torch.stack(epochs.stats).mean(0).tolist()
             row = {
                 "step": update + 1,
                 "agent_steps": agent_steps,
@@ -226,6 +185,9 @@ def train(
                 **threshold_rate(model, ro, alive, cost, temp),
                 **causal_row,
                 **dict(zip(LOSS_KEYS, mean, strict=True)),
+                "ppo/approx_kl_max": epochs.kl_max,
+                "ppo/epochs": epochs.done,
+                "ppo/kl_stop": float(epochs.kl_stop),
                 "graph/noise": noise,
                 "graph/alpha_drift": float((model.graph.alpha.detach() - alpha0).abs().max()),
                 "perf/steps_per_s": int(ro.steps.sum())
@@ -258,6 +220,73 @@ def train(
         plot_graph(model, run_dir / "graph.png")
         plot_comm_rate(history, run_dir / "comm_rate.png")
     return TrainResult(model, value_norm, history, run_dir)
+
+
+class Epochs(NamedTuple):
+    """What the PPO epochs of one update did."""
+
+    stats: list[torch.Tensor]  # the loss parts (LOSS_KEYS) of every theta step
+    done: float  # epochs completed (a stopped epoch counts its share of minibatches)
+    kl_stop: bool  # stopped because a minibatch's approximate KL passed ppo.target_kl
+    kl_max: float  # the largest approximate KL a minibatch measured
+
+
+def _ppo_epochs(cfg, model, ro, flat, optims, train_alpha: bool, cost: float, rng) -> Epochs:
+    """PPO epochs on theta; after every ``alpha_every``-th epoch a pass on alpha.
+
+    The KL guard: each minibatch measures the approximate KL of the current policy to the
+    rollout's before its step; past ``ppo.target_kl`` (> 0) the update ends there, with no step
+    on that minibatch and no further pass on theta or alpha (after Stable-Baselines3's PPO).
+    """
+    p, (opt_theta, opt_alpha) = cfg.ppo, optims
+    causal, straight_through = uses_causal(cfg), cfg.gate.kind is Estimator.st
+    alive = ro.alive.flatten()  # (T*B,)
+    index = torch.nonzero(alive).squeeze(-1)  # joint samples (t, b) still running
+    env_index = index % ro.graph.shape[0]
+    stored = {k: getattr(ro, k).flatten(0, 1) for k in ("obs", "actions", "logp", "acting")}
+    data = {**stored, "adv": flat["adv"].flatten(0, 1), "targets": flat["targets"].flatten(0, 1)}
+    listen = None if ro.listen is None else ro.listen.flatten(0, 1)
+    gated, labels = listen is not None, flat["labels"]
+    stats, kl_max, steps = [], 0.0, 0
+    for epoch in range(p.ppo_epochs):
+        order = torch.as_tensor(rng.permutation(len(index)))
+        alpha_pass = train_alpha and (epoch + 1) % p.alpha_every == 0
+        for opt in (opt_theta, opt_alpha) if alpha_pass else (opt_theta,):
+            for chunk in order.chunk(p.minibatches):
+                rows, envs = index[chunk], env_index[chunk]
+                batch = Batch(
+                    **{k: v[rows] for k, v in data.items()},
+                    listen=listen[rows] if gated else None,
+                    env_index=envs,
+                )
+                graph = ro.graph
+                if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
+                    graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
+                parts = ppo_losses(model, batch, graph[envs], p.clip, not (causal and gated))
+                if opt is opt_theta:
+                    kl = float(parts.approx_kl)
+                    kl_max = kl if not kl <= kl_max else kl_max  # NaN (a diverged policy) sticks
+                    if p.target_kl > 0 and not kl <= p.target_kl:
+                        done = steps / p.minibatches
+                        return Epochs(stats or [torch.stack(list(parts)).detach()], done, True,
+                                      kl_max)  # fmt: skip
+                loss = parts.policy + p.value_coef * parts.value - p.entropy_coef * parts.entropy
+                if straight_through and gated:  # the paper's cost on the comm rate
+                    loss = loss + cost * parts.comm
+                if causal and gated:  # the gate classifies its observation (labels)
+                    gate_logits = model.gate.logits(batch.obs)
+                    loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
+                if opt is opt_alpha:  # alpha's gradient only: no weight gradients
+                    (model.graph.alpha.grad,) = torch.autograd.grad(loss, [model.graph.alpha])
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    params = [q for g in opt_theta.param_groups for q in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+                    stats.append(torch.stack(list(parts)).detach())
+                    steps += 1
+                opt.step()
+    return Epochs(stats, steps / p.minibatches, False, kl_max)
 
 
 LOSS_KEYS = ("loss/policy", "loss/value", "loss/entropy", "loss/comm", "loss/approx_kl",
