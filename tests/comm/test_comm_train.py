@@ -148,15 +148,18 @@ def test_seed_reproducible_and_warmup_ends():
         assert all(np.isfinite(v) for v in h.values())
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_rerun_resumes_or_refuses_never_overwrites(tmp_path):
     cfg = config(TINY, updates=3, temporal_gate=True, comm_cost=0.1)
     straight = train(cfg, tmp_path / "a").history
     train(config(cfg, updates=1), tmp_path / "b")
-    with pytest.raises(ValueError, match="another config"):  # 1 update planned, not 3
-        train(cfg, tmp_path / "b", resume=True)
-    train(config(cfg, updates=3, checkpoint_every=2), tmp_path / "b")  # fresh: checkpoints 2, 3
-    resumed = train(cfg, tmp_path / "b", resume=True).history
-    assert strip(resumed) == strip(straight)
+    weights = (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: train.ppo.updates"):
+        train(cfg, tmp_path / "b")  # 1 update planned, not 3: refused, naming --fresh
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights  # untouched
+    train(config(cfg, checkpoint_every=2), tmp_path / "b", fresh=True)  # checkpoints at 2, 3
+    again = train(cfg, tmp_path / "b")  # checkpoint_every may differ; nothing left to do
+    assert again.history == train(cfg, tmp_path / "b").history
+    assert strip(again.history) == strip(straight)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["train"]["ppo"]["updates"] == 3 and saved["model"]["temporal_gate"]
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]  # no duplicates
@@ -165,16 +168,30 @@ def test_resume_continues_exactly(tmp_path):
         "model.safetensors",
     ]
     model, loaded = load_model(tmp_path / "b" / "model.safetensors")
-    assert loaded.with_(checkpoint_every=1) == cfg  # the last checkpoint: update 3, every 2
-    trained = train(cfg, tmp_path / "b", resume=True).model  # nothing left to do: same weights
-    for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+    assert loaded.with_(checkpoint_every=1) == cfg  # the checkpoint of the run made every 2
+    for (name, p), q in zip(model.state_dict().items(), again.model.state_dict().values(),
+                            strict=True):  # fmt: skip
         torch.testing.assert_close(p, q, msg=name)
     assert (tmp_path / "b" / "graph.png").exists() and (tmp_path / "b" / "comm_rate.png").exists()
-    # a killed run left metrics but no checkpoint: a restart starts them afresh
+    # a folder of something else is refused too
     (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
-    train(config(cfg, updates=1), tmp_path / "c", resume=True)
-    assert [r["step"] for r in read_metrics(tmp_path / "c")] == [1]
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--fresh"):
+        train(cfg, tmp_path / "c")
+
+
+def test_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    cfg = config(TINY, updates=2, checkpoint_every=5)
+
+    def die(done, _total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", progress=die)
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1]  # logged, no checkpoint
+    history = train(cfg, tmp_path / "r").history
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2]
+    assert strip(history) == strip(train(cfg).history)
 
 
 def test_checkpoint_moved_alone_still_loads(tmp_path):
@@ -183,7 +200,7 @@ def test_checkpoint_moved_alone_still_loads(tmp_path):
     moved = tmp_path / "elsewhere.safetensors"
     (tmp_path / "run" / "model.safetensors").rename(moved)
     model, loaded = load_model(moved)
-    assert loaded == cfg
+    assert loaded.with_(checkpoint_every=1) == cfg  # the checkpoint of the run made every 2
     for p, q in zip(model.state_dict().values(), result.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q)
     moved.write_bytes(b"not a checkpoint")

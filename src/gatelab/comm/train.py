@@ -12,7 +12,6 @@ share) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.safetensors"
 # may differ between a run and its resumption without changing what it computes
-RESUME_IGNORES = ("device", "torch_threads", "checkpoint_every")
+RESUME_IGNORES = ("train.device", "train.torch_threads", "train.checkpoint_every")
 
 
 class TrainResult(NamedTuple):
@@ -111,19 +110,27 @@ def train(
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     progress=None,
-    resume: bool = False,
+    fresh: bool = False,
     max_seconds: float | None = None,
 ) -> TrainResult:
     """Run MAPPO for ``cfg.ppo.updates`` updates; write checkpoints, metrics, plots to ``run_dir``.
+
+    A ``run_dir`` holding a run of the same config resumes from its checkpoint (bit for bit as
+    the uninterrupted run on CPU); one holding another config's run is refused
+    (:func:`gatelab.runs.start_run`), never overwritten.
 
     Args:
         cfg: the run's settings.
         run_dir: output folder (``None``: nothing is written).
         progress: optional ``(done, total)`` callback, called after every update.
-        resume: continue from ``run_dir/model.safetensors`` if it exists (its config must match).
+        fresh: empty ``run_dir`` first and start over.
         max_seconds: wall-clock budget; training stops (with a checkpoint) after the update that
             crosses it. ``None``: run all updates. Results then depend on machine speed, so
             :func:`gatelab.comm.compare.compare` records the updates each run reached.
+
+    Raises:
+        ValueError: ``run_dir`` holds another configuration's run (the message names
+            ``--fresh``), or its checkpoint is unreadable.
     """
     with torch_threads(cfg.torch_threads):
         # ---- setup: seeded model, optimisers, and the checkpoint to resume from
@@ -133,18 +140,17 @@ def train(
         opt_theta, opt_alpha = optimizers(model, cfg)
         run_dir = Path(run_dir) if run_dir is not None else None
         config = {"train": cfg.to_dict(), "model": asdict(model.cfg)}
+        alpha0 = model.graph.alpha.detach().clone()  # the run's initial graph logits
         start, state, history = _start(
-            run_dir, resume, cfg, model, value_norm, opt_theta, opt_alpha
+            run_dir, fresh, config, cfg, model, value_norm, opt_theta, opt_alpha
         )
-        if run_dir is not None:
-            runs.atomic_write_json(run_dir / "config.json", config)
         log.info("comm run %s from update %d: %s", run_dir, start, cfg)
-        alpha0 = model.graph.alpha.detach().clone()
         agent_steps, share = state.get("agent_steps", 0), state.get("label_share")
         causal = uses_causal(cfg)
         p = cfg.ppo
         began = time.perf_counter()
         for update in range(start, p.updates):
+            runs.fault_point("comm-update")  # kill tests: die before an update
             tick = time.perf_counter()
             env_seed, graph_seed, generator, rng = _draws(cfg.seed, update)
             # ---- rollout with the stored graph and gates, then GAE on normalised values
@@ -200,6 +206,7 @@ def train(
             out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
             if run_dir is not None:
                 runs.append_metrics(run_dir, row)
+                runs.fault_point("comm-metrics")  # kill tests: logged, not checkpointed
                 last = update + 1 == p.updates or out_of_time
                 if last or (update + 1) % cfg.checkpoint_every == 0:
                     runs.save_checkpoint(
@@ -293,23 +300,21 @@ LOSS_KEYS = ("loss/policy", "loss/value", "loss/entropy", "loss/comm", "loss/app
              "loss/clipfrac")  # fmt: skip
 
 
-def _start(run_dir, resume, cfg, model, value_norm, opt_theta, opt_alpha):
+def _start(run_dir, fresh, config, cfg, model, value_norm, opt_theta, opt_alpha):
     """``(first update, controller state, history so far)``: from the checkpoint, or fresh.
 
-    Resuming loads the model, value normaliser and both Adam states in place and cuts
-    ``metrics.jsonl`` back to the checkpoint's update (no update is logged twice); a fresh start
-    removes the metrics of an earlier (e.g. killed) run in the folder.
+    Resuming loads the model, value normaliser and both Adam states in place (the previous
+    checkpoint, with a warning, if the last one is torn) and cuts ``metrics.jsonl`` back to the
+    checkpoint's update (no update is logged twice); a run killed before its first checkpoint
+    starts over.
     """
     if run_dir is None:
         return 0, {}, []
     path = run_dir / CHECKPOINT
-    if not (resume and path.exists()):
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not (runs.start_run(run_dir, config, fresh=fresh, ignore=RESUME_IGNORES)
+            and runs.checkpoint_exists(path)):  # fmt: skip
+        (run_dir / runs.METRICS).unlink(missing_ok=True)
         return 0, {}, []
-    saved = runs.read_checkpoint_metadata(path)
-    trained = json.loads(saved.get("config", "{}")).get("train", {})
-    if not runs.config_matches(trained, cfg.to_dict(), RESUME_IGNORES):
-        raise ValueError(f"{path}: was trained with another config; use a fresh run folder")
     ck = runs.load_checkpoint(
         path, modules={"model": model, "value_norm": value_norm},
         optimizers={"theta": opt_theta, "alpha": opt_alpha}, device=cfg.device,
@@ -333,9 +338,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[CommFormer, Train
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
-    config = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
-    if "model" not in config or "train" not in config:
+    ck = runs.load_checkpoint(path, device=device)  # no module yet: the config says which
+    if "model" not in ck.config or "train" not in ck.config:
         raise ValueError(f"{path}: not a gatelab.comm checkpoint (no comm config in its metadata)")
-    model = CommFormer(CommConfig(**config["model"]))
-    runs.load_checkpoint(path, modules={"model": model}, device=device)
-    return model.to(device).eval(), TrainConfig.from_dict(config["train"])
+    model = CommFormer(CommConfig(**ck.config["model"]))
+    weights = {k.removeprefix("model."): v for k, v in ck.tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    return model.to(device).eval(), TrainConfig.from_dict(ck.config["train"])
