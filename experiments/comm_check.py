@@ -37,7 +37,7 @@ def main() -> None:
     out = args.runs_dir / args.name
     if args.source is not None:
         shutil.copytree(args.source, out)
-    result = train(cfg, out, resume=args.source is not None)
+    result = train(cfg, out)  # a copied run folder of the same config resumes
     metrics = evaluate(result.model, cfg.env, 200, seed=args.eval_seed_base + cfg.seed)
     last = [round(h["train/success"], 2) for h in result.history[-10:]]
     print(args.name, json.dumps(metrics), last, flush=True)

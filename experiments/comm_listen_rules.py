@@ -78,7 +78,7 @@ def evaluate_rule(model, train_cfg: TrainConfig, rule: str, seed: int, episodes:
         phase = rng.integers(0, 2, env.reached.shape)
         for t in range(env.episode_limit):
             listen = torch.as_tensor(listen_rule(env, rule, t, phase, rng), dtype=torch.float32)
-            actions, _, _ = model.act(obs, graph, listen, generator)
+            actions = model.act(obs, graph, listen, generator).actions
             comm.append(comm_rate(gate_graph(graph, listen)).numpy()[alive])
             step = env.step(actions.numpy())
             alive = ~step.done

@@ -142,20 +142,26 @@ def reproduce(
     runs_dir: Annotated[
         Path, typer.Option(help="Where the runs and tables go.", callback=_cli.writable_dir)
     ] = Path("runs"),
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Seeds per configuration (comm only).")
+    ] = None,
 ) -> None:
     """Run exactly the configurations behind docs/SYSTEM.md's tables (resumable), then write them.
 
     The tables land in runs/reproduce/SYSTEM/tables.md (and tables.json); work already in
     runs_dir is reused, so an interrupted reproduce continues where it stopped.
     """
+    if seeds is not None and system.value != "comm":
+        raise _cli.fail(f"--seeds: reproduce {system.value} has a fixed number of seeds")
     module = _reproducer(system.value)
+    options = {} if seeds is None else {"seeds": seeds}
     _cli.stderr().print(
         f"gatelab reproduce {system.value}: expected time {module.EXPECTED_TIME}",
         highlight=False,
         markup=False,
     )
     with _cli.user_errors(), _cli.progress_bar(f"reproduce {system.value}") as update:
-        tables = module.reproduce(runs_dir, jobs=jobs, progress=update)
+        tables = module.reproduce(runs_dir, jobs=jobs, progress=update, **options)
     typer.echo(Path(tables).read_text())
     _cli.stderr().print(f"tables written to {tables}", highlight=False, markup=False)
 

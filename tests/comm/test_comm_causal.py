@@ -16,17 +16,17 @@ TINY = config(
 )  # fmt: skip
 
 
-def _rollout(cfg=TINY, seed=0):
+def _rollout(cfg=TINY, seed=0, sharpen=1.0):
     torch.manual_seed(seed)
     env, model = build(cfg)
+    with torch.no_grad():  # sharpen > 1 undoes the near-uniform init: effects become visible
+        model.policy_head[-1].weight.mul_(sharpen)
     gen = torch.Generator().manual_seed(seed)
     return model, collect(model, env, env_seed=5, graph_seed=7, generator=gen)
 
 
 def test_causal_effect_matches_a_naive_per_sample_loop():
-    model, ro = _rollout()
-    with torch.no_grad():  # undo the near-uniform init of the policy head: effects become visible
-        model.policy_head[-1].weight.mul_(300.0)
+    model, ro = _rollout(sharpen=300.0)
     effect = causal_effect(model, ro)
     t, b, a = ro.actions.shape
     with torch.no_grad():

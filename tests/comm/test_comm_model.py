@@ -63,7 +63,7 @@ def test_shapes_including_batch_one():
         graph = model.graph.sample(b, 0).double()
         out = model(obs, graph, None, torch.zeros(b, 5, dtype=torch.long))
         assert out.logits.shape == (b, 5, 4) and out.values.shape == (b, 5)
-        actions, logp, values = model.act(obs, graph, None, torch.Generator().manual_seed(0))
+        actions, logp, values, _ = model.act(obs, graph, None, torch.Generator().manual_seed(0))
         assert actions.shape == logp.shape == values.shape == (b, 5)
 
 
@@ -123,7 +123,7 @@ def test_decoder_is_autoregressive_and_act_matches_teacher_forcing():
     model = make(graph="full")
     obs = torch.randn(4, 5, 6, dtype=torch.float64)
     graph = model.graph.sample(4, 0).double()
-    actions, logp, _ = model.act(obs, graph, None, torch.Generator().manual_seed(0))
+    actions, logp, _, _ = model.act(obs, graph, None, torch.Generator().manual_seed(0))
     out = model(obs, graph, None, actions)
     forced = torch.log_softmax(out.logits, -1).gather(-1, actions[..., None]).squeeze(-1)
     torch.testing.assert_close(forced, logp)

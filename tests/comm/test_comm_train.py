@@ -148,15 +148,18 @@ def test_seed_reproducible_and_warmup_ends():
         assert all(np.isfinite(v) for v in h.values())
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_rerun_resumes_or_refuses_never_overwrites(tmp_path):
     cfg = config(TINY, updates=3, temporal_gate=True, comm_cost=0.1)
     straight = train(cfg, tmp_path / "a").history
     train(config(cfg, updates=1), tmp_path / "b")
-    with pytest.raises(ValueError, match="another config"):  # 1 update planned, not 3
-        train(cfg, tmp_path / "b", resume=True)
-    train(config(cfg, updates=3, checkpoint_every=2), tmp_path / "b")  # fresh: checkpoints 2, 3
-    resumed = train(cfg, tmp_path / "b", resume=True).history
-    assert strip(resumed) == strip(straight)
+    weights = (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: train.ppo.updates"):
+        train(cfg, tmp_path / "b")  # 1 update planned, not 3: refused, naming --fresh
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights  # untouched
+    train(config(cfg, checkpoint_every=2), tmp_path / "b", fresh=True)  # checkpoints at 2, 3
+    again = train(cfg, tmp_path / "b")  # checkpoint_every may differ; nothing left to do
+    assert again.history == train(cfg, tmp_path / "b").history
+    assert strip(again.history) == strip(straight)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["train"]["ppo"]["updates"] == 3 and saved["model"]["temporal_gate"]
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]  # no duplicates
@@ -165,16 +168,30 @@ def test_resume_continues_exactly(tmp_path):
         "model.safetensors",
     ]
     model, loaded = load_model(tmp_path / "b" / "model.safetensors")
-    assert loaded.with_(checkpoint_every=1) == cfg  # the last checkpoint: update 3, every 2
-    trained = train(cfg, tmp_path / "b", resume=True).model  # nothing left to do: same weights
-    for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+    assert loaded.with_(checkpoint_every=1) == cfg  # the checkpoint of the run made every 2
+    for (name, p), q in zip(model.state_dict().items(), again.model.state_dict().values(),
+                            strict=True):  # fmt: skip
         torch.testing.assert_close(p, q, msg=name)
     assert (tmp_path / "b" / "graph.png").exists() and (tmp_path / "b" / "comm_rate.png").exists()
-    # a killed run left metrics but no checkpoint: a restart starts them afresh
+    # a folder of something else is refused too
     (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
-    train(config(cfg, updates=1), tmp_path / "c", resume=True)
-    assert [r["step"] for r in read_metrics(tmp_path / "c")] == [1]
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--fresh"):
+        train(cfg, tmp_path / "c")
+
+
+def test_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    cfg = config(TINY, updates=2, checkpoint_every=5)
+
+    def die(done, _total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", progress=die)
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1]  # logged, no checkpoint
+    history = train(cfg, tmp_path / "r").history
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2]
+    assert strip(history) == strip(train(cfg).history)
 
 
 def test_checkpoint_moved_alone_still_loads(tmp_path):
@@ -183,7 +200,7 @@ def test_checkpoint_moved_alone_still_loads(tmp_path):
     moved = tmp_path / "elsewhere.safetensors"
     (tmp_path / "run" / "model.safetensors").rename(moved)
     model, loaded = load_model(moved)
-    assert loaded == cfg
+    assert loaded.with_(checkpoint_every=1) == cfg  # the checkpoint of the run made every 2
     for p, q in zip(model.state_dict().values(), result.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q)
     moved.write_bytes(b"not a checkpoint")
@@ -210,3 +227,34 @@ def test_smoke_loss_finite_and_improving():
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):
         config(**{field: value})
+
+
+def test_kl_guard_stops_the_update_where_the_kl_passes_the_target():
+    # one minibatch per epoch and a large lr: some epoch's step overshoots, the next epoch
+    # measures a KL past the target and the update ends there without stepping again
+    cfg = config(TINY, updates=1, minibatches=1, ppo_epochs=4, lr=0.1, target_kl=0.03)
+    stopped = train(cfg)
+    row = stopped.history[0]
+    assert row["ppo/kl_stop"] == 1.0 and row["ppo/approx_kl_max"] > 0.03
+    epochs = row["ppo/epochs"]
+    assert epochs in (1.0, 2.0, 3.0)
+    # the same update cut to that many epochs without a guard: the very same weights
+    cut = train(config(cfg, ppo_epochs=int(epochs), target_kl=0.0))
+    assert cut.history[0]["ppo/kl_stop"] == 0.0
+    for p, q in zip(stopped.model.parameters(), cut.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    unguarded = train(config(cfg, target_kl=0.0)).history[0]  # every epoch runs
+    assert unguarded["ppo/epochs"] == 4.0 and unguarded["ppo/kl_stop"] == 0.0
+
+
+def test_kl_guard_stops_a_diverged_policy():
+    # lr 1.0: the first step sends the logits to inf, the KL is NaN (NaN > target is False)
+    row = train(config(TINY, updates=1, minibatches=1, lr=1.0)).history[0]
+    assert row["ppo/kl_stop"] == 1.0 and row["ppo/epochs"] == 1.0
+    assert row["ppo/approx_kl_max"] != row["ppo/approx_kl_max"]  # NaN recorded as such
+
+
+def test_kl_guard_leaves_a_calm_update_alone():
+    row = train(config(TINY, updates=1)).history[0]  # default lr, default target
+    assert row["ppo/kl_stop"] == 0.0 and row["ppo/epochs"] == TINY.ppo.ppo_epochs
+    assert 0 < row["ppo/approx_kl_max"] < TINY.ppo.target_kl

@@ -42,7 +42,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
     device: _cli.DeviceOption = "cpu",
     run_dir: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from run-dir's checkpoint.")] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Empty run-dir first (else a rerun of the same run resumes).")
+    ] = False,
     quick: Annotated[
         bool, typer.Option(help="Smoke-run defaults for the flags not given (seconds).")
     ] = False,
@@ -72,7 +74,7 @@ def train(
         tag = f"{env.value}_a{cfg.env.agents}_{graph.value}_s{sparsity:g}{flags}_seed{seed}"
         out = run_dir or Path("runs/comm/train") / tag
         with _cli.progress_bar("comm train", cfg.ppo.updates) as update:
-            result = run_train(cfg, out, progress=update, resume=resume)
+            result = run_train(cfg, out, progress=update, fresh=fresh)
         metrics = evaluate(result.model, cfg.env, episodes=100, seed=seed)
     typer.echo(f"{out / 'model.safetensors'}: " + _fmt(metrics))
 

@@ -133,7 +133,7 @@ def _run_one(job: tuple[dict, str, int, float, bool]) -> dict:
     done = run / "eval.json"
     if not done.exists():
         if not eval_only:
-            train(cfg, run, resume=True, max_seconds=max_minutes * 60 or None)
+            train(cfg, run, max_seconds=max_minutes * 60 or None)
         elif not (run / CHECKPOINT).exists():
             raise FileNotFoundError(f"{run}: no checkpoint to evaluate (--eval-only)")
         model, train_cfg = load_model(run / CHECKPOINT, cfg.device)

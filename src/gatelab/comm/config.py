@@ -98,11 +98,15 @@ class PPOConfig:
     value_coef: float = 1.0  # value-loss weight (MAPPO)
     max_grad_norm: float = 10.0  # gradient clipping (MAPPO)
     graph_anneal: float = 0.5  # Gumbel noise 1 -> 0 linearly over this share of the updates
+    target_kl: float = 0.03  # KL guard: an update stops past this approximate KL (0: off)
 
     def __post_init__(self) -> None:
         for name in ("n_envs", "updates", "ppo_epochs", "minibatches", "alpha_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.graph_anneal >= 0, f"graph_anneal must be >= 0, got {self.graph_anneal}")
+        _check(
+            self.target_kl >= 0, f"target_kl must be >= 0 (0: no KL guard), got {self.target_kl}"
+        )
 
 
 @dataclass(frozen=True)

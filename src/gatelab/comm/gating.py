@@ -91,25 +91,25 @@ def causal_effect(model: CommFormer, ro: Rollout) -> torch.Tensor:
     """Delta_i: KL of agent ``i``'s policy listening vs not, per step ``(T, B, A)``.
 
     Teacher-forced on the rollout's actions and graph; the other agents keep the rollout's gates.
-    Zero where the agent's action is ignored (``ro.acting``) or the episode is over.
+    The factual side is the rollout policy's own distribution (``ro.log_probs``: the update has
+    not changed the model yet) and one pass of :meth:`CommFormer.flipped_logits` (each agent's
+    own gate flipped) gives the other side for every agent. Zero where the agent's action is
+    ignored (``ro.acting``) or the episode is over.
     """
     if ro.listen is None:
         raise ValueError("causal_effect needs a rollout with temporal gates")
     t, b, a = ro.actions.shape
-    obs, actions = ro.obs.flatten(0, 1), ro.actions.flatten(0, 1)
-    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)  # (T*B, A, A)
-    listen = ro.listen.flatten(0, 1)  # (T*B, A)
-    effect = torch.zeros_like(listen)
-    for i in range(a):
-        logp = []
-        for z in (1.0, 0.0):
-            counterfactual = listen.clone()
-            counterfactual[:, i] = z
-            logits = model(obs, graph, counterfactual, actions).logits[:, i]  # (T*B, n_act)
-            logp.append(F.log_softmax(logits, -1))
-        effect[:, i] = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
-    live = ro.acting & ro.alive[..., None]
-    return effect.unflatten(0, (t, b)).clamp_min(0.0) * live
+    rows = ro.alive.flatten()  # (T*B,): only the steps of running episodes
+    obs, actions = ro.obs.flatten(0, 1)[rows], ro.actions.flatten(0, 1)[rows]
+    graph = ro.graph[None].expand(t, -1, -1, -1).flatten(0, 1)[rows]  # (N, A, A)
+    listen = ro.listen.flatten(0, 1)[rows]  # (N, A)
+    factual = ro.log_probs.flatten(0, 1)[rows]  # (N, A, n_act)
+    flipped = F.log_softmax(model.flipped_logits(obs, graph, listen, actions), -1)
+    heard = listen.bool()[..., None]
+    on, off = torch.where(heard, factual, flipped), torch.where(heard, flipped, factual)
+    effect = torch.zeros(t * b, a, dtype=obs.dtype, device=obs.device)
+    effect[rows] = (on.exp() * (on - off)).sum(-1)  # KL(pi(.|z_i = 1) || pi(.|z_i = 0))
+    return effect.unflatten(0, (t, b)).clamp_min(0.0) * ro.acting
 
 
 def causal_labels(effect: torch.Tensor, live: torch.Tensor, share: float) -> torch.Tensor:

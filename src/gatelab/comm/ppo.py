@@ -34,7 +34,7 @@ from torch import nn
 
 from gatelab.comm.envs.base import VecEnv
 from gatelab.comm.graph import comm_rate, gate_graph
-from gatelab.comm.model import CommFormer
+from gatelab.comm.model import CommFormer, Decision
 
 
 class Rollout(NamedTuple):
@@ -55,6 +55,7 @@ class Rollout(NamedTuple):
     comm: torch.Tensor  # (T, B) communication rate per step
     success: np.ndarray  # (B,)
     steps: np.ndarray  # (B,) episode lengths
+    log_probs: torch.Tensor  # (T, B, A, n_actions) the rollout policy's log-distributions
 
 
 class ValueNorm(nn.Module):
@@ -161,10 +162,12 @@ def collect(
     rollout, so the recomputed log-probs see exactly what the rollout saw (:func:`with_memory`).
     An agent is *acting* at a step unless the environment ignores its action
     (``env.acting()``, e.g. a predator already on the prey; environments without it: all act).
+    Only the episodes still running are computed (finished ones hold zeros, masked by
+    ``alive``): late in training most of a batch's episodes are over long before the last one.
     """
     device = next(model.parameters()).device
     obs = torch.as_tensor(env.reset(env_seed), device=device)
-    b, t_max = env.n_envs, env.episode_limit
+    b, a, t_max = env.n_envs, env.n_agents, env.episode_limit
     gated = model.gate is not None
     if memory:
         obs = with_memory(obs, None, env.n_actions, None, gated)
@@ -172,33 +175,43 @@ def collect(
         graph = model.graph.sample(b, graph_seed, graph_noise).to(device)
     else:
         graph = model.graph.execution().to(device).expand(b, -1, -1).clone()
-    buf: dict[str, list] = {k: [] for k in ("obs", "act", "logp", "val", "rew", "alive", "done")}
-    listens, comms, acting = [], [], []
+    keys = ("obs", "act", "logp", "log_probs", "val", "rew", "alive", "done", "listen", "comm")
+    buf: dict[str, list] = {k: [] for k in keys}
     acting_fn = getattr(env, "acting", None)
     alive = torch.ones(b, dtype=torch.bool, device=device)
     steps = np.zeros(b, dtype=np.int64)
+    temp = gate_temp if training else 1.0
     for _ in range(t_max):
-        temp = gate_temp if training else 1.0
-        listen = listen_gates(model, obs, training, generator, gate_noise, temp) if gates else None
-        actions, logp, values = model.act(obs, graph, listen, generator, greedy)
-        acts = np.ones((b, env.n_agents), dtype=bool) if acting_fn is None else acting_fn()
-        acting.append(torch.as_tensor(acts, device=device))
-        step = env.step(actions.cpu().numpy())
-        for key, value in zip(buf, (obs, actions, logp, values), strict=False):
+        run = None if alive.all() else torch.nonzero(alive).squeeze(-1)  # running episodes
+        live_obs = obs if run is None else obs[run]
+        live_graph = graph if run is None else graph[run]
+        drawn = (
+            listen_gates(model, live_obs, training, generator, gate_noise, temp) if gates else None
+        )
+        decision = model.act(live_obs, live_graph, drawn, generator, greedy)
+        listen = drawn
+        if run is not None:  # finished episodes: action 0 (ignored), gates open, zeros elsewhere
+            decision = Decision(*(_scatter(x, run, b) for x in decision))
+            listen = None if drawn is None else _scatter(drawn, run, b, fill=1.0)
+        acts = np.ones((b, a), dtype=bool) if acting_fn is None else acting_fn()
+        step = env.step(decision.actions.cpu().numpy())
+        for key, value in zip(keys, (obs, *decision[:2], decision.log_probs, decision.values),
+                              strict=False):  # fmt: skip
             buf[key].append(value)
         buf["rew"].append(torch.as_tensor(step.reward, device=device))
         buf["alive"].append(alive)
         buf["done"].append(torch.as_tensor(step.done, device=device))
-        listens.append(listen)
-        comms.append(comm_rate(gate_graph(graph, listen)))
+        buf["listen"].append(listen)
+        buf["comm"].append(comm_rate(gate_graph(graph, listen)))
+        buf.setdefault("acting", []).append(torch.as_tensor(acts, device=device))
         steps += alive.cpu().numpy()
         alive = ~buf["done"][-1]
         obs = torch.as_tensor(step.obs, device=device)
         if memory:
-            obs = with_memory(obs, actions, env.n_actions, listen, gated)
+            obs = with_memory(obs, decision.actions, env.n_actions, listen, gated)
         if not alive.any():
             break
-    stack = {k: torch.stack(v) for k, v in buf.items()}
+    stack = {k: torch.stack(v) for k, v in buf.items() if k != "listen"}
     return Rollout(
         stack["obs"],
         stack["act"],
@@ -206,16 +219,23 @@ def collect(
         stack["val"],
         stack["rew"],
         stack["alive"],
-        torch.stack(acting),
+        stack["acting"],
         stack["done"],
-        None if listens[0] is None else torch.stack(listens),
+        None if buf["listen"][0] is None else torch.stack(buf["listen"]),
         graph,
         graph_seed,
         graph_noise if training else 0.0,
-        torch.stack(comms),
+        stack["comm"],
         step.success.copy(),
         steps,
+        stack["log_probs"],
     )
+
+
+def _scatter(x: torch.Tensor, rows: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` of the running episodes ``rows`` back into a batch of ``n`` (``fill`` elsewhere)."""
+    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return out.index_copy(0, rows, x)
 
 
 def gae(

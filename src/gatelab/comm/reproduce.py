@@ -1,66 +1,186 @@
 """``gatelab reproduce comm``: the runs behind docs/comm.md's results table, and the table.
 
-The table is the 6-seed Predator-Prey comparison with one-step memory and causal temporal gates
-at budget 0.22, i.e. ``gatelab comm compare --env predator_prey --seeds 6 --updates 200
---comm-budget 0.22 --memory``: 5 variants x 6 seeds = 30 runs of 200 updates. Runs already
-finished under ``runs_dir`` are reused (compare skips an evaluated run and resumes a cut one).
+Four tasks, Predator-Prey (5 predators, 10x10) and Predator-Capture-Prey (3 perception and 2
+capture agents, 10x10), each memoryless and with ``--memory``; on each the five variants of
+:func:`gatelab.comm.compare.compare` (full, commformer at S = 0.4, commformer + causal temporal
+gates at budget 0.22, random graph, none), 200 updates of 64 episodes, seeds 10, 11, ...
+(``--seeds N``; the settings were chosen on seeds 0 and 1, so the table never sees them), each
+run evaluated on 200 episodes. Per task and variant: IQM and mean success with stratified
+bootstrap 95% intervals (rliable, Agarwal et al., NeurIPS 2021, arXiv:2108.13264), and the
+probability of improvement of the learned graph over the random one.
+
+Resumable: an evaluated run is reused, a cut one resumes from its checkpoint; the table of a
+task is written as soon as its runs are done (``runs/reproduce/comm/tables.md|json``), so an
+interrupted reproduce has the finished tasks' tables.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gatelab.comm.compare import VARIANTS, CompareConfig, compare, compare_configs
-from gatelab.comm.compare import results_markdown as _results_markdown
-from gatelab.comm.config import Env
-from gatelab.runs import atomic_write_json
+import numpy as np
 
-# 28 of the 30 runs took 65 min on the 2-core machine with --jobs 2 (25 min 25 s, then 39 min 35 s)
-EXPECTED_TIME = "about 70 min on 2 cores with --jobs 2 (about 2 h with --jobs 1)"
+from gatelab.comm.compare import VARIANTS, CompareConfig, compare
+from gatelab.comm.config import Env, GateConfig, TrainConfig
+from gatelab.runs import atomic_write_bytes, atomic_write_json
+
+TASKS = (  # (environment, memory); in the order they run
+    (Env.predator_prey, True),
+    (Env.predator_capture_prey, True),
+    (Env.predator_prey, False),
+    (Env.predator_capture_prey, False),
+)
+FIRST_SEED = 10  # table seeds 10, 11, ...: seeds 0 and 1 chose the settings
+UPDATES = 200  # PPO updates per run
+COMM_BUDGET = 0.22  # commformer_tg's causal gates (GateConfig.budgeted)
+EVAL_EPISODES = 200
+REPS = 20_000  # bootstrap replications
+# measured (benchmarks/README.md): about 4 min per run on one free core of the 2-core machine
+EXPECTED_TIME = "about 4 min per run: 200 runs at --seeds 10 (13 h on 2 cores with --jobs 2)"
 
 
-def configs(jobs: int = 1) -> list[CompareConfig]:
-    """The comparison behind the table (the command in the module docstring)."""
-    return compare_configs(
-        False, [Env.predator_prey], seeds=6, updates=200, jobs=jobs, comm_budget=0.22, memory=True
-    )
+def task_name(env: Env, memory: bool) -> str:
+    """``predator_prey-memory`` and the like: the task's folder and table name."""
+    return f"{env.value}-{'memory' if memory else 'memoryless'}"
 
 
-def per_seed_markdown(summary: dict) -> str:
-    """Success per seed, the gated variant at its comm rate (docs/comm.md's second table)."""
-    seeds = summary["seeds"]
-    lines = ["| variant | " + " | ".join(str(s) for s in seeds) + " |"]
-    lines.append("|---|" + "---|" * len(seeds))
-    for variant in VARIANTS:
-        cells = []
-        for run in summary["runs"][variant]:
-            cell = f"{run['success_rate']:.3f}"
-            if variant == "commformer_tg":
-                cell += f" at {run['comm_rate']:.3f}"
-            cells.append(cell)
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+def configs(seeds: int = 10, jobs: int = 1) -> list[tuple[str, CompareConfig]]:
+    """``(task name, CompareConfig)`` of every task of the table."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    out = []
+    for env, memory in TASKS:
+        base = TrainConfig.preset(env).with_(env={"memory": memory}, ppo={"updates": UPDATES})
+        cfg = CompareConfig(
+            base=base,
+            seeds=tuple(range(FIRST_SEED, FIRST_SEED + seeds)),
+            comm_budget=COMM_BUDGET,
+            eval_episodes=EVAL_EPISODES,
+            jobs=jobs,
+        )
+        out.append((task_name(env, memory), cfg))
+    GateConfig.budgeted(COMM_BUDGET)  # the gates' settings are valid
+    return out
+
+
+def interval_table(runs: dict[str, list[dict]], reps: int = REPS, seed: int = 0) -> dict:
+    """Success IQM and mean with 95% intervals per variant, and the paper's comparisons.
+
+    ``runs``: ``{variant: [eval dicts of its seeds]}``. Each task is one stratum, so rliable's
+    stratified bootstrap resamples the seeds of a variant; comparisons between two variants
+    resample each independently. Returns plain JSON.
+    """
+    import warnings
+
+    from rliable import library as rly
+    from rliable import metrics
+
+    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch 7.2
+
+    def rng():
+        return np.random.RandomState(seed)
+
+    success = {v: np.array([[r["success_rate"]] for r in runs[v]]) for v in VARIANTS}  # (N, 1)
+
+    def iqm_and_mean(scores):
+        return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores)])
+
+    point, interval = rly.get_interval_estimates(success, iqm_and_mean, reps=reps,
+                                                 random_state=rng())  # fmt: skip
+    table = {}
+    for v in VARIANTS:
+        rates = [r["comm_rate"] for r in runs[v]]
+        table[v] = {
+            "seeds": len(runs[v]),
+            "iqm": [float(point[v][0]), *map(float, interval[v][:, 0])],
+            "mean": [float(point[v][1]), *map(float, interval[v][:, 1])],
+            "comm_rate": float(np.mean(rates)),
+        }
+    pairs = {
+        "commformer,random": (success["commformer"], success["random"]),
+        "commformer,full": (success["commformer"], success["full"]),
+        "commformer_tg,commformer": (success["commformer_tg"], success["commformer"]),
+    }
+    improve, improve_ci = rly.get_interval_estimates(
+        {"commformer,random": pairs["commformer,random"]}, metrics.probability_of_improvement,
+        reps=reps, random_state=rng(),
+    )  # fmt: skip
+
+    def mean_difference(x, y):
+        return np.array([metrics.aggregate_mean(x) - metrics.aggregate_mean(y)])
+
+    diff, diff_ci = rly.get_interval_estimates(pairs, mean_difference, reps=reps,
+                                               random_state=rng())  # fmt: skip
+
+    def estimate(point, ci, key):
+        return [float(np.ravel(point[key])[0]), *map(float, np.ravel(ci[key]))]
+
+    rate_cut = 1 - table["commformer_tg"]["comm_rate"] / table["commformer"]["comm_rate"]
+    claims = {
+        "p_learned_beats_random": estimate(improve, improve_ci, "commformer,random"),
+        "learned_minus_full": estimate(diff, diff_ci, "commformer,full"),
+        "gated_minus_learned": estimate(diff, diff_ci, "commformer_tg,commformer"),
+        "gated_rate_cut": float(rate_cut),
+    }
+    claims["holds"] = {
+        # the paper's claims, each with 95% confidence
+        "learned ~ full (not 5 points worse)": claims["learned_minus_full"][1] >= -0.05,
+        "learned > random (P(improvement) > 0.5)": claims["p_learned_beats_random"][1] > 0.5,
+        "gates cut >= 50% of messages within 5 points": bool(
+            rate_cut >= 0.5 and claims["gated_minus_learned"][1] >= -0.05
+        ),
+    }
+    return {"table": table, "claims": claims}
+
+
+def markdown(name: str, summary: dict) -> str:
+    """One task's interval table and its claims as markdown."""
+    seeds, updates, episodes = summary["seeds"], summary["updates"], summary["eval_episodes"]
+    lines = [
+        f"**{name}**: seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), {updates} updates, "
+        f"{episodes} evaluation episodes per run; success IQM and mean with 95% "
+        "stratified-bootstrap intervals",
+        "",
+        "| variant | success IQM [95% CI] | success mean [95% CI] | comm rate |",
+        "|---|---|---|---|",
+    ]
+    for v, row in summary["table"].items():
+        iqm, mean = row["iqm"], row["mean"]
+        lines.append(
+            f"| {v} | {iqm[0]:.3f} [{iqm[1]:.3f}, {iqm[2]:.3f}] | "
+            f"{mean[0]:.3f} [{mean[1]:.3f}, {mean[2]:.3f}] | {row['comm_rate']:.3f} |"
+        )
+    c = summary["claims"]
+
+    def ci(x):
+        return f"{x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"
+
+    p = c["p_learned_beats_random"]
+    lines += [
+        "",
+        f"P(learned > random) = {p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}]; learned - full = "
+        f"{ci(c['learned_minus_full'])}; gated - learned = {ci(c['gated_minus_learned'])} at "
+        f"{c['gated_rate_cut']:.1%} fewer messages.",
+        "Holds: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in c["holds"].items()),
+    ]
     return "\n".join(lines)
 
 
-def reproduce(runs_dir: Path, jobs: int = 1, progress=None) -> Path:
+def reproduce(runs_dir: Path, jobs: int = 1, progress=None, seeds: int = 10) -> Path:
     """Train (or reuse) every run of the table, then write ``reproduce/comm/tables.md|json``."""
     runs_dir = Path(runs_dir)
     out = runs_dir / "reproduce" / "comm"
     tables, text = {}, []
-    for cfg in configs(jobs):
-        summary = compare(cfg, runs_dir / "comm", progress)
-        env = cfg.base.env.name.value
-        tables[env] = {"table": summary["table"], "targets": summary["targets"],
-                       "runs": summary["runs"]}  # fmt: skip
-        text += [
-            _results_markdown(summary),
-            "",
-            "Success per seed:",
-            "",
-            per_seed_markdown(summary),
-        ]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "tables.json", tables)
-    path = out / "tables.md"
-    path.write_text("\n".join(text) + "\n")
-    return path
+    for name, cfg in configs(seeds, jobs):
+        summary = compare(cfg, out / "runs" / name, progress)
+        tables[name] = {
+            "seeds": list(cfg.seeds),
+            "updates": cfg.base.ppo.updates,
+            "eval_episodes": cfg.eval_episodes,
+            **interval_table(summary["runs"], reps=REPS),
+            "runs": summary["runs"],
+        }
+        text += [markdown(name, tables[name]), ""]
+        atomic_write_json(out / "tables.json", tables)  # each finished task at once
+        atomic_write_bytes(out / "tables.md", "\n".join(text).encode())
+    return out / "tables.md"

@@ -12,7 +12,6 @@ share) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.safetensors"
 # may differ between a run and its resumption without changing what it computes
-RESUME_IGNORES = ("device", "torch_threads", "checkpoint_every")
+RESUME_IGNORES = ("train.device", "train.torch_threads", "train.checkpoint_every")
 
 
 class TrainResult(NamedTuple):
@@ -111,19 +110,27 @@ def train(
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     progress=None,
-    resume: bool = False,
+    fresh: bool = False,
     max_seconds: float | None = None,
 ) -> TrainResult:
     """Run MAPPO for ``cfg.ppo.updates`` updates; write checkpoints, metrics, plots to ``run_dir``.
+
+    A ``run_dir`` holding a run of the same config resumes from its checkpoint (bit for bit as
+    the uninterrupted run on CPU); one holding another config's run is refused
+    (:func:`gatelab.runs.start_run`), never overwritten.
 
     Args:
         cfg: the run's settings.
         run_dir: output folder (``None``: nothing is written).
         progress: optional ``(done, total)`` callback, called after every update.
-        resume: continue from ``run_dir/model.safetensors`` if it exists (its config must match).
+        fresh: empty ``run_dir`` first and start over.
         max_seconds: wall-clock budget; training stops (with a checkpoint) after the update that
             crosses it. ``None``: run all updates. Results then depend on machine speed, so
             :func:`gatelab.comm.compare.compare` records the updates each run reached.
+
+    Raises:
+        ValueError: ``run_dir`` holds another configuration's run (the message names
+            ``--fresh``), or its checkpoint is unreadable.
     """
     with torch_threads(cfg.torch_threads):
         # ---- setup: seeded model, optimisers, and the checkpoint to resume from
@@ -133,18 +140,17 @@ def train(
         opt_theta, opt_alpha = optimizers(model, cfg)
         run_dir = Path(run_dir) if run_dir is not None else None
         config = {"train": cfg.to_dict(), "model": asdict(model.cfg)}
+        alpha0 = model.graph.alpha.detach().clone()  # the run's initial graph logits
         start, state, history = _start(
-            run_dir, resume, cfg, model, value_norm, opt_theta, opt_alpha
+            run_dir, fresh, config, cfg, model, value_norm, opt_theta, opt_alpha
         )
-        if run_dir is not None:
-            runs.atomic_write_json(run_dir / "config.json", config)
         log.info("comm run %s from update %d: %s", run_dir, start, cfg)
-        alpha0 = model.graph.alpha.detach().clone()
         agent_steps, share = state.get("agent_steps", 0), state.get("label_share")
-        causal, straight_through = uses_causal(cfg), cfg.gate.kind is Estimator.st
+        causal = uses_causal(cfg)
         p = cfg.ppo
         began = time.perf_counter()
         for update in range(start, p.updates):
+            runs.fault_point("comm-update")  # kill tests: die before an update
             tick = time.perf_counter()
             env_seed, graph_seed, generator, rng = _draws(cfg.seed, update)
             # ---- rollout with the stored graph and gates, then GAE on normalised values
@@ -165,55 +171,16 @@ def train(
             targets = value_norm.normalize(returns)
             a_live = adv.flatten(0, 1)[alive]
             adv = (adv - a_live.mean()) / (a_live.std() + 1e-8)
-            # ---- PPO epochs on theta; every alpha_every-th epoch also a pass on alpha
+            # ---- PPO epochs on theta (and alpha), stopped early past the target KL
             model.train()
-            index = torch.nonzero(alive).squeeze(-1)  # joint samples (t, b) still running
-            env_index = index % ro.graph.shape[0]
-            stored = {k: getattr(ro, k) for k in ("obs", "actions", "logp", "acting")}
-            flat = {
-                k: v.flatten(0, 1) for k, v in {**stored, "adv": adv, "targets": targets}.items()
-            }
-            listen = None if ro.listen is None else ro.listen.flatten(0, 1)
-            gated = listen is not None
             train_alpha = opt_alpha is not None and update >= p.alpha_warmup_updates
-            stats = []
-            for epoch in range(p.ppo_epochs):
-                order = torch.as_tensor(rng.permutation(len(index)))
-                alpha_pass = train_alpha and (epoch + 1) % p.alpha_every == 0
-                for opt in (opt_theta, opt_alpha) if alpha_pass else (opt_theta,):
-                    for chunk in order.chunk(p.minibatches):
-                        rows, envs = index[chunk], env_index[chunk]
-                        batch = Batch(
-                            **{k: v[rows] for k, v in flat.items()},
-                            listen=listen[rows] if gated else None,
-                            env_index=envs,
-                        )
-                        graph = ro.graph
-                        if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's grad
-                            graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                        parts = ppo_losses(
-                            model, batch, graph[envs], p.clip, not (causal and gated)
-                        )
-                        loss = parts.policy + p.value_coef * parts.value
-                        loss = loss - p.entropy_coef * parts.entropy
-                        if straight_through and gated:  # the paper's cost on the comm rate
-                            loss = loss + cost * parts.comm
-                        if causal and gated:  # the gate classifies its observation (labels)
-                            gate_logits = model.gate.logits(batch.obs)
-                            bce = F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
-                            loss = loss + bce
-                        opt.zero_grad(set_to_none=True)
-                        if opt_alpha is not None:
-                            opt_alpha.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if opt is opt_theta:
-                            params = [q for g in opt_theta.param_groups for q in g["params"]]
-                            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-                            stats.append(torch.stack(list(parts)).detach())
-                        opt.step()
+            flat = {"adv": adv, "targets": targets, "labels": labels}
+            epochs = _ppo_epochs(
+                cfg, model, ro, flat, (opt_theta, opt_alpha), train_alpha, cost, rng
+            )
             # ---- log, adapt the label share, checkpoint
             agent_steps += int(ro.steps.sum()) * cfg.env.agents
-            mean = torch.stack(stats).mean(0).tolist()
+            mean = torch.stack(epochs.stats).mean(0).tolist()
             row = {
                 "step": update + 1,
                 "agent_steps": agent_steps,
@@ -224,6 +191,9 @@ def train(
                 **threshold_rate(model, ro, alive, cost, temp),
                 **causal_row,
                 **dict(zip(LOSS_KEYS, mean, strict=True)),
+                "ppo/approx_kl_max": epochs.kl_max,
+                "ppo/epochs": epochs.done,
+                "ppo/kl_stop": float(epochs.kl_stop),
                 "graph/noise": noise,
                 "graph/alpha_drift": float((model.graph.alpha.detach() - alpha0).abs().max()),
                 "perf/steps_per_s": int(ro.steps.sum())
@@ -236,6 +206,7 @@ def train(
             out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
             if run_dir is not None:
                 runs.append_metrics(run_dir, row)
+                runs.fault_point("comm-metrics")  # kill tests: logged, not checkpointed
                 last = update + 1 == p.updates or out_of_time
                 if last or (update + 1) % cfg.checkpoint_every == 0:
                     runs.save_checkpoint(
@@ -258,27 +229,92 @@ def train(
     return TrainResult(model, value_norm, history, run_dir)
 
 
+class Epochs(NamedTuple):
+    """What the PPO epochs of one update did."""
+
+    stats: list[torch.Tensor]  # the loss parts (LOSS_KEYS) of every theta step
+    done: float  # epochs completed (a stopped epoch counts its share of minibatches)
+    kl_stop: bool  # stopped because a minibatch's approximate KL passed ppo.target_kl
+    kl_max: float  # the largest approximate KL a minibatch measured
+
+
+def _ppo_epochs(cfg, model, ro, flat, optims, train_alpha: bool, cost: float, rng) -> Epochs:
+    """PPO epochs on theta; after every ``alpha_every``-th epoch a pass on alpha.
+
+    The KL guard: each minibatch measures the approximate KL of the current policy to the
+    rollout's before its step; past ``ppo.target_kl`` (> 0) the update ends there, with no step
+    on that minibatch and no further pass on theta or alpha (after Stable-Baselines3's PPO).
+    """
+    p, (opt_theta, opt_alpha) = cfg.ppo, optims
+    causal, straight_through = uses_causal(cfg), cfg.gate.kind is Estimator.st
+    alive = ro.alive.flatten()  # (T*B,)
+    index = torch.nonzero(alive).squeeze(-1)  # joint samples (t, b) still running
+    env_index = index % ro.graph.shape[0]
+    stored = {k: getattr(ro, k).flatten(0, 1) for k in ("obs", "actions", "logp", "acting")}
+    data = {**stored, "adv": flat["adv"].flatten(0, 1), "targets": flat["targets"].flatten(0, 1)}
+    listen = None if ro.listen is None else ro.listen.flatten(0, 1)
+    gated, labels = listen is not None, flat["labels"]
+    stats, kl_max, steps = [], 0.0, 0
+    for epoch in range(p.ppo_epochs):
+        order = torch.as_tensor(rng.permutation(len(index)))
+        alpha_pass = train_alpha and (epoch + 1) % p.alpha_every == 0
+        for opt in (opt_theta, opt_alpha) if alpha_pass else (opt_theta,):
+            for chunk in order.chunk(p.minibatches):
+                rows, envs = index[chunk], env_index[chunk]
+                batch = Batch(
+                    **{k: v[rows] for k, v in data.items()},
+                    listen=listen[rows] if gated else None,
+                    env_index=envs,
+                )
+                graph = ro.graph
+                if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
+                    graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
+                parts = ppo_losses(model, batch, graph[envs], p.clip, not (causal and gated))
+                if opt is opt_theta:
+                    kl = float(parts.approx_kl)
+                    kl_max = kl if not kl <= kl_max else kl_max  # NaN (a diverged policy) sticks
+                    if p.target_kl > 0 and not kl <= p.target_kl:
+                        done = steps / p.minibatches
+                        return Epochs(stats or [torch.stack(list(parts)).detach()], done, True,
+                                      kl_max)  # fmt: skip
+                loss = parts.policy + p.value_coef * parts.value - p.entropy_coef * parts.entropy
+                if straight_through and gated:  # the paper's cost on the comm rate
+                    loss = loss + cost * parts.comm
+                if causal and gated:  # the gate classifies its observation (labels)
+                    gate_logits = model.gate.logits(batch.obs)
+                    loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
+                if opt is opt_alpha:  # alpha's gradient only: no weight gradients
+                    (model.graph.alpha.grad,) = torch.autograd.grad(loss, [model.graph.alpha])
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    params = [q for g in opt_theta.param_groups for q in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+                    stats.append(torch.stack(list(parts)).detach())
+                    steps += 1
+                opt.step()
+    return Epochs(stats, steps / p.minibatches, False, kl_max)
+
+
 LOSS_KEYS = ("loss/policy", "loss/value", "loss/entropy", "loss/comm", "loss/approx_kl",
              "loss/clipfrac")  # fmt: skip
 
 
-def _start(run_dir, resume, cfg, model, value_norm, opt_theta, opt_alpha):
+def _start(run_dir, fresh, config, cfg, model, value_norm, opt_theta, opt_alpha):
     """``(first update, controller state, history so far)``: from the checkpoint, or fresh.
 
-    Resuming loads the model, value normaliser and both Adam states in place and cuts
-    ``metrics.jsonl`` back to the checkpoint's update (no update is logged twice); a fresh start
-    removes the metrics of an earlier (e.g. killed) run in the folder.
+    Resuming loads the model, value normaliser and both Adam states in place (the previous
+    checkpoint, with a warning, if the last one is torn) and cuts ``metrics.jsonl`` back to the
+    checkpoint's update (no update is logged twice); a run killed before its first checkpoint
+    starts over.
     """
     if run_dir is None:
         return 0, {}, []
     path = run_dir / CHECKPOINT
-    if not (resume and path.exists()):
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not (runs.start_run(run_dir, config, fresh=fresh, ignore=RESUME_IGNORES)
+            and runs.checkpoint_exists(path)):  # fmt: skip
+        (run_dir / runs.METRICS).unlink(missing_ok=True)
         return 0, {}, []
-    saved = runs.read_checkpoint_metadata(path)
-    trained = json.loads(saved.get("config", "{}")).get("train", {})
-    if not runs.config_matches(trained, cfg.to_dict(), RESUME_IGNORES):
-        raise ValueError(f"{path}: was trained with another config; use a fresh run folder")
     ck = runs.load_checkpoint(
         path, modules={"model": model, "value_norm": value_norm},
         optimizers={"theta": opt_theta, "alpha": opt_alpha}, device=cfg.device,
@@ -302,9 +338,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[CommFormer, Train
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
-    config = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
-    if "model" not in config or "train" not in config:
+    ck = runs.load_checkpoint(path, device=device)  # no module yet: the config says which
+    if "model" not in ck.config or "train" not in ck.config:
         raise ValueError(f"{path}: not a gatelab.comm checkpoint (no comm config in its metadata)")
-    model = CommFormer(CommConfig(**config["model"]))
-    runs.load_checkpoint(path, modules={"model": model}, device=device)
-    return model.to(device).eval(), TrainConfig.from_dict(config["train"])
+    model = CommFormer(CommConfig(**ck.config["model"]))
+    weights = {k.removeprefix("model."): v for k, v in ck.tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    return model.to(device).eval(), TrainConfig.from_dict(ck.config["train"])
