@@ -323,7 +323,8 @@ def load_balancing_loss(
     Shape:
         router_probs ``(N, E)`` (full softmax), expert_indices ``(N, K)`` -> scalar.
     """
-    counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts)
+    flat = expert_indices.reshape(-1)  # bincount's output shape depends on the data (compile)
+    counts = flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
     fraction = counts.to(router_probs.dtype) / expert_indices.numel()  # (E,)
     return n_experts * (fraction * router_probs.mean(0)).sum()
 
