@@ -160,7 +160,10 @@ def test_resume_continues_exactly(tmp_path):
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["train"]["ppo"]["updates"] == 3 and saved["model"]["temporal_gate"]
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]  # no duplicates
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == [
+        "model.prev.safetensors",  # the checkpoint before, kept for a torn last one
+        "model.safetensors",
+    ]
     model, loaded = load_model(tmp_path / "b" / "model.safetensors")
     assert loaded.with_(checkpoint_every=1) == cfg  # the last checkpoint: update 3, every 2
     trained = train(cfg, tmp_path / "b", resume=True).model  # nothing left to do: same weights

@@ -123,7 +123,7 @@ def test_interrupted_run_resumes_bit_identically_without_duplicate_steps(tmp_pat
     assert resumed == full
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
-        "checkpoint.safetensors", "config.json", "metrics.jsonl",
+        "checkpoint.prev.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl",
     ]  # fmt: skip
 
 
