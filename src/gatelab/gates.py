@@ -60,7 +60,8 @@ def _check_scores(
     if (ndim is not None and x.ndim != ndim) or x.ndim == 0 or x.shape[-1] == 0:
         wanted = "(N, E)" if ndim == 2 else "(..., E)"
         raise ValueError(f"{name} must have shape {wanted} with E >= 1, got {tuple(x.shape)}")
-    if x.is_floating_point() and x.numel():
+    if x.is_floating_point() and x.numel() and not torch.compiler.is_compiling():
+        # value checks are data-dependent: a compiled graph skips them (eager runs check)
         bad = ~torch.isfinite(x) if finite else torch.isnan(x)
         if bool(bad.any()):
             value = x[bad].flatten()[0].item()
@@ -460,7 +461,8 @@ def load_balancing_loss(
             f"router_probs must have shape (N, n_experts={n_experts}) with N >= 1, "
             f"got {tuple(router_probs.shape)}"
         )
-    if not bool((router_probs >= 0).all()):
+    compiling = torch.compiler.is_compiling()  # data-dependent checks run eagerly only
+    if not compiling and not bool((router_probs >= 0).all()):
         raise ValueError(f"router_probs must be >= 0, got {router_probs.min().item()}")
     if not isinstance(expert_indices, torch.Tensor):
         kind = type(expert_indices).__name__
@@ -480,12 +482,13 @@ def load_balancing_loss(
         raise ValueError(
             f"expert_indices is on {expert_indices.device}, router_probs on {router_probs.device}"
         )
-    if not bool(((expert_indices >= 0) & (expert_indices < n_experts)).all()):
+    if not compiling and not bool(((expert_indices >= 0) & (expert_indices < n_experts)).all()):
         outside = expert_indices[(expert_indices < 0) | (expert_indices >= n_experts)]
         raise ValueError(
             f"expert_indices must lie in [0, n_experts={n_experts}), got {outside[0].item()}"
         )
-    counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts)
+    flat = expert_indices.reshape(-1)  # bincount's output shape depends on the data (compile)
+    counts = flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
     fraction = counts.to(router_probs.dtype) / expert_indices.numel()  # (E,)
     return n_experts * (fraction * router_probs.mean(0)).sum()
 

@@ -25,7 +25,7 @@ CASES = {
     "sigmoid-drop": dict(top_k=2, router="sigmoid", capacity_factor=0.5),
     "expert-choice": dict(top_k=2, router="expert_choice"),
     "expert-choice-cf": dict(top_k=1, router="expert_choice", capacity_factor=2.5),
-    "padded": dict(top_k=2, capacity_factor=0.9, backend="padded"),
+    "loop-drop": dict(top_k=2, capacity_factor=0.9, backend="loop"),
     "loop": dict(top_k=2, n_shared_experts=1, backend="loop"),
 }
 
@@ -71,15 +71,20 @@ def test_fast_path_matches_reference_loop(case, training):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_softmax_router_is_gates_topk_softmax():
-    moe = _make(top_k=2, router_bias=True)
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_dense_gates_are_the_gates_module_weights(router):
+    moe = _make(top_k=2, router=router, router_bias=router == "softmax")
     x = torch.randn(20, D, dtype=torch.float64)
     logits = x @ moe.router.weight.T
-    plan, _ = moe.route(x, logits)
-    w, i = gates.topk_softmax(logits, 2, moe.router.bias)
-    expected = dispatch_topk(w, i, E)
+    plan, dense, _ = moe.route(x, logits)
+    if router == "softmax":
+        w, i = gates.topk_softmax(logits, 2, moe.router.bias)
+    else:
+        w, i = gates.sigmoid_topk(logits, 2)
+    expected = dispatch_topk(i, E)
     assert torch.equal(plan.token_index, expected.token_index)
-    assert torch.equal(plan.weight, expected.weight)
+    torch.testing.assert_close(dense.gather(-1, i), w, rtol=1e-12, atol=1e-15)
+    assert int((dense != 0).sum()) == 20 * 2
 
 
 def test_grouped_mm_float32_matches_reference():
@@ -115,8 +120,7 @@ def _with(moe, w_down, x):
 
 def test_capacity_is_respected_and_drop_order_is_choice_major():
     indices = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])  # (N=4, K=2)
-    weights = torch.full((4, 2), 0.5)
-    plan = dispatch_topk(weights, indices, 3, capacity=2)
+    plan = dispatch_topk(indices, 3, capacity=2)
     # expert 0: first choices of tokens 0, 1, 3 -> keeps 0, 1; expert 1: first choice of 2, then
     # second choices of 0, 1 -> keeps 2, 0
     assert plan.counts.tolist() == [2, 2, 1]
@@ -209,3 +213,25 @@ def test_grouped_mm_rejects_unsupported_dtype_or_width_with_a_hint(dtype):
 def test_repr_lists_hyper_parameters():
     text = repr(_make(top_k=2, capacity_factor=1.25))
     assert "n_experts=5" in text and "capacity_factor=1.25" in text
+
+
+@pytest.mark.parametrize(
+    "case", ["softmax-k2", "softmax-drop", "gelu-shared-drop", "expert-choice"]
+)
+def test_row_chunks_straddling_experts_match_the_reference(case, monkeypatch):
+    import gatelab.moe.experts as experts
+
+    # 5 rows per chunk (5 * H=6 * 8 bytes): experts straddle chunks, some chunks hold several
+    monkeypatch.setattr(experts, "_CPU_CHUNK_BYTES", 5 * 8 * 8)
+    moe = _make(**CASES[case])
+    x = torch.randn(3, 9, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 9, D, dtype=torch.float64)
+    y = moe(x)
+    st = moe.last_stats
+    y_ref, bal, z, _, _ = reference_forward(moe, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    fast = _grads(moe, x, y, (st.balance_loss, st.z_loss), g)
+    ref = _grads(moe, x, y_ref, (bal, z), g)
+    for a, b in zip(fast, ref, strict=True):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

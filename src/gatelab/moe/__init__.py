@@ -1,6 +1,7 @@
 """Sparse mixture-of-experts layers: fast grouped dispatch, Mixtral interop, expert parallelism."""
 
-from gatelab.moe.dispatch import Dispatch, combine, dispatch_expert_choice, dispatch_topk
+from gatelab.moe.dispatch import Dispatch, dispatch_expert_choice, dispatch_topk
+from gatelab.moe.experts import routed_experts
 from gatelab.moe.mixtral import from_mixtral, to_mixtral, use_sparse_moe
 from gatelab.moe.model import MoEStats, Router, SparseMoE
 from gatelab.moe.parallel import ExpertParallelMoE
@@ -11,10 +12,10 @@ __all__ = [
     "MoEStats",
     "Router",
     "SparseMoE",
-    "combine",
     "dispatch_expert_choice",
     "dispatch_topk",
     "from_mixtral",
+    "routed_experts",
     "to_mixtral",
     "use_sparse_moe",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 
 import gatelab.moe.dispatch as dsp
 from gatelab import gates
+from gatelab.moe.experts import BACKENDS, routed_experts
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -145,7 +146,8 @@ class SparseMoE(nn.Module):
             raise ValueError(f"SparseMoE: n_shared_experts must be >= 0, got {n_shared_experts}")
         if router_bias and router != "softmax":
             raise ValueError("SparseMoE: router_bias is the softmax gate's beta_0; use 'softmax'")
-        dsp.resolve_backend(backend, torch.float32)
+        if backend not in BACKENDS:
+            raise ValueError(f"SparseMoE: backend must be one of {BACKENDS}, got {backend!r}")
         self.d_model, self.d_hidden, self.n_experts, self.top_k = (
             d_model,
             d_hidden,
@@ -200,42 +202,63 @@ class SparseMoE(nn.Module):
             )
         flat = x.reshape(-1, self.d_model)  # (N, D)
         logits = self.router(flat)  # (N, E)
-        plan, balance = self.route(flat, logits)
-        rows = dsp.expert_forward(
-            flat[plan.token_index], plan.counts, self.w_gate, self.w_up, self.w_down,
-            self.activation, self.backend,
-        )  # fmt: skip
-        out = dsp.combine(rows, plan, flat.shape[0])  # (N, D)
+        plan, gate_weights, balance = self.route(flat, logits)
+        out = routed_experts(
+            flat,
+            gate_weights,
+            plan.token_index,
+            plan.counts,
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+            self.activation,
+            self.backend,
+        )  # fmt: skip (N, D)
         if self.n_shared_experts:
             out = out + shared_forward(self, flat)
         self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
         return out.reshape(x.shape)
 
-    def route(self, flat: torch.Tensor, logits: torch.Tensor) -> tuple[dsp.Dispatch, torch.Tensor]:
-        """Apply the routing rule; returns the dispatch plan and the (unweighted) balance loss.
+    def route(
+        self, flat: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[dsp.Dispatch, torch.Tensor, torch.Tensor]:
+        """Apply the routing rule: the dispatch plan, the dense gates and the balance loss.
+
+        The gates are the routing weights scattered to ``(N, E)`` (zero where a token did not
+        pick an expert), computed without a scatter in their backward: a masked softmax for
+        ``"softmax"`` (the same numbers as :func:`gatelab.gates.topk_softmax`), masked and
+        renormalised scores for ``"sigmoid"`` (:func:`gatelab.gates.sigmoid_topk`), the masked
+        affinities for expert choice.
 
         Shape:
-            flat ``(N, D)``, logits ``(N, E)``.
+            flat ``(N, D)``, logits ``(N, E)`` -> gates ``(N, E)``, balance loss ``()``.
         """
         n, e, k = flat.shape[0], self.n_experts, self.top_k
         if self.router_kind == "expert_choice":
             choice = gates.expert_choice(logits, self.capacity(n))
-            weights = choice.weights.to(flat.dtype)
-            return dsp.dispatch_expert_choice(weights, choice.token_indices), logits.new_zeros(())
+            plan = dsp.dispatch_expert_choice(choice.token_indices)
+            taken = _mask(choice.token_indices, (e, n)).T  # (N, E)
+            weights = torch.softmax(logits, dim=-1).masked_fill(~taken, 0.0)
+            return plan, weights, logits.new_zeros(())
         if self.router_kind == "softmax":
-            weights, indices = gates.topk_softmax(logits, k, self.router.bias)
+            indices = gates.select_topk(logits, k)  # (N, K)
+            scores = logits if self.router.bias is None else logits + self.router.bias
+            hidden = ~_mask(indices, (n, e))  # (N, E)
+            weights = torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1)
             probs = torch.softmax(logits, dim=-1)  # (N, E)
         elif self.router_kind == "noisy":
             noise_std = F.softplus(F.linear(flat, self.router.noise_weight).to(logits.dtype))
-            weights, indices, _ = gates.noisy_topk(logits, noise_std, k, training=self.training)
+            chosen, indices, _ = gates.noisy_topk(logits, noise_std, k, training=self.training)
+            weights = torch.zeros_like(logits).scatter(-1, indices, chosen)  # (N, E)
             probs = torch.softmax(logits, dim=-1)
         else:  # sigmoid: the balance loss uses normalised sigmoid scores (DeepSeek-V3 Eq. 18)
-            weights, indices = gates.sigmoid_topk(logits, k)
             scores = torch.sigmoid(logits)
+            indices = gates.select_topk(scores, k)
+            kept = scores.masked_fill(~_mask(indices, (n, e)), 0.0)
+            weights = kept / kept.sum(-1, keepdim=True)
             probs = scores / scores.sum(-1, keepdim=True)
         balance = gates.load_balancing_loss(probs, indices, e)
-        plan = dsp.dispatch_topk(weights.to(flat.dtype), indices, e, self.capacity(n))
-        return plan, balance
+        return dsp.dispatch_topk(indices, e, self.capacity(n)), weights, balance
 
     def _stats(self, plan: dsp.Dispatch, balance, logits, n_tokens: int) -> MoEStats:
         if self.router_kind == "expert_choice":
@@ -259,6 +282,11 @@ def _optional(module: nn.Module, name: str, shape: tuple, present: bool, kw: dic
     """Register an (uninitialised) parameter, or ``None`` under its name when absent."""
     param = nn.Parameter(torch.empty(*shape, **kw)) if present else None
     module.register_parameter(name, param)
+
+
+def _mask(indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Boolean ``shape`` mask, True at ``indices`` along the last dim (no gradient)."""
+    return torch.zeros(shape, dtype=torch.bool, device=indices.device).scatter_(-1, indices, True)
 
 
 def shared_forward(moe: SparseMoE, flat: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import gatelab.moe.dispatch as dsp
+from gatelab.moe.experts import routed_experts
 from gatelab.moe.model import SparseMoE, shared_forward
 
 
@@ -104,7 +104,7 @@ class ExpertParallelMoE(SparseMoE):
             )
         flat = x.reshape(-1, self.d_model)  # (N, D)
         logits = self.router(flat)  # (N, E)
-        plan, balance = self.route(flat, logits)  # global expert ids, grouped by expert = by rank
+        plan, gate_weights, balance = self.route(flat, logits)  # rows grouped by expert = by rank
         # exchange the row counts: recv_counts[s * E/W + e] = rows rank s sends to local expert e
         recv_counts = torch.empty_like(plan.counts)
         dist.all_to_all_single(recv_counts, plan.counts, group=self.group)
@@ -116,13 +116,20 @@ class ExpertParallelMoE(SparseMoE):
         expert_of_row = torch.repeat_interleave(local, recv_counts)  # (R,)
         order = torch.sort(expert_of_row, stable=True).indices  # (R,)
         counts = recv_counts.view(self.world, self.n_local).sum(0)  # (E/W,)
-        rows = dsp.expert_forward(
-            received[order], counts, self.w_gate, self.w_up, self.w_down, self.activation,
+        rows = routed_experts(
+            received,
+            None,
+            order,
+            counts,
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+            self.activation,
             self.backend,
-        )  # fmt: skip
-        rows = rows[torch.argsort(order)]  # (R, D) back to (source rank, local expert) order
+        )  # (R, D) each row's output, back in (source rank, local expert) order
         returned = _AllToAll.apply(rows, send_splits, recv_splits, self.group)  # (M, D)
-        out = dsp.combine(returned, plan, flat.shape[0])
+        weighted = returned * plan.row_weights(gate_weights).to(returned.dtype).unsqueeze(-1)
+        out = torch.zeros_like(flat).index_add_(0, plan.token_index, weighted)  # (N, D)
         if self.n_shared_experts:
             out = out + shared_forward(self, flat)
         self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
