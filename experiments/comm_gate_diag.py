@@ -18,7 +18,7 @@ import json
 import torch
 
 import gatelab.comm.ppo as ppo
-from gatelab.comm.envs import make_env
+from gatelab.comm.envs import env_for
 from gatelab.comm.train import load_model
 from gatelab.threads import torch_threads
 
@@ -26,7 +26,7 @@ from gatelab.threads import torch_threads
 def rollout(model, cfg, episodes: int, seed: int):
     """One batch of deterministic-gate evaluation episodes (``cfg``: the run's TrainConfig)."""
     e = cfg.env
-    env = make_env(e.name.value, episodes, e.agents, e.grid, e.vision, e.episode_limit or None)
+    env = env_for(e, episodes)
     gen = torch.Generator().manual_seed(seed)
     return ppo.collect(model, env, seed, 0, gen, training=False, memory=e.memory)
 

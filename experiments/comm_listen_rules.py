@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from gatelab.comm.config import TrainConfig
-from gatelab.comm.envs import make_env
+from gatelab.comm.envs import env_for
 from gatelab.comm.graph import comm_rate, gate_graph
 from gatelab.comm.ppo import with_memory
 from gatelab.comm.train import load_model
@@ -65,7 +65,7 @@ def evaluate_rule(model, train_cfg: TrainConfig, rule: str, seed: int, episodes:
     while done < episodes:
         n = min(100, episodes - done)
         e = train_cfg.env
-        env = make_env(e.name.value, n, e.agents, e.grid, e.vision, e.episode_limit or None)
+        env = env_for(e, n)
         env_seed = seed * 1_000_003 + done  # as gatelab.comm.eval.evaluate
         generator = torch.Generator().manual_seed(env_seed)
         memory = train_cfg.env.memory

@@ -18,6 +18,19 @@ def test_help(capsys):
         (["--agents", "1"], "agents must be >= 2"),
         (["--temporal-gate", "--comm-budget", "1.5"], "comm_budget must be in [0, 1]"),
         (["--temporal-gate", "--comm-budget", "0.2", "--comm-cost", "0.1"], "--comm-cost"),
+        (["--temporal-gate", "--comm-cost", "nan"], "comm_cost must be a finite number"),
+        (["--temporal-gate", "--comm-cost", "inf"], "comm_cost must be a finite number"),
+        (["--comm-cost", "0.1"], "add --temporal-gate"),
+        (["--comm-budget", "0.2"], "add --temporal-gate"),
+        (["--grid", "1"], "grid must be >= 2"),
+        (["--episode-limit", "-3"], "episode_limit must be >= 0"),
+        (["--env-arg", "N=3"], "env_kwargs are for PettingZoo modules"),
+        (["--env", "mpe2.simple_spread_v3", "--agents", "3"], "--agents: mpe2.simple_spread_v3"),
+        (
+            ["--env", "mpe2.simple_spread_v3", "--env-arg", "continuous_actions=true"],
+            "needs discrete actions",
+        ),
+        (["--env", "mpe2.simple_spread_v3", "--env-arg", "N"], "--env-arg must be KEY=VALUE"),
     ],
 )
 def test_bad_train_config_is_one_line_exit_2(args, match, capsys, tmp_path):
@@ -30,6 +43,52 @@ def test_bad_train_config_is_one_line_exit_2(args, match, capsys, tmp_path):
 def test_unknown_env_is_a_usage_error_exit_2(capsys):
     assert main(["comm", "train", "--env", "starcraft"]) == 2
     assert "starcraft" in capsys.readouterr().err
+
+
+def test_train_a_pettingzoo_module_from_the_cli(tmp_path):
+    from gatelab.comm.train import load_model
+
+    run = tmp_path / "mpe"
+    args = ["--env", "mpe2.simple_spread_v3", "--env-arg", "N=2", "--env-arg", "max_cycles=4"]
+    assert main(["comm", "train", *args, "--updates", "1", "--n-envs", "2",
+                 "--run-dir", str(run)]) == 0  # fmt: skip
+    model, cfg = load_model(run / "model.safetensors")
+    assert cfg.env.name == "mpe2.simple_spread_v3" and cfg.env.env_kwargs == {
+        "N": 2,
+        "max_cycles": 4,
+    }
+    assert model.cfg.n_agents == 2
+
+
+def test_rerun_resumes_or_refuses_naming_fresh(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    args = ["comm", "train", "--quick", "--updates", "1", "--n-envs", "2", "--run-dir", run]
+    assert main(args) == 0
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    assert main(args) == 0  # the same run: nothing to do, nothing overwritten
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    capsys.readouterr()
+    assert main([*args, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another configuration (differs in:" in err and "train.seed" in err and "--fresh" in err
+    assert len(err.splitlines()) == 1
+    assert main([*args, "--seed", "1", "--fresh"]) == 0
+
+
+def test_eval_loads_a_checkpoint_moved_on_its_own(tmp_path):
+    run = tmp_path / "r"
+    assert main(["comm", "train", "--quick", "--updates", "1", "--n-envs", "2",
+                 "--run-dir", str(run)]) == 0  # fmt: skip
+    alone = tmp_path / "elsewhere" / "ckpt.safetensors"
+    alone.parent.mkdir()
+    (run / "model.safetensors").rename(alone)
+    import shutil
+
+    shutil.rmtree(run)  # no config.json, no metrics: the file carries its configuration
+    out = tmp_path / "m.json"
+    assert main(["comm", "eval", "--checkpoint", str(alone), "--episodes", "3",
+                 "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["episodes"] == 3
 
 
 def test_quick_never_overrides_explicit_flags(tmp_path):
@@ -122,29 +181,77 @@ def test_targets_from_a_hand_built_table():
     assert not targets(table)["met"]["tg_cuts_50pct_losing_le_5pts"]
 
 
-def test_reproduce_runs_the_docs_command(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
+def test_reproduce_configs_use_table_seeds():
     from gatelab.comm import reproduce
-    from gatelab.comm.compare import CompareConfig, compare_configs
 
-    doc = (Path(__file__).parents[2] / "docs" / "comm.md").read_text()
-    command = re.search(r"`gatelab reproduce comm` runs `gatelab comm compare ([^`]*)`", doc)
-    args = command.group(1).split()
-    assert args == "--env predator_prey --seeds 6 --updates 200 --comm-budget 0.22 --memory".split()
-    from_docs = compare_configs(False, ["predator_prey"], 6, 200, comm_budget=0.22, memory=True)
-    assert reproduce.configs() == from_docs
-    assert "min" in reproduce.EXPECTED_TIME
-    # the same path end to end on a tiny configuration (2 updates, 1 seed)
+    full = reproduce.configs(seeds=10)
+    assert [name for name, _ in full] == [
+        "predator_prey-memory", "predator_capture_prey-memory",
+        "predator_prey-memoryless", "predator_capture_prey-memoryless",
+    ]  # fmt: skip
+    for _, cfg in full:  # the table's seeds are not the screening seeds 0 and 1
+        assert cfg.seeds == tuple(range(10, 20)) and cfg.base.ppo.updates == 200
+        assert cfg.comm_budget == 0.22 and cfg.base.env.agents == 5 and cfg.base.env.grid == 10
+    for name, cfg in reproduce.configs(seeds=10, small=True):  # the reduced grid
+        assert name.endswith("-small") and cfg.base.env.grid == 5 and cfg.base.ppo.updates == 50
+        assert cfg.seeds == tuple(range(10, 20))
+    with pytest.raises(ValueError, match="seeds"):
+        reproduce.configs(seeds=0)
+
+
+@pytest.mark.slow
+def test_reproduce_writes_interval_tables_and_resumes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from comm_config import config
 
+    from gatelab.comm import plots, reproduce
+
+    for name in ("plot_graph", "plot_comm_rate", "plot_curves"):  # figures: not under test
+        monkeypatch.setattr(plots, name, lambda *a, **k: None)
+
+    full = reproduce.configs(seeds=10)
+    # the path end to end on one tiny task (2 updates, 2 seeds)
     tiny = config(agents=2, grid=3, episode_limit=4, n_envs=4, updates=2, d_model=16)
-    small = [CompareConfig(base=tiny, seeds=(0,), eval_episodes=4, comm_budget=0.22)]
-    monkeypatch.setattr(reproduce, "configs", lambda jobs=1: small)
-    path = reproduce.reproduce(tmp_path, jobs=1)
+    small_cfg = replace(full[0][1], base=tiny, seeds=(10, 11), eval_episodes=4)
+    monkeypatch.setattr(reproduce, "configs", lambda seeds, jobs, small: [("tiny", small_cfg)])
+    monkeypatch.setattr(reproduce, "REPS", 200)
+    path = reproduce.reproduce(tmp_path, jobs=1, seeds=2)
     assert path == tmp_path / "reproduce" / "comm" / "tables.md"
-    assert "| commformer_tg |" in path.read_text() and (path.parent / "tables.json").exists()
-    stamp = (tmp_path / "comm" / "predator_prey" / "full" / "seed0" / "eval.json").stat().st_mtime
-    reproduce.reproduce(tmp_path)  # resumable: finished runs are reused, not retrained
-    assert (tmp_path / "comm/predator_prey/full/seed0/eval.json").stat().st_mtime == stamp
+    text = path.read_text()
+    assert "| commformer_tg |" in text and "P(learned > random)" in text and "Holds:" in text
+    tables = json.loads((path.parent / "tables.json").read_text())["tiny"]
+    assert tables["seeds"] == [10, 11] and len(tables["runs"]["none"]) == 2
+    run = path.parent / "runs" / "tiny" / "predator_prey" / "full" / "seed10" / "eval.json"
+    stamp = run.stat().st_mtime
+    reproduce.reproduce(tmp_path, seeds=2)  # resumable: finished runs are reused, not retrained
+    assert run.stat().st_mtime == stamp
+
+
+def test_interval_table_against_scipy_and_a_pairwise_count():
+    import numpy as np
+    from scipy.stats import trim_mean
+
+    from gatelab.comm.compare import VARIANTS
+    from gatelab.comm.reproduce import interval_table
+
+    rng = np.random.default_rng(0)
+    scores = {v: rng.uniform(0.2 + 0.1 * i, 0.6 + 0.1 * i, 12) for i, v in enumerate(VARIANTS)}
+    scores["commformer"] = rng.uniform(0.80, 0.82, 12)  # narrow: the gap's interval is tight
+    scores["commformer_tg"] = scores["commformer"] - 0.01  # 1 point below learned
+    runs = {v: [{"success_rate": float(x), "comm_rate": 0.5} for x in xs]
+            for v, xs in scores.items()}  # fmt: skip
+    runs["commformer_tg"] = [{**r, "comm_rate": 0.2} for r in runs["commformer_tg"]]
+    out = interval_table(runs, reps=500)
+    for v, xs in scores.items():
+        iqm, mean = out["table"][v]["iqm"], out["table"][v]["mean"]
+        assert iqm[0] == pytest.approx(trim_mean(xs, 0.25))  # IQM: the 25% trimmed mean
+        assert mean[0] == pytest.approx(xs.mean())
+        assert iqm[1] <= iqm[0] <= iqm[2] and mean[1] <= mean[0] <= mean[2]
+    x, y = scores["commformer"], scores["random"]
+    naive = np.mean([(a > b) + 0.5 * (a == b) for a in x for b in y])  # P(X > Y), ties half
+    claims = out["claims"]
+    assert claims["p_learned_beats_random"][0] == pytest.approx(naive)
+    assert claims["learned_minus_full"][0] == pytest.approx(x.mean() - scores["full"].mean())
+    assert claims["gated_rate_cut"] == pytest.approx(0.6)
+    assert claims["holds"]["gates cut >= 50% of messages within 5 points"]

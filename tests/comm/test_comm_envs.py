@@ -113,3 +113,101 @@ def test_adapters_smoke():
     step = env.step(np.zeros((2, 2), dtype=int))
     assert step.reward.shape == (2, 2)
     env.close()
+
+
+FAKE = """
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+
+class Env(ParallelEnv):
+    metadata = {"name": "fake"}
+
+    def __init__(self, action="discrete", obs="box", leave_at=0, widths=(3, 3)):
+        self.possible_agents = [f"a{i}" for i in range(len(widths))]
+        self.leave_at, self.max_cycles = leave_at, 6
+        act = spaces.Discrete(4) if action == "discrete" else spaces.Box(-1, 1, (2,))
+        self._act = dict.fromkeys(self.possible_agents, act)
+        if obs == "box":
+            self._obs = {a: spaces.Box(0, 1, (w,)) for a, w in zip(self.possible_agents, widths)}
+        else:
+            self._obs = dict.fromkeys(self.possible_agents, spaces.Dict({"x": spaces.Discrete(2)}))
+
+    def observation_space(self, agent):
+        return self._obs[agent]
+
+    def action_space(self, agent):
+        return self._act[agent]
+
+    def _see(self):
+        return {a: np.full(self._obs[a].shape, self.t / 10, np.float32) for a in self.agents}
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, list(self.possible_agents)
+        return self._see(), {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        done = {a: self.leave_at and self.t >= self.leave_at and a == "a0" for a in self.agents}
+        obs, rew = self._see(), {a: float(actions[a]) for a in self.agents}
+        self.agents = [a for a in self.agents if not done[a]]
+        return obs, rew, done, dict.fromkeys(done, False), {a: {} for a in done}
+
+
+def parallel_env(**kwargs):
+    return Env(**kwargs)
+"""
+
+
+@pytest.fixture
+def fake_module(tmp_path, monkeypatch):
+    (tmp_path / "fake_pz_env.py").write_text(FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "fake_pz_env"
+
+
+def test_any_pettingzoo_module_runs_through_the_adapter(fake_module):
+    env = make_env(fake_module, 2, 2, env_kwargs={"widths": [3, 5]})
+    assert (env.n_agents, env.n_actions, env.obs_dim, env.episode_limit) == (2, 4, 5, 6)
+    obs = env.reset(0)
+    np.testing.assert_array_equal(obs[0, 0], [0, 0, 0, 0, 0])  # the narrow agent: zero-padded
+    step = env.step(np.array([[1, 2], [3, 0]]))
+    np.testing.assert_allclose(step.reward, [[1, 2], [3, 0]])
+    np.testing.assert_allclose(step.obs[:, 0, :3], 0.1) and np.testing.assert_allclose(
+        step.obs[:, 0, 3:], 0.0
+    )
+    for _ in range(5):
+        step = env.step(np.zeros((2, 2), dtype=int))
+    assert step.done.all() and not step.success.any()  # max_cycles = 6: the episode limit
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"action": "box"}, "needs discrete actions"),
+        ({"obs": "dict"}, "needs array observations"),
+        ({"widths": [3]}, "communication needs two"),
+        ({"bogus": 1}, "parallel_env"),
+    ],
+)
+def test_what_an_environment_lacks_is_named(fake_module, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_env(fake_module, 1, 2, env_kwargs=kwargs)
+
+
+def test_an_agent_leaving_is_a_fixed_agent_count_error(fake_module):
+    env = make_env(fake_module, 1, 2, env_kwargs={"leave_at": 2})
+    env.reset(0)
+    env.step(np.zeros((1, 2), dtype=int))
+    with pytest.raises(ValueError, match="'a0' left the episode at step 2.*fixed agent count"):
+        env.step(np.zeros((1, 2), dtype=int))
+
+
+def test_unknown_modules_are_named():
+    with pytest.raises(ValueError, match="unknown env .no_such_pkg.env_v0.*cannot import"):
+        make_env("no_such_pkg.env_v0", 1, 2)
+    with pytest.raises(ValueError, match="no parallel_env"):
+        make_env("json.decoder", 1, 2)
+    with pytest.raises(ValueError, match="env_kwargs are for PettingZoo modules"):
+        make_env("predator_prey", 1, 2, env_kwargs={"N": 3})

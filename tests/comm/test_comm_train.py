@@ -221,8 +221,10 @@ def test_smoke_loss_finite_and_improving():
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),
-    [("sparsity", 1.2, "sparsity"), ("agents", 1, "agents"), ("env", "chess", "valid Env"),
-     ("updates", 0, "updates"), ("graph_anneal", -1.0, "graph_anneal")],
+    [("sparsity", 1.2, "sparsity"), ("agents", 1, "agents"),
+     ("updates", 0, "updates"), ("graph_anneal", -1.0, "graph_anneal"),
+     ("env", "no such env", "unknown env"), ("lr", float("nan"), "finite"), ("seed", -1, "seed"),
+     ("target_kl", -0.1, "target_kl"), ("grid", 1, "grid"), ("gumbel_tau", 0.0, "gumbel_tau")],
 )  # fmt: skip
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from gatelab import _cli
-from gatelab.comm.config import Env, Graph
+from gatelab.comm.config import NATIVE_ENVS, Env, Graph
 
 app = typer.Typer(help="CommFormer: learned sparse communication graphs with temporal gates.")
 
@@ -22,7 +22,17 @@ Memory = Annotated[
 
 @app.command()
 def train(
-    env: Annotated[Env, typer.Option(help="The environment.")] = Env.predator_prey,
+    env: Annotated[
+        str,
+        typer.Option(
+            help=f"{', '.join(NATIVE_ENVS)}, or a PettingZoo module with parallel_env() "
+            "(e.g. mpe2.simple_spread_v3)."
+        ),  # fmt: skip
+    ] = "predator_prey",
+    env_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for a module's parallel_env() (JSON values; repeatable)."),
+    ] = None,
     agents: Annotated[int | None, typer.Option(help="Number of agents A (>= 2).")] = None,
     grid: Annotated[int | None, typer.Option(help="Grid side (grid worlds, lbforaging).")] = None,
     vision: Annotated[int | None, typer.Option(help="View radius (grid worlds).")] = None,
@@ -39,7 +49,7 @@ def train(
     memory: Memory = False,
     updates: Annotated[int | None, typer.Option(help="PPO updates.")] = None,
     n_envs: Annotated[int | None, typer.Option(help="Episodes per rollout.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of everything.")] = 0,
     device: _cli.DeviceOption = "cpu",
     run_dir: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
     fresh: Annotated[
@@ -50,33 +60,43 @@ def train(
     ] = False,
 ) -> None:
     """Train one model; writes runs/comm/train/<name>/ (model.safetensors, config.json, plots)."""
-    from gatelab.comm.config import GateConfig, TrainConfig
+    from gatelab.comm.config import TrainConfig
     from gatelab.comm.eval import evaluate
+    from gatelab.comm.train import claim
     from gatelab.comm.train import train as run_train
 
     with _cli.user_errors():
-        base = TrainConfig.preset(env, quick)
-        given = {"agents": agents, "grid": grid, "vision": vision, "episode_limit": episode_limit}
-        env_changes = {k: v for k, v in given.items() if v is not None}
-        ppo_changes = {k: v for k, v in (("updates", updates), ("n_envs", n_envs)) if v is not None}
-        if comm_budget > 0 and comm_cost > 0:
-            raise ValueError("--comm-cost is the straight-through gates'; --comm-budget the causal")
-        gate = GateConfig.budgeted(comm_budget) if comm_budget else GateConfig(comm_cost=comm_cost)
-        cfg = base.with_(
-            env={**env_changes, "memory": memory},
-            model={"graph": graph, "sparsity": sparsity, "temporal_gate": temporal_gate},
-            ppo=ppo_changes,
-            gate=gate,
-            seed=seed,
-            device=device,
-        )
+        cfg = TrainConfig.from_flags(
+            env, quick, _env_kwargs(env_arg or []), agents=agents, grid=grid, vision=vision,
+            episode_limit=episode_limit, sparsity=sparsity, graph=graph,
+            temporal_gate=temporal_gate, comm_cost=comm_cost, comm_budget=comm_budget,
+            memory=memory, updates=updates, n_envs=n_envs, seed=seed, device=device,
+        )  # fmt: skip
         flags = ("_tg" if temporal_gate else "") + ("_mem" if memory else "")
-        tag = f"{env.value}_a{cfg.env.agents}_{graph.value}_s{sparsity:g}{flags}_seed{seed}"
+        name = cfg.env.name.replace(".", "_")
+        tag = f"{name}_{graph.value}_s{sparsity:g}{flags}_seed{seed}"
         out = run_dir or Path("runs/comm/train") / tag
+        claim(cfg, out, fresh)  # bad environments and occupied folders: one line, no bar
         with _cli.progress_bar("comm train", cfg.ppo.updates) as update:
-            result = run_train(cfg, out, progress=update, fresh=fresh)
+            result = run_train(cfg, out, progress=update)
         metrics = evaluate(result.model, cfg.env, episodes=100, seed=seed)
     typer.echo(f"{out / 'model.safetensors'}: " + _fmt(metrics))
+
+
+def _env_kwargs(pairs: list[str]) -> dict:
+    """``["N=3", "continuous_actions=false"]`` -> ``{"N": 3, "continuous_actions": False}``."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env-arg must be KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text  # a plain string
+    return out
 
 
 @app.command("eval")

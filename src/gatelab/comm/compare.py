@@ -154,7 +154,7 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     Returns:
         ``{"table": {variant: {metric: [mean, std]}}, "runs": {variant: [eval dicts]}, ...}``.
     """
-    env_dir = Path(out) / cfg.base.env.name.value
+    env_dir = Path(out) / cfg.base.env.name.replace(".", "_")
     env_dir.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], []
     for variant in VARIANTS:
@@ -196,7 +196,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         for v in VARIANTS
     }
     figures = []
-    env = cfg.base.env.name.value
+    env = cfg.base.env.name.replace(".", "_")
     for key, name in (("train/success", "success"), ("train/return", "return")):
         path = env_dir / f"curves_{name}.png"
         plot_curves(curves, key, path, f"{env}: training {name}, mean +- std over seeds")

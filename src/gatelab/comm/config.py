@@ -7,6 +7,7 @@ environment, and :meth:`GateConfig.budgeted` the causal gates that meet a commun
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum, StrEnum
 
@@ -41,22 +42,56 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+NATIVE_ENVS = tuple(e.value for e in Env)
+
+
+def _finite(section: object) -> None:
+    """Every float field of a config section is a finite number (NaN passes no range check)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class EnvConfig:
-    """The task: environment, team size and what each agent observes."""
+    """The task: environment, team size and what each agent observes.
 
-    name: Env = Env.predator_prey
+    ``name``: a native environment (:class:`Env`) or any PettingZoo parallel environment, named
+    by the module whose ``parallel_env(**env_kwargs)`` builds it (``"mpe2.simple_spread_v3"``);
+    such an environment decides its own agents (``agents``, ``grid``, ``vision`` are the native
+    ones').
+    """
+
+    name: str = Env.predator_prey.value
     agents: int = 5  # A (IC3Net medium: 5 predators)
     grid: int = 10  # grid side (IC3Net medium: 10)
     vision: int = 1  # view radius (IC3Net medium: 1)
     episode_limit: int = 0  # 0: the environment's default (40 for a 10x10 grid)
     memory: bool = False  # append the agent's previous action (one-hot; gated: + listened) to obs
+    env_kwargs: dict = field(default_factory=dict)  # a PettingZoo module's parallel_env(**kwargs)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "name", Env(self.name))
+        name = str(getattr(self.name, "value", self.name))
+        object.__setattr__(self, "name", name)
+        _check(name.isidentifier() or all(p.isidentifier() for p in name.split(".")),
+               f"unknown env {name!r}; choose from {', '.join(NATIVE_ENVS)} or name a "
+               "PettingZoo module with parallel_env(), e.g. mpe2.simple_spread_v3")  # fmt: skip
+        _check(
+            not self.env_kwargs or self.is_module,
+            f"env_kwargs are for PettingZoo modules; {name} takes agents, grid and vision",
+        )
         _check(
             self.agents >= 2, f"agents must be >= 2 (communication needs two), got {self.agents}"
         )
+        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+        _check(self.vision >= 0, f"vision must be >= 0, got {self.vision}")
+        _check(self.episode_limit >= 0, f"episode_limit must be >= 0, got {self.episode_limit}")
+
+    @property
+    def is_module(self) -> bool:
+        """Whether ``name`` is a PettingZoo module rather than a native environment."""
+        return self.name not in NATIVE_ENVS
 
 
 @dataclass(frozen=True)
@@ -74,6 +109,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "graph", Graph(self.graph))
+        _finite(self)
+        _check(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
+        _check(self.n_heads >= 1, f"n_heads must be >= 1, got {self.n_heads}")
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
+        _check(self.gumbel_tau > 0, f"gumbel_tau must be > 0, got {self.gumbel_tau}")
         _check(0.0 <= self.sparsity <= 1.0, f"sparsity must be in [0, 1], got {self.sparsity}")
         _check(self.gate_hidden >= 0, f"gate_hidden must be >= 0, got {self.gate_hidden}")
 
@@ -101,6 +144,12 @@ class PPOConfig:
     target_kl: float = 0.03  # KL guard: an update stops past this approximate KL (0: off)
 
     def __post_init__(self) -> None:
+        _finite(self)
+        for name in ("lr", "alpha_lr", "gate_lr", "gamma", "gae_lambda", "clip", "max_grad_norm"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("entropy_coef", "value_coef", "alpha_warmup_updates"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.gamma <= 1 and self.gae_lambda <= 1, "gamma and gae_lambda must be <= 1")
         for name in ("n_envs", "updates", "ppo_epochs", "minibatches", "alpha_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.graph_anneal >= 0, f"graph_anneal must be >= 0, got {self.graph_anneal}")
@@ -130,6 +179,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.estimator is not None:
             object.__setattr__(self, "estimator", Estimator(self.estimator))
+        _finite(self)
+        _check(self.budget_lr > 0, f"gate budget_lr must be > 0, got {self.budget_lr}")
         est = self.kind
         _check(self.comm_cost >= 0, f"comm_cost must be >= 0, got {self.comm_cost}")
         _check(
@@ -175,6 +226,14 @@ class TrainConfig:
     torch_threads: int = 1  # CPU threads (small model: 1 is fastest per core)
     checkpoint_every: int = 50  # updates between checkpoints (and at the end)
 
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(self.torch_threads >= 1, f"torch_threads must be >= 1, got {self.torch_threads}")
+        _check(
+            self.checkpoint_every >= 1,
+            f"checkpoint_every must be >= 1, got {self.checkpoint_every}",
+        )
+
     @classmethod
     def preset(cls, env: Env | str = Env.predator_prey, quick: bool = False) -> TrainConfig:
         """The settings of ``env`` used by ``comm train`` and ``comm compare``.
@@ -184,18 +243,55 @@ class TrainConfig:
         ``quick`` (a smoke run of seconds): IC3Net's easy Predator-Prey (3 predators, 5x5,
         limit 20) for 25 updates of 32, a 6-update simple_spread, 20 updates of 32 otherwise.
         """
-        env = Env(env)
-        if env is Env.predator_prey and quick:
+        env = EnvConfig(env).name
+        if env == Env.predator_prey and quick:
             return cls(EnvConfig(env, 3, 5, episode_limit=20), ppo=PPOConfig(n_envs=32, updates=25))
-        if env is Env.simple_spread:
+        if env == Env.simple_spread or env not in NATIVE_ENVS:  # the Python-stepped adapters
             ppo = PPOConfig(n_envs=8, updates=6) if quick else PPOConfig(n_envs=16, updates=60)
-            return cls(EnvConfig(env, agents=3), ppo=ppo)
+            return cls(EnvConfig(env, agents=3) if env in NATIVE_ENVS else EnvConfig(env), ppo=ppo)
         return cls(EnvConfig(env), ppo=PPOConfig(n_envs=32, updates=20) if quick else PPOConfig())
+
+    @classmethod
+    def from_flags(cls, env: str, quick: bool, env_kwargs: dict, **flags) -> TrainConfig:
+        """``gatelab comm train``'s options as a config: :meth:`preset`, then the flags given.
+
+        ``None`` flags keep the preset's value. Options that would be ignored are refused: the
+        grid-world flags with a PettingZoo module (the module decides; ``env_kwargs``), a comm
+        cost or budget without temporal gates, both at once.
+        """
+        base = cls.preset(env, quick)
+        given = {k: flags[k] for k in ("agents", "grid", "vision", "episode_limit")}
+        env_changes = {k: v for k, v in given.items() if v is not None}
+        if base.env.is_module:
+            native_only = [k for k in ("agents", "grid", "vision") if k in env_changes]
+            _check(
+                not native_only,
+                f"--{native_only[0] if native_only else ''}: {base.env.name} decides its own "
+                "agents and world; pass its arguments with --env-arg KEY=VALUE",
+            )
+        cost, budget = flags["comm_cost"], flags["comm_budget"]
+        _check(
+            not (budget > 0 and cost > 0),
+            "--comm-cost is the straight-through gates'; --comm-budget the causal",
+        )
+        _check(
+            flags["temporal_gate"] or (cost == 0 and budget == 0),
+            "--comm-cost and --comm-budget train temporal gates; add --temporal-gate",
+        )
+        ppo = {k: flags[k] for k in ("updates", "n_envs") if flags[k] is not None}
+        return base.with_(
+            env={**env_changes, "memory": flags["memory"], "env_kwargs": env_kwargs},
+            model={k: flags[k] for k in ("graph", "sparsity", "temporal_gate")},
+            ppo=ppo,
+            gate=GateConfig.budgeted(budget) if budget else GateConfig(comm_cost=cost),
+            seed=flags["seed"],
+            device=flags["device"],
+        )
 
     def to_dict(self) -> dict:
         """Nested plain JSON (Enums as their values)."""
         out = asdict(self)
-        for section in ("env", "model", "gate"):
+        for section in ("model", "gate"):
             for key, value in out[section].items():
                 if isinstance(value, Enum):
                     out[section][key] = value.value

@@ -27,7 +27,7 @@ def run_demo(runs_dir: Path, quick: bool, progress=None) -> DemoResult:
             cfg, runs_dir / "comm", lambda d, _t, o=done: progress and progress(o + d, total)
         )
         done += len(cfg.seeds) * len(VARIANTS)
-        env = cfg.base.env.name.value
+        env = cfg.base.env.name
         for variant, row in summary["table"].items():
             metrics[f"{env}/{variant}/success_rate"] = row["success_rate"][0]
             metrics[f"{env}/{variant}/comm_rate"] = row["comm_rate"][0]

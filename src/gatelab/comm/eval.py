@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gatelab.comm.config import EnvConfig
-from gatelab.comm.envs import make_env
+from gatelab.comm.envs import env_for
 from gatelab.comm.model import CommFormer
 from gatelab.comm.ppo import collect
 
@@ -39,7 +39,7 @@ def evaluate(
     while done < episodes:
         n = min(batch, episodes - done)
         e = env_cfg
-        env = make_env(e.name.value, n, e.agents, e.grid, e.vision, e.episode_limit or None)
+        env = env_for(e, n)
         env_seed = seed * 1_000_003 + done  # episode j of the evaluation uses seed*1000003 + j
         generator = torch.Generator().manual_seed(env_seed)
         ro = collect(model, env, env_seed, 0, generator, False, greedy, memory=env_cfg.memory)

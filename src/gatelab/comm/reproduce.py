@@ -9,6 +9,11 @@ run evaluated on 200 episodes. Per task and variant: IQM and mean success with s
 bootstrap 95% intervals (rliable, Agarwal et al., NeurIPS 2021, arXiv:2108.13264), and the
 probability of improvement of the learned graph over the random one.
 
+``small=True`` (Python API only) is the reduced grid that fits a shared 2-core machine: the same
+tasks and variants on 5x5 grids with a 20-step limit (Predator-Prey with 3 predators,
+Predator-Capture-Prey with 2 perception and 2 capture agents), 50 updates of 32 episodes, 100
+evaluation episodes per run; docs/comm.md says which grid its table comes from.
+
 Resumable: an evaluated run is reused, a cut one resumes from its checkpoint; the table of a
 task is written as soon as its runs are done (``runs/reproduce/comm/tables.md|json``), so an
 interrupted reproduce has the finished tasks' tables.
@@ -44,21 +49,27 @@ def task_name(env: Env, memory: bool) -> str:
     return f"{env.value}-{'memory' if memory else 'memoryless'}"
 
 
-def configs(seeds: int = 10, jobs: int = 1) -> list[tuple[str, CompareConfig]]:
-    """``(task name, CompareConfig)`` of every task of the table."""
+SMALL_AGENTS = {Env.predator_prey: 3, Env.predator_capture_prey: 4}  # the reduced grid's teams
+
+
+def configs(seeds: int = 10, jobs: int = 1, small: bool = False) -> list[tuple[str, CompareConfig]]:
+    """``(task name, CompareConfig)`` of every task of the table (``small``: the reduced grid)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = []
     for env, memory in TASKS:
         base = TrainConfig.preset(env).with_(env={"memory": memory}, ppo={"updates": UPDATES})
+        if small:
+            env_small = {"agents": SMALL_AGENTS[env], "grid": 5, "episode_limit": 20}
+            base = base.with_(env=env_small, ppo={"updates": 50, "n_envs": 32})
         cfg = CompareConfig(
             base=base,
             seeds=tuple(range(FIRST_SEED, FIRST_SEED + seeds)),
             comm_budget=COMM_BUDGET,
-            eval_episodes=EVAL_EPISODES,
+            eval_episodes=100 if small else EVAL_EPISODES,
             jobs=jobs,
         )
-        out.append((task_name(env, memory), cfg))
+        out.append((task_name(env, memory) + ("-small" if small else ""), cfg))
     GateConfig.budgeted(COMM_BUDGET)  # the gates' settings are valid
     return out
 
@@ -166,12 +177,18 @@ def markdown(name: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(runs_dir: Path, jobs: int = 1, progress=None, seeds: int = 10) -> Path:
-    """Train (or reuse) every run of the table, then write ``reproduce/comm/tables.md|json``."""
+def reproduce(
+    runs_dir: Path, jobs: int = 1, progress=None, seeds: int = 10, small: bool = False
+) -> Path:
+    """Train (or reuse) every run of the table, then write ``reproduce/comm/tables.md|json``.
+
+    ``small``: the reduced grid (module docstring), written to ``tables_small.md|json``.
+    """
     runs_dir = Path(runs_dir)
     out = runs_dir / "reproduce" / "comm"
+    stem = "tables_small" if small else "tables"
     tables, text = {}, []
-    for name, cfg in configs(seeds, jobs):
+    for name, cfg in configs(seeds, jobs, small):
         summary = compare(cfg, out / "runs" / name, progress)
         tables[name] = {
             "seeds": list(cfg.seeds),
@@ -181,6 +198,6 @@ def reproduce(runs_dir: Path, jobs: int = 1, progress=None, seeds: int = 10) -> 
             "runs": summary["runs"],
         }
         text += [markdown(name, tables[name]), ""]
-        atomic_write_json(out / "tables.json", tables)  # each finished task at once
-        atomic_write_bytes(out / "tables.md", "\n".join(text).encode())
-    return out / "tables.md"
+        atomic_write_json(out / f"{stem}.json", tables)  # each finished task at once
+        atomic_write_bytes(out / f"{stem}.md", "\n".join(text).encode())
+    return out / f"{stem}.md"

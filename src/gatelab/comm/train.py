@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from gatelab import runs
 from gatelab.comm.config import Estimator, TrainConfig
-from gatelab.comm.envs import make_env
+from gatelab.comm.envs import env_for
 from gatelab.comm.gating import (
     causal_targets,
     gate_schedule,
@@ -57,13 +57,11 @@ class TrainResult(NamedTuple):
 def build(cfg: TrainConfig, n_envs: int | None = None):
     """The environment batch and a fresh model for ``cfg`` (model init seeded by ``cfg.seed``)."""
     e, m = cfg.env, cfg.model
-    env = make_env(
-        e.name.value, n_envs or cfg.ppo.n_envs, e.agents, e.grid, e.vision, e.episode_limit or None
-    )
+    env = env_for(e, n_envs or cfg.ppo.n_envs)
     model_cfg = CommConfig(
         obs_dim=env.obs_dim + (env.n_actions + int(m.temporal_gate) if e.memory else 0),
         n_actions=env.n_actions,
-        n_agents=e.agents,
+        n_agents=env.n_agents,  # a PettingZoo module's environment decides its team
         d_model=m.d_model,
         n_heads=m.n_heads,
         sparsity=m.sparsity,
@@ -104,6 +102,20 @@ def _draws(seed: int, update: int) -> tuple[int, int, torch.Generator, np.random
     rng = np.random.default_rng([seed, update])
     env_seed, graph_seed, torch_seed = (int(x) for x in rng.integers(0, 2**31 - 1, 3))
     return env_seed, graph_seed, torch.Generator().manual_seed(torch_seed), rng
+
+
+def claim(cfg: TrainConfig, run_dir: str | Path, fresh: bool = False) -> bool:
+    """Check ``cfg``'s environment and claim ``run_dir`` for it before anything runs.
+
+    What :func:`train` does first, for a CLI that wants its one-line errors before its
+    progress bar: builds one environment (naming what it lacks) and calls
+    :func:`gatelab.runs.start_run` (``fresh`` empties the folder). Returns whether the folder
+    holds the same run (to resume).
+    """
+    env, model = build(cfg, n_envs=1)
+    env.close()
+    config = {"train": cfg.to_dict(), "model": asdict(model.cfg)}
+    return runs.start_run(run_dir, config, fresh=fresh, ignore=RESUME_IGNORES)
 
 
 def train(
@@ -179,7 +191,7 @@ def train(
                 cfg, model, ro, flat, (opt_theta, opt_alpha), train_alpha, cost, rng
             )
             # ---- log, adapt the label share, checkpoint
-            agent_steps += int(ro.steps.sum()) * cfg.env.agents
+            agent_steps += int(ro.steps.sum()) * model.cfg.n_agents
             mean = torch.stack(epochs.stats).mean(0).tolist()
             row = {
                 "step": update + 1,
@@ -197,7 +209,7 @@ def train(
                 "graph/noise": noise,
                 "graph/alpha_drift": float((model.graph.alpha.detach() - alpha0).abs().max()),
                 "perf/steps_per_s": int(ro.steps.sum())
-                * cfg.env.agents
+                * model.cfg.n_agents
                 / (time.perf_counter() - tick),
             }
             history.append(row)

@@ -16,45 +16,105 @@ import numpy as np
 from gatelab.comm.envs.base import Step
 
 
+def check_parallel_env(env: Any, name: str) -> tuple[list[str], list[int], int]:
+    """What gatelab.comm needs of a PettingZoo parallel environment, or a one-line ValueError.
+
+    Needs: the ParallelEnv API (``possible_agents``, ``observation_space``, ``action_space``),
+    at least two agents, discrete actions with one count for all, array (Box) observations.
+
+    Returns:
+        The agents, each agent's flattened observation width, and the number of actions.
+    """
+    from gymnasium import spaces
+
+    missing = [a for a in ("possible_agents", "observation_space", "action_space", "reset", "step")
+               if not hasattr(env, a)]  # fmt: skip
+    if missing:
+        raise ValueError(f"env {name!r}: not a PettingZoo ParallelEnv (no {', '.join(missing)})")
+    agents = list(env.possible_agents)
+    if len(agents) < 2:
+        raise ValueError(f"env {name!r}: has {len(agents)} agent(s); communication needs two")
+    counts = set()
+    for agent in agents:
+        space = env.action_space(agent)
+        if not isinstance(space, spaces.Discrete):
+            raise ValueError(
+                f"env {name!r}: agent {agent!r} acts in {space}; gatelab.comm needs discrete "
+                "actions (Discrete; MPE: --env-arg continuous_actions=false)"
+            )
+        counts.add(int(space.n))
+    if len(counts) != 1:
+        raise ValueError(f"env {name!r}: agents have {sorted(counts)} actions; one count needed")
+    widths = []
+    for agent in agents:
+        space = env.observation_space(agent)
+        if not isinstance(space, spaces.Box):
+            raise ValueError(
+                f"env {name!r}: agent {agent!r} observes {type(space).__name__}; gatelab.comm "
+                "needs array observations (Box)"
+            )
+        widths.append(int(np.prod(space.shape)))
+    return agents, widths, counts.pop()
+
+
 class PettingZooVec:
-    """A batch of PettingZoo ``ParallelEnv`` s with discrete actions and equal observation widths.
+    """A batch of PettingZoo ``ParallelEnv`` s with discrete actions and a fixed team.
+
+    Observations are flattened; agents whose observations are narrower than the widest are
+    padded with zeros. An episode ends when every agent is terminated or truncated, or after
+    ``episode_limit`` steps; an agent leaving while others play is an error (gatelab.comm's
+    graph is over a fixed set of agents).
 
     Args:
         make: builds one parallel environment, e.g. ``lambda: simple_spread_v3.parallel_env(N=3,
             max_cycles=25, continuous_actions=False)``.
         n_envs: batch size ``B``.
-        episode_limit: steps per episode (the environment's own ``max_cycles``).
+        episode_limit: steps per episode (``None``: the environment's ``max_cycles``).
         success_fn: optional ``info -> bool`` for tasks with a success notion (default: none).
+        name: the environment's name in error messages.
     """
 
     def __init__(
         self,
         make: Callable[[], Any],
         n_envs: int,
-        episode_limit: int,
+        episode_limit: int | None = None,
         success_fn: Callable[[dict], bool] | None = None,
+        name: str = "environment",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
         self.envs = [make() for _ in range(n_envs)]
-        first = self.envs[0]
-        self.agents = list(first.possible_agents)
-        self.n_envs, self.n_agents, self.episode_limit = n_envs, len(self.agents), episode_limit
-        widths = {first.observation_space(a).shape[0] for a in self.agents}
-        if len(widths) != 1:
-            raise ValueError(f"all agents need the same observation width, got {sorted(widths)}")
-        self.obs_dim = widths.pop()
-        self.n_actions = int(first.action_space(self.agents[0]).n)
+        self.name = name
+        self.agents, widths, self.n_actions = check_parallel_env(self.envs[0], name)
+        limit = episode_limit or getattr(self.envs[0].unwrapped, "max_cycles", None)
+        if not limit:
+            raise ValueError(f"env {name!r}: has no max_cycles; give an episode limit")
+        self.n_envs, self.n_agents, self.episode_limit = n_envs, len(self.agents), int(limit)
+        self.obs_dim = max(widths)
         self.success_fn = success_fn
         self._obs = np.zeros((n_envs, self.n_agents, self.obs_dim), dtype=np.float32)
+        self.t = np.zeros(n_envs, dtype=np.int64)
         self.done = np.zeros(n_envs, dtype=bool)
         self.success = np.zeros(n_envs, dtype=bool)
+
+    def _store(self, i: int, obs: dict, when: str) -> None:
+        absent = [a for a in self.agents if a not in obs]
+        if absent:
+            raise ValueError(
+                f"env {self.name!r}: agent {absent[0]!r} is missing {when} while others play; "
+                "gatelab.comm needs a fixed agent count"
+            )
+        for j, agent in enumerate(self.agents):
+            flat = np.asarray(obs[agent], dtype=np.float32).ravel()
+            self._obs[i, j, : flat.size] = flat
 
     def reset(self, seed: int) -> np.ndarray:
         """Reset environment ``i`` with ``seed + i``; obs ``(B, A, O)``."""
         for i, env in enumerate(self.envs):
             obs, _ = env.reset(seed=seed + i)
-            self._obs[i] = np.stack([obs[a] for a in self.agents])
+            self._store(i, obs, "after reset")
+        self.t[:] = 0
         self.done[:] = False
         self.success[:] = False
         return self._obs.copy()
@@ -67,12 +127,19 @@ class PettingZooVec:
                 continue
             act = {a: int(actions[i, j]) for j, a in enumerate(self.agents)}
             obs, rew, term, trunc, info = env.step(act)
-            reward[i] = [rew[a] for a in self.agents]
-            if obs:
-                self._obs[i] = np.stack([obs[a] for a in self.agents])
-            if all(term.get(a, True) or trunc.get(a, True) for a in self.agents):
+            reward[i] = [rew.get(a, 0.0) for a in self.agents]
+            self.t[i] += 1
+            ended = [a for a in self.agents if term.get(a, False) or trunc.get(a, False)]
+            if len(ended) == self.n_agents or self.t[i] >= self.episode_limit:
                 self.done[i] = True
                 self.success[i] = bool(self.success_fn(info)) if self.success_fn else False
+            elif ended:
+                raise ValueError(
+                    f"env {self.name!r}: agent {ended[0]!r} left the episode at step "
+                    f"{self.t[i]} while others play; gatelab.comm needs a fixed agent count"
+                )
+            if obs and (not self.done[i] or all(a in obs for a in self.agents)):
+                self._store(i, obs, f"at step {self.t[i]}")
         return Step(self._obs.copy(), reward, self.done.copy(), self.success.copy())
 
     def close(self) -> None:
