@@ -27,22 +27,19 @@ class Dispatch(NamedTuple):
 
     Attributes:
         token_index: ``(M,)`` long, the source token of each row, rows sorted by expert.
+        expert_index: ``(M,)`` long, the expert of each row (non-decreasing).
         counts: ``(E,)`` long, rows per expert (after dropping); they sum to ``M``.
         n_dropped: number of assignments dropped by the capacity limit (0 when dropless).
     """
 
     token_index: torch.Tensor
+    expert_index: torch.Tensor
     counts: torch.Tensor
     n_dropped: int
 
-    def row_experts(self) -> torch.Tensor:
-        """The expert of each row. Shape: ``(M,)`` long."""
-        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return torch.repeat_interleave(experts, self.counts, output_size=len(self.token_index))
-
     def row_weights(self, gates: torch.Tensor) -> torch.Tensor:
         """Each row's gate ``G[token, expert]``. Shape: gates ``(N, E)`` -> ``(M,)``."""
-        return gates[self.token_index, self.row_experts()]
+        return gates[self.token_index, self.expert_index]
 
 
 def dispatch_topk(indices: torch.Tensor, n_experts: int, capacity: int | None = None) -> Dispatch:
@@ -53,18 +50,18 @@ def dispatch_topk(indices: torch.Tensor, n_experts: int, capacity: int | None = 
     """
     n_tokens = indices.shape[0]
     flat_expert = indices.T.reshape(-1)  # (K N,) choice-major: all first choices, then second...
-    order = torch.sort(flat_expert, stable=True).indices  # (K N,) stable keeps choice-major order
+    expert, order = torch.sort(flat_expert, stable=True)  # (K N,) stable: choice-major kept
     counts = expert_counts(flat_expert, n_experts)  # (E,)
     n_dropped = 0
     if capacity is not None:
         starts = counts.cumsum(0) - counts  # (E,) first row of each expert's segment
-        rank = torch.arange(order.numel(), device=order.device) - starts[flat_expert[order]]
+        rank = torch.arange(order.numel(), device=order.device) - starts[expert]
         keep = rank < capacity  # (K N,)
-        order = order[keep]  # (M,)
+        order, expert = order[keep], expert[keep]  # (M,)
         kept = counts.clamp(max=capacity)
         n_dropped = int(counts.sum() - kept.sum())
         counts = kept
-    return Dispatch(order % n_tokens, counts, n_dropped)
+    return Dispatch(order % n_tokens, expert, counts, n_dropped)
 
 
 def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -80,5 +77,7 @@ def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 def dispatch_expert_choice(token_indices: torch.Tensor) -> Dispatch:
     """Expert-choice routing is already grouped: expert ``e`` owns row block ``e`` of ``(E, C)``."""
     n_experts, capacity = token_indices.shape
-    counts = torch.full((n_experts,), capacity, dtype=torch.long, device=token_indices.device)
-    return Dispatch(token_indices.reshape(-1), counts, 0)
+    device = token_indices.device
+    counts = torch.full((n_experts,), capacity, dtype=torch.long, device=device)
+    expert = torch.arange(n_experts, device=device).unsqueeze(1).expand(-1, capacity)  # (E, C)
+    return Dispatch(token_indices.reshape(-1), expert.reshape(-1), counts, 0)

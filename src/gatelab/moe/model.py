@@ -207,6 +207,7 @@ class SparseMoE(nn.Module):
             flat,
             gate_weights,
             plan.token_index,
+            plan.expert_index,
             plan.counts,
             self.w_gate,
             self.w_up,

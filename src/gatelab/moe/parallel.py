@@ -114,12 +114,13 @@ class ExpertParallelMoE(SparseMoE):
         # received rows are ordered (source rank, local expert): regroup by local expert
         local = torch.arange(self.n_local, device=flat.device).repeat(self.world)  # (W E/W,)
         expert_of_row = torch.repeat_interleave(local, recv_counts)  # (R,)
-        order = torch.sort(expert_of_row, stable=True).indices  # (R,)
+        local_expert, order = torch.sort(expert_of_row, stable=True)  # (R,)
         counts = recv_counts.view(self.world, self.n_local).sum(0)  # (E/W,)
         rows = routed_experts(
             received,
             None,
             order,
+            local_expert,
             counts,
             self.w_gate,
             self.w_up,
