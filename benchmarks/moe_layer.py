@@ -209,7 +209,8 @@ def run_config(n, e, k, args, kw, sync):
         if isinstance(fn, str):
             row["methods"][name] = {"status": fn}
             continue
-        seconds, user, system, faults = (statistics.median(c) for c in zip(*samples[name], strict=True))
+        columns = zip(*samples[name], strict=True)
+        seconds, user, system, faults = (statistics.median(c) for c in columns)
         row["methods"][name] = {
             "tokens_per_s": n / seconds,
             "seconds": [s[0] for s in samples[name]],
