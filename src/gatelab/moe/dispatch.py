@@ -27,44 +27,54 @@ class Dispatch(NamedTuple):
 
     Attributes:
         token_index: ``(M,)`` long, the source token of each row, rows sorted by expert.
+        expert_index: ``(M,)`` long, the expert of each row (non-decreasing).
         counts: ``(E,)`` long, rows per expert (after dropping); they sum to ``M``.
         n_dropped: number of assignments dropped by the capacity limit (0 when dropless).
     """
 
     token_index: torch.Tensor
+    expert_index: torch.Tensor
     counts: torch.Tensor
     n_dropped: int
 
-    def row_experts(self) -> torch.Tensor:
-        """The expert of each row. Shape: ``(M,)`` long."""
-        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return torch.repeat_interleave(experts, self.counts, output_size=len(self.token_index))
-
     def row_weights(self, gates: torch.Tensor) -> torch.Tensor:
         """Each row's gate ``G[token, expert]``. Shape: gates ``(N, E)`` -> ``(M,)``."""
-        return gates[self.token_index, self.row_experts()]
+        return gates[self.token_index, self.expert_index]
 
 
-def dispatch_topk(indices: torch.Tensor, n_experts: int, capacity: int | None = None) -> Dispatch:
+def dispatch_topk(
+    indices: torch.Tensor,
+    n_experts: int,
+    capacity: int | None = None,
+    ahead: torch.Tensor | None = None,
+) -> Dispatch:
     """Group token-choice assignments by expert, dropping past ``capacity`` in choice-major order.
 
+    Args:
+        indices: the experts each token chose.
+        n_experts: ``E``.
+        capacity: rows each expert keeps (None: dropless).
+        ahead: assignments of *other* tokens (other ranks' tokens, in expert parallelism) that
+            precede this batch's choice-``j`` assignments in expert ``e``'s queue; None: zero.
+
     Shape:
-        indices ``(N, K)`` -> rows ``M <= N K``.
+        indices ``(N, K)``, ahead ``(K, E)`` -> rows ``M <= N K``.
     """
     n_tokens = indices.shape[0]
     flat_expert = indices.T.reshape(-1)  # (K N,) choice-major: all first choices, then second...
-    order = torch.sort(flat_expert, stable=True).indices  # (K N,) stable keeps choice-major order
+    expert, order = torch.sort(flat_expert, stable=True)  # (K N,) stable: choice-major kept
     counts = expert_counts(flat_expert, n_experts)  # (E,)
     n_dropped = 0
     if capacity is not None:
         starts = counts.cumsum(0) - counts  # (E,) first row of each expert's segment
-        rank = torch.arange(order.numel(), device=order.device) - starts[flat_expert[order]]
+        rank = torch.arange(order.numel(), device=order.device) - starts[expert]  # in queue
+        if ahead is not None:
+            rank = rank + ahead[order // n_tokens, expert]  # (K N,) choice of each row = order // N
         keep = rank < capacity  # (K N,)
-        order = order[keep]  # (M,)
-        kept = counts.clamp(max=capacity)
-        n_dropped = int(counts.sum() - kept.sum())
-        counts = kept
-    return Dispatch(order % n_tokens, counts, n_dropped)
+        order, expert = order[keep], expert[keep]  # (M,)
+        n_dropped = flat_expert.numel() - order.numel()
+        counts = expert_counts(expert, n_experts)  # (E,) kept rows
+    return Dispatch(order % n_tokens, expert, counts, n_dropped)
 
 
 def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -77,8 +87,11 @@ def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def dispatch_expert_choice(token_indices: torch.Tensor) -> Dispatch:
-    """Expert-choice routing is already grouped: expert ``e`` owns row block ``e`` of ``(E, C)``."""
-    n_experts, capacity = token_indices.shape
-    counts = torch.full((n_experts,), capacity, dtype=torch.long, device=token_indices.device)
-    return Dispatch(token_indices.reshape(-1), counts, 0)
+def dispatch_expert_choice(taken: torch.Tensor) -> Dispatch:
+    """Expert-choice rows: every ``(token, expert)`` pair with ``taken`` set, grouped by expert.
+
+    Shape:
+        taken ``(N, E)`` bool -> rows ``M = taken.sum()``.
+    """
+    expert, token = taken.T.nonzero(as_tuple=True)  # (M,) sorted by expert, then token
+    return Dispatch(token, expert, taken.sum(0), 0)

@@ -32,8 +32,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from gatelab.moe.dispatch import Dispatch
-
 BACKENDS = ("auto", "grouped_mm", "loop")
 # public name from torch 2.12 on; the private op has the same signature in 2.8-2.11
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -74,6 +72,7 @@ def routed_experts(
     x: torch.Tensor,
     gates: torch.Tensor | None,
     token_index: torch.Tensor,
+    expert_index: torch.Tensor,
     counts: torch.Tensor,
     w_gate: torch.Tensor | None,
     w_up: torch.Tensor,
@@ -97,6 +96,7 @@ def routed_experts(
         x: the tokens.
         gates: gate weight of token ``t`` for expert ``e``; None means 1 (a plain permutation).
         token_index: the source token of each row, rows grouped by expert (expert 0 first).
+        expert_index: the expert of each row.
         counts: rows per expert; they sum to ``M``.
         w_gate: gate projections (None for GELU experts).
         w_up: up projections.
@@ -105,12 +105,13 @@ def routed_experts(
         backend: ``"auto" | "grouped_mm" | "loop"`` (see :func:`resolve_backend`).
 
     Shape:
-        x ``(N, D)``, gates ``(N, E)``, token_index ``(M,)``, counts ``(E,)``, w_gate/w_up
-        ``(E, D, H)``, w_down ``(E, H, D)`` -> ``(N, D)``; tokens no row points to get zeros.
+        x ``(N, D)``, gates ``(N, E)``, token_index/expert_index ``(M,)``, counts ``(E,)``,
+        w_gate/w_up ``(E, D, H)``, w_down ``(E, H, D)`` -> ``(N, D)``; tokens no row points to get
+        zeros.
     """
     kernel = resolve_backend(backend, x, x.shape[1], w_up.shape[2])
     out = torch.ops.gatelab.routed_experts(
-        x, gates, token_index, counts, w_gate, w_up, w_down, activation, kernel
+        x, gates, token_index, expert_index, counts, w_gate, w_up, w_down, activation, kernel
     )
     return out[0]
 
@@ -207,11 +208,6 @@ class _WeightGrad:
         return self.grad
 
 
-def _gate_index(token_index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Flat index ``t E + e`` of each row's gate in the ``(N, E)`` gates. Shape: ``(M,)``."""
-    return token_index * counts.shape[0] + Dispatch(token_index, counts, 0).row_experts()
-
-
 Tensors = list[torch.Tensor]
 
 
@@ -220,23 +216,24 @@ def _forward_op(
     x: torch.Tensor,
     gates: torch.Tensor | None,
     token_index: torch.Tensor,
+    expert_index: torch.Tensor,
     counts: torch.Tensor,
     w_gate: torch.Tensor | None,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     activation: str,
     kernel: str,
-) -> tuple[torch.Tensor, Tensors, Tensors, Tensors, Tensors, Tensors]:
-    """Returns ``out`` and, per row chunk, ``xs, gate, up, act, rows`` saved for the backward.
+) -> tuple[torch.Tensor, Tensors, Tensors, Tensors, Tensors]:
+    """Returns ``out`` and, per row chunk, ``xs, gate, up, act`` saved for the backward.
 
     ``act`` is the expert's hidden activation (``silu(gate) * up`` or ``gelu(up)``); ``gate`` is
     empty for GELU experts.
     """
     m, hidden, d_model = token_index.shape[0], w_up.shape[2], x.shape[1]
     chunks = _chunks(counts, m, _n_chunks(m, max(hidden, d_model), x, kernel), kernel)
-    where = _gate_index(token_index, counts) if gates is not None else None  # (M,)
+    where = token_index * counts.shape[0] + expert_index if gates is not None else None  # (M,)
     out = x.new_zeros(x.shape)  # (N, D)
-    saved = ([], [], [], [], [])
+    saved = ([], [], [], [])
     for chunk in chunks:
         rows_of = slice(chunk.lo, chunk.hi)
         n_rows = chunk.hi - chunk.lo
@@ -248,18 +245,17 @@ def _forward_op(
         else:
             gate, act = xs.new_empty(0), F.gelu(up)
         rows = _mm_rows(act, w_down, chunk, xs.new_empty(n_rows, d_model))  # (R, D)
-        weighted = rows
-        if where is not None:
+        if where is not None:  # in place: the backward needs <g, rows>, got as <g W_d^T, act>
             weight = gates.reshape(-1).index_select(0, where[rows_of]).to(rows.dtype)  # (R,)
-            weighted = rows * weight.unsqueeze(-1)
-        out.index_add_(0, token_index[rows_of], weighted)
-        for store, tensor in zip(saved, (xs, gate, up, act, rows), strict=True):
+            rows.mul_(weight.unsqueeze(-1))
+        out.index_add_(0, token_index[rows_of], rows)
+        for store, tensor in zip(saved, (xs, gate, up, act), strict=True):
             store.append(tensor)
     return (out, *saved)
 
 
 @_forward_op.register_fake
-def _(x, gates, token_index, counts, w_gate, w_up, w_down, activation, kernel):
+def _(x, gates, token_index, expert_index, counts, w_gate, w_up, w_down, activation, kernel):
     m, hidden, d_model = token_index.shape[0], w_up.shape[2], x.shape[1]
     n_chunks = _n_chunks(m, max(hidden, d_model), x, kernel)
     rows = [-(-m // n_chunks)] * (n_chunks - 1) + [m - (n_chunks - 1) * -(-m // n_chunks)]
@@ -271,7 +267,6 @@ def _(x, gates, token_index, counts, w_gate, w_up, w_down, activation, kernel):
         [x.new_empty(r, hidden) if swiglu else x.new_empty(0) for r in rows],
         [x.new_empty(r, hidden) for r in rows],
         [x.new_empty(r, hidden) for r in rows],
-        [x.new_empty(r, d_model) for r in rows],
     )
 
 
@@ -280,6 +275,7 @@ def _backward_op(
     grad_out: torch.Tensor,
     gates: torch.Tensor | None,
     token_index: torch.Tensor,
+    expert_index: torch.Tensor,
     counts: torch.Tensor,
     w_gate: torch.Tensor | None,
     w_up: torch.Tensor,
@@ -288,7 +284,6 @@ def _backward_op(
     gate_chunks: Tensors,
     up_chunks: Tensors,
     act_chunks: Tensors,
-    rows_chunks: Tensors,
     activation: str,
     kernel: str,
     need_x: bool,
@@ -299,7 +294,7 @@ def _backward_op(
     swiglu = activation == "swiglu"
     d_gates = grad_out.new_empty(0)
     if gates is not None:
-        where = _gate_index(token_index, counts)  # (M,)
+        where = token_index * n_experts + expert_index  # (M,) flat index of each row's gate
         d_gates = gates.new_zeros(gates.numel())  # (N E,) flat
     dw_down = _WeightGrad(grad_out, (n_experts, hidden, d_model))
     dw_up = _WeightGrad(grad_out, (n_experts, d_model, hidden))
@@ -309,13 +304,14 @@ def _backward_op(
         rows_of = slice(chunk.lo, chunk.hi)
         xs, gate, up, act = xs_chunks[i], gate_chunks[i], up_chunks[i], act_chunks[i]
         g_rows = grad_out.index_select(0, token_index[rows_of])  # (R, D) dL/d(weighted row)
-        if gates is not None:
-            d_row = torch.linalg.vecdot(g_rows, rows_chunks[i])  # (R,) <g_m, f_e(x_t)>
+        d_act = _mm_rows(g_rows, w_down.transpose(1, 2), chunk, torch.empty_like(act))  # (R, H)
+        if gates is not None:  # dL/dG_{t,e} = <g, f_e(x_t)> = <g W_d^T, act>
+            d_row = torch.linalg.vecdot(d_act, act)  # (R,)
             d_gates.index_add_(0, where[rows_of], d_row.to(d_gates.dtype))
             weight = gates.reshape(-1).index_select(0, where[rows_of]).to(g_rows.dtype)
             g_rows.mul_(weight.unsqueeze(-1))  # (R, D) now dL/d(rows)
+            d_act.mul_(weight.unsqueeze(-1))  # (R, H) dL/d act
         dw_down.add(act, g_rows, chunk)
-        d_act = _mm_rows(g_rows, w_down.transpose(1, 2), chunk, torch.empty_like(act))  # (R, H)
         if swiglu:
             d_up = F.silu(gate).mul_(d_act)  # (R, H)
             d_gate = d_act.mul_(up)  # (R, H) dL/d silu(gate), then in place dL/d gate:
@@ -325,7 +321,7 @@ def _backward_op(
             d_up, d_gate = torch.ops.aten.gelu_backward(d_act, up), None
         dw_up.add(xs, d_up, chunk)
         if need_x:
-            d_xs = _mm_rows(d_up, w_up.transpose(1, 2), chunk, torch.empty_like(xs))  # (R, D)
+            d_xs = _mm_rows(d_up, w_up.transpose(1, 2), chunk, g_rows)  # (R, D) reuses g_rows
             if d_gate is not None:
                 d_xs = _mm_rows(d_gate, w_gate.transpose(1, 2), chunk, d_xs, accumulate=True)
             dx.index_add_(0, token_index[rows_of], d_xs)
@@ -339,8 +335,8 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_out, gates, token_index, counts, w_gate, w_up, w_down, xs_chunks, gate_chunks,
-      up_chunks, act_chunks, rows_chunks, activation, kernel, need_x):  # fmt: skip
+def _(grad_out, gates, token_index, expert_index, counts, w_gate, w_up, w_down, xs_chunks,
+      gate_chunks, up_chunks, act_chunks, activation, kernel, need_x):  # fmt: skip
     return (
         grad_out.new_empty(grad_out.shape) if need_x else grad_out.new_empty(0),
         gates.new_empty(gates.shape) if gates is not None else grad_out.new_empty(0),
@@ -351,26 +347,28 @@ def _(grad_out, gates, token_index, counts, w_gate, w_up, w_down, xs_chunks, gat
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, gates, token_index, counts, w_gate, w_up, w_down, activation, kernel = inputs
+    x, gates, token_index, expert_index, counts, w_gate, w_up, w_down, activation, kernel = inputs
     _, *saved = output
     ctx.n_chunks = len(saved[0])
     flat = [t for store in saved for t in store]
-    ctx.save_for_backward(gates, token_index, counts, w_gate, w_up, w_down, *flat)
+    ctx.save_for_backward(gates, token_index, expert_index, counts, w_gate, w_up, w_down, *flat)
     ctx.activation, ctx.kernel = activation, kernel
 
 
 def _backward(ctx, grad_out, *_unused):
-    gates, token_index, counts, w_gate, w_up, w_down, *flat = ctx.saved_tensors
+    gates, token_index, expert_index, counts, w_gate, w_up, w_down, *flat = ctx.saved_tensors
     k = ctx.n_chunks
-    saved = [list(flat[i * k : (i + 1) * k]) for i in range(5)]
+    saved = [list(flat[i * k : (i + 1) * k]) for i in range(4)]
     need = ctx.needs_input_grad
     dx, d_gates, dw_gate, dw_up, dw_down = torch.ops.gatelab.routed_experts_backward(
-        grad_out, gates, token_index, counts, w_gate, w_up, w_down, *saved, ctx.activation,
+        grad_out, gates, token_index, expert_index, counts, w_gate, w_up, w_down, *saved,
+        ctx.activation,
         ctx.kernel, need[0],
     )  # fmt: skip
     return (
         dx if need[0] else None,
         d_gates if gates is not None and need[1] else None,
+        None,
         None,
         None,
         dw_gate if w_gate is not None else None,

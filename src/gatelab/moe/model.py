@@ -207,6 +207,7 @@ class SparseMoE(nn.Module):
             flat,
             gate_weights,
             plan.token_index,
+            plan.expert_index,
             plan.counts,
             self.w_gate,
             self.w_up,
@@ -235,11 +236,9 @@ class SparseMoE(nn.Module):
         """
         n, e, k = flat.shape[0], self.n_experts, self.top_k
         if self.router_kind == "expert_choice":
-            choice = gates.expert_choice(logits, self.capacity(n))
-            plan = dsp.dispatch_expert_choice(choice.token_indices)
-            taken = _mask(choice.token_indices, (e, n)).T  # (N, E)
+            taken = self._expert_choice(logits)  # (N, E)
             weights = torch.softmax(logits, dim=-1).masked_fill(~taken, 0.0)
-            return plan, weights, logits.new_zeros(())
+            return dsp.dispatch_expert_choice(taken), weights, logits.new_zeros(())
         if self.router_kind == "softmax":
             indices = gates.select_topk(logits, k)  # (N, K)
             scores = logits if self.router.bias is None else logits + self.router.bias
@@ -258,7 +257,17 @@ class SparseMoE(nn.Module):
             weights = kept / kept.sum(-1, keepdim=True)
             probs = scores / scores.sum(-1, keepdim=True)
         balance = gates.load_balancing_loss(probs, indices, e)
-        return dsp.dispatch_topk(indices, e, self.capacity(n)), weights, balance
+        return self._dispatch(indices), weights, balance
+
+    def _expert_choice(self, logits: torch.Tensor) -> torch.Tensor:
+        """Which tokens each expert takes (its top-C by affinity). Shape: ``(N, E) -> (N, E)``."""
+        n = logits.shape[0]
+        choice = gates.expert_choice(logits, self.capacity(n))
+        return _mask(choice.token_indices, (self.n_experts, n)).T
+
+    def _dispatch(self, indices: torch.Tensor) -> dsp.Dispatch:
+        """Rows grouped by expert, capacity applied. Shape: indices ``(N, K)``."""
+        return dsp.dispatch_topk(indices, self.n_experts, self.capacity(indices.shape[0]))
 
     def _stats(self, plan: dsp.Dispatch, balance, logits, n_tokens: int) -> MoEStats:
         if self.router_kind == "expert_choice":

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import gatelab.moe.dispatch as dsp
 from gatelab.moe.experts import routed_experts
 from gatelab.moe.model import SparseMoE, shared_forward
 
@@ -41,8 +42,15 @@ class _AllToAll(torch.autograd.Function):
 class ExpertParallelMoE(SparseMoE):
     r"""A :class:`SparseMoE` whose experts are sharded over the ranks of a process group.
 
-    Same maths as :class:`SparseMoE` applied to the union of all ranks' tokens (dropless
-    token-choice routers only: a capacity would depend on how tokens are spread over ranks).
+    Same outputs and gradients as one :class:`SparseMoE` applied to the concatenation of all
+    ranks' tokens (rank 0's first), for every router and with or without a capacity: the drop
+    rule is the single-process one (each expert keeps the first ``C = ceil(cf N K / E)``
+    assignments in choice-major order, ``N`` the tokens of *all* ranks), so it does not depend on
+    the number of ranks or on which rank holds which expert. Each rank learns how many of the
+    other ranks' assignments are ahead of its own in every expert's queue from one all-gather
+    of ``(K, E)`` counts; expert choice all-gathers the (detached) router logits so that every
+    expert picks its top-``C`` tokens among all of them. The balance loss is computed on each
+    rank's own tokens.
 
     Args:
         *args, **kwargs: as :class:`SparseMoE`; ``n_experts`` must be divisible by the group size.
@@ -63,11 +71,6 @@ class ExpertParallelMoE(SparseMoE):
         super().__init__(*args, **kwargs)
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.router_kind == "expert_choice" or self.capacity_factor is not None:
-            raise ValueError(
-                "ExpertParallelMoE: only dropless token-choice routing is supported "
-                "(capacity_factor=None, router in softmax/noisy/sigmoid); use SparseMoE otherwise"
-            )
         if self.n_experts % self.world:
             raise ValueError(
                 f"ExpertParallelMoE: n_experts={self.n_experts} must be divisible by the "
@@ -86,7 +89,8 @@ class ExpertParallelMoE(SparseMoE):
         ep = cls(
             moe.d_model, moe.d_hidden, moe.n_experts, moe.top_k, router=moe.router_kind,
             activation=moe.activation, n_shared_experts=moe.n_shared_experts,
-            router_bias=moe.router.bias is not None, balance_coef=moe.balance_coef,
+            capacity_factor=moe.capacity_factor, router_bias=moe.router.bias is not None,
+            balance_coef=moe.balance_coef,
             z_coef=moe.z_coef, backend=moe.backend, device=moe.w_up.device,
             dtype=moe.w_up.dtype, group=group,
         )  # fmt: skip
@@ -114,12 +118,13 @@ class ExpertParallelMoE(SparseMoE):
         # received rows are ordered (source rank, local expert): regroup by local expert
         local = torch.arange(self.n_local, device=flat.device).repeat(self.world)  # (W E/W,)
         expert_of_row = torch.repeat_interleave(local, recv_counts)  # (R,)
-        order = torch.sort(expert_of_row, stable=True).indices  # (R,)
+        local_expert, order = torch.sort(expert_of_row, stable=True)  # (R,)
         counts = recv_counts.view(self.world, self.n_local).sum(0)  # (E/W,)
         rows = routed_experts(
             received,
             None,
             order,
+            local_expert,
             counts,
             self.w_gate,
             self.w_up,
@@ -134,6 +139,39 @@ class ExpertParallelMoE(SparseMoE):
             out = out + shared_forward(self, flat)
         self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
         return out.reshape(x.shape)
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same trailing shape, any leading size), in rank order."""
+        size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = int(max(sizes))
+        padded = tensor.new_zeros(longest, *tensor.shape[1:])
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return [part[: int(n)] for part, n in zip(parts, sizes, strict=True)]
+
+    def _expert_choice(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each expert's top-C among all ranks' tokens; this rank's rows of the mask."""
+        everyone = self._all_gather(logits.detach())  # W x (N_r, E)
+        first = sum(part.shape[0] for part in everyone[: self.rank])
+        return super()._expert_choice(torch.cat(everyone))[first : first + logits.shape[0]]
+
+    def _dispatch(self, indices: torch.Tensor) -> dsp.Dispatch:
+        """The single-process drop rule over all ranks' tokens, for this rank's assignments."""
+        n, k = indices.shape
+        e = self.n_experts
+        if self.capacity_factor is None:
+            return dsp.dispatch_topk(indices, e)
+        queues = self._all_gather(torch.tensor([n], device=indices.device))
+        capacity = self.capacity(int(sum(queues)))
+        choice = torch.arange(k, device=indices.device).unsqueeze(0)  # (1, K)
+        mine = dsp.expert_counts(choice * e + indices, k * e).view(k, e)  # (K, E) queue lengths
+        counts = torch.stack(self._all_gather(mine.unsqueeze(0))).squeeze(1)  # (W, K, E)
+        other = counts.sum(0) - mine  # (K, E) other ranks' assignments per (choice, expert)
+        ahead = other.cumsum(0) - other + counts[: self.rank].sum(0)  # (K, E)
+        return dsp.dispatch_topk(indices, e, capacity, ahead=ahead)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, world={self.world}, rank={self.rank}"
