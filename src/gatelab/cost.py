@@ -68,7 +68,7 @@ class Cost:
 
     def __mul__(self, factor: float) -> Cost:
         if isinstance(factor, bool) or not isinstance(factor, Real):
-            return NotImplemented  # Python then raises its TypeError naming both types
+            raise TypeError(f"factor must be a number, got {type(factor).__name__}")
         if not (math.isfinite(factor) and factor >= 0):
             raise ValueError(f"factor must be a finite number >= 0, got {factor}")
         return Cost(**{k: None if v is None else v * factor for k, v in self.as_dict().items()})

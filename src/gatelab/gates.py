@@ -16,6 +16,7 @@ Zhou et al. 2022 (arXiv:2202.09368) ยง3.1; Xie & Ermon 2019 (arXiv:1901.10517) ย
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
@@ -70,7 +71,7 @@ def _check_scores(
 
 
 def _check_k(k: int, n: int, name: str = "k") -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, Integral):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
         raise ValueError(f"{name} must be in [1, n={n}], got {k}")
@@ -108,7 +109,7 @@ def _check_number(
     value: object, name: str, low: float, *, low_open: bool, high: float | None = None
 ):
     """``value`` is a real number (not a bool), finite, above ``low`` and at most ``high``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     inside = math.isfinite(value) and (value > low if low_open else value >= low)
     if inside and high is not None:
@@ -450,7 +451,7 @@ def load_balancing_loss(
         ValueError: no tokens, shapes that disagree, NaN/inf or negative probabilities, indices
             outside ``[0, n_experts)``.
     """
-    if isinstance(n_experts, bool) or not isinstance(n_experts, int):
+    if isinstance(n_experts, bool) or not isinstance(n_experts, Integral):
         raise TypeError(f"n_experts must be an int, got {type(n_experts).__name__}")
     if n_experts < 1:
         raise ValueError(f"n_experts must be >= 1, got {n_experts}")

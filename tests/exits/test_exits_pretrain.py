@@ -53,6 +53,8 @@ def test_pretrain_resumes_and_extends_the_schedule(tmp_path):
     assert meta["test_accuracy"] == second["test_accuracy"]
     assert json.loads((out / "backbone.json").read_text())["steps"] == 8
     assert [r["step"] for r in read_metrics(out / RUN_DIR)] == [3, 4, 6, 8]
+    with pytest.raises(ValueError, match="past the 4 steps of epochs=1.*--fresh"):
+        pretrain(out, data, TINY, _cfg(1), SPLITS)  # a schedule cannot shrink under its run
     fresh = pretrain(tmp_path / "again", data, TINY, _cfg(2), SPLITS)
     assert fresh["steps"] == 8
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,37 @@ def test_a_kill_anywhere_resumes_to_the_same_records(fault, cached, uninterrupte
     for name in names:
         assert (out / "reps" / name).read_bytes() == (uninterrupted / "reps" / name).read_bytes()
     assert (out / "rates.json").read_bytes() == (uninterrupted / "rates.json").read_bytes()
+
+
+def _processes_naming(token: str) -> list[int]:
+    """Pids of the processes whose command line contains ``token`` (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if token.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_a_killed_pool_leaves_no_worker_behind_and_resumes(uninterrupted, tmp_path):
+    """The main process killed mid-write: its two workers exit too, and a rerun completes."""
+    out = tmp_path / "pool"
+    script = KILLED_RUN.replace("workers=1", "workers=2")
+    env = os.environ | {FAULT_ENV: "gmoe-rep-write:2"}
+    env["PYTHONPATH"] = str(Path(gatelab.__file__).parents[1])
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(out)], env=env, capture_output=True, timeout=120
+    )
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr
+    for _ in range(50):  # the workers notice within a second or two
+        if not _processes_naming(str(out)):
+            break
+        time.sleep(0.2)
+    assert _processes_naming(str(out)) == []
+    rate_study(TINY, out, workers=2)
+    for name in sorted(p.name for p in (uninterrupted / "reps").iterdir()):
+        assert (out / "reps" / name).read_bytes() == (uninterrupted / "reps" / name).read_bytes()

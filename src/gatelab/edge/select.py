@@ -54,10 +54,10 @@ class Selection:
     nodes: int
 
 
-def _check(n_items: int, constraints: Sequence[tuple[CostFn, float]], quality=None) -> None:
+def _check(n_items: int, quality: Quality, constraints: Sequence[tuple[CostFn, float]]) -> None:
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 0:
         raise ValueError(f"n_items must be an integer >= 0, got {n_items!r}")
-    if quality is not None and not callable(quality):
+    if not callable(quality):
         raise TypeError(f"quality must be a callable set function, got {type(quality).__name__}")
     if isinstance(constraints, str | bytes) or not isinstance(constraints, Sequence):
         raise TypeError(
@@ -101,7 +101,7 @@ def select_subset(
             quality or cost.
         TypeError: a constraint is not a ``(callable, number)`` pair.
     """
-    _check(n_items, constraints, quality)
+    _check(n_items, quality, constraints)
     if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
         raise ValueError(f"max_items must be an integer >= 0, got {max_items!r}")
     if n_items > max_items:
@@ -127,21 +127,26 @@ def select_subset(
             memo[subset] = value
         return memo[subset]
 
+    def cost(i: int, subset: frozenset[int]) -> float:
+        value = constraints[i][0](subset)
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise TypeError(f"constraints[{i}]: cost of {sorted(subset)} must be a number")
+        if value != value:  # NaN compares false with everything: it would pass silently
+            raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
+        return value
+
     def feasible(subset: frozenset[int]) -> bool:
-        for i, (cost, budget) in enumerate(constraints):
-            value = cost(subset)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                raise TypeError(f"constraints[{i}]: cost of {sorted(subset)} must be a number")
-            if value != value:  # NaN compares false with everything: it would pass silently
-                raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
-            if not value <= budget:
-                return False
-        return True
+        return all(cost(i, subset) <= budget for i, (_, budget) in enumerate(constraints))
 
     def share(j: int) -> float:  # how much of the tightest budget item j uses alone
         single = frozenset([j])
         return max(
-            (c(single) / b if b > 0 else np.inf for c, b in constraints if b < np.inf), default=0.0
+            (
+                cost(i, single) / b if b > 0 else np.inf
+                for i, (_, b) in enumerate(constraints)
+                if b < np.inf
+            ),
+            default=0.0,
         )
 
     empty = frozenset()
@@ -173,7 +178,7 @@ def brute_force_subset(
     n_items: int, quality: Quality, constraints: Sequence[tuple[CostFn, float]]
 ) -> Selection:
     """Enumerate every feasible subset (the naive baseline; exponential in ``n_items``)."""
-    _check(n_items, constraints)
+    _check(n_items, quality, constraints)
     best, best_q, calls = frozenset(), None, 0
     for size in range(n_items + 1):
         for combo in combinations(range(n_items), size):

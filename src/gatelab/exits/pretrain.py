@@ -224,6 +224,11 @@ def _pretrain(out_dir, run_dir, data_root, model_cfg, cfg, split_cfg, progress) 
             ckpt_path, modules={"model": model}, optimizers={"opt": opt}, device=cfg.device
         )
         step, seconds = ckpt.step, float(ckpt.state["seconds"])
+        if step > total:
+            raise ValueError(
+                f"{run_dir}: its checkpoint is at step {step}, past the {total} steps of "
+                f"epochs={cfg.epochs}; ask for more epochs, or rerun with --fresh to start over"
+            )
         history = list(ckpt.state.get("schedule_history", []))
         if ckpt.config["pretrain"]["epochs"] != cfg.epochs:
             history.append({"epochs": ckpt.config["pretrain"]["epochs"], "until_step": step})

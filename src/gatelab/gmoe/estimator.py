@@ -358,7 +358,10 @@ class GaussianMoERegressor(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X, y = self._check_Xy(X, y, reset=False)
         if sample_weight is not None:
-            weights = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+            try:
+                weights = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+            except (ValueError, TypeError) as error:
+                raise _named("sample_weight", error) from None
             if not weights.sum() > 0:
                 raise ValueError("sample_weight must not sum to zero")
             sample_weight = weights

@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -208,6 +211,17 @@ def _job(args):
     return run_replication(setting, n, rep, cfg) | {"fingerprint": fingerprint(cfg)}
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker whose parent was killed exits instead of waiting forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _save(record: dict, path: Path) -> dict:
     """Write one replication's record atomically (fault points ``gmoe-rep-write``, ``-done``)."""
     atomic_write_bytes(path, json.dumps(record).encode(), fault="gmoe-rep")
@@ -254,7 +268,12 @@ def run_study(
         # fork (no re-import of __main__, works from any script); torch re-creates its thread
         # pool after fork and every worker runs single-threaded (run_replication)
         ctx = get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(_job, job): path for job, path in todo}
             for future in as_completed(futures):
                 records.append(_save(future.result(), futures[future]))
