@@ -445,7 +445,7 @@ class Engine:
         logits = logprobs[None].expand(len(rows), -1)  # (n, V): log-probs are shifted logits
         alive = self._advance(rows, logits)
         if alive:
-            group = self.groups.setdefault(served.group, Group(served.model))
+            group = self.groups.setdefault(served.group, Group(served.decode_model))
             group.joining.append((states, len(prompt.ids), alive))
 
     def _advance(self, rows: list[Row], logprobs: torch.Tensor) -> list[Row]:

@@ -43,7 +43,9 @@ CHAT_SCORE_INSTRUCTION = "Answer the question with a few words."
 class ServedModel:
     """One named expert variant: tokenizer, (possibly truncated) model and prompting."""
 
-    def __init__(self, name: str, tokenizer: Any, model: nn.Module) -> None:
+    def __init__(
+        self, name: str, tokenizer: Any, model: nn.Module, decode_model: nn.Module | None = None
+    ) -> None:
         self.name = name
         self.spec = parse_model_name(name)
         self.tokenizer = tokenizer
@@ -52,6 +54,12 @@ class ServedModel:
         if self.n_layers > total:
             raise ValueError(f"{name}: the base model has only {total} layers")
         self.model = model if self.n_layers == total else truncate_layers(model, self.n_layers)
+        # decode steps after the first token may run another view of the same weights (the
+        # GGUF's 4-bit blocks, :mod:`gatelab.edge.quant`); prefill and scoring run `model`
+        decode = decode_model or model
+        self.decode_model = (
+            decode if self.n_layers == total else truncate_layers(decode, self.n_layers)
+        )
         self.group = (id(model), self.n_layers)  # variants that can decode in one batch
         self.context = int(model.config.max_position_embeddings)  # longest sequence served
         # Gemma is trained with <bos> first (its tokenizer adds it); SmolLM2's adds nothing.
@@ -200,13 +208,27 @@ class ServedModel:
 
 
 def load_served_models(
-    names: list[str], device: str | torch.device = "cpu", smollm2_dir: str | None = None
+    names: list[str],
+    device: str | torch.device = "cpu",
+    smollm2_dir: str | None = None,
+    int4_decode: bool = True,
 ) -> dict[str, ServedModel]:
-    """Build every named variant, loading each base model once (see :func:`load_base`)."""
+    """Build every named variant, loading each base model once (see :func:`load_base`).
+
+    With ``int4_decode`` (and on the CPU) generated tokens after the first are decoded with the
+    GGUF's own Q4_1 blocks (:func:`gatelab.edge.quant.int4_decode_model`); otherwise with the
+    float32 weights, like prefill and scoring.
+    """
+    from gatelab.edge.quant import int4_decode_model
+    from gatelab.edge.weights import base_gguf
+
     specs = {name: parse_model_name(name) for name in names}
-    bases: dict[str, tuple[Any, nn.Module]] = {}
+    bases: dict[str, tuple[Any, nn.Module, nn.Module]] = {}
     for spec in specs.values():
         if spec.base not in bases:
             tokenizer, model = load_base(spec.base, smollm2_dir)
-            bases[spec.base] = (tokenizer, model.to(device))
+            model = model.to(device)
+            gguf = base_gguf(spec.base, smollm2_dir) if int4_decode else None
+            decode = int4_decode_model(model, gguf)[0] if gguf else model
+            bases[spec.base] = (tokenizer, model, decode)
     return {name: ServedModel(name, *bases[spec.base]) for name, spec in specs.items()}
