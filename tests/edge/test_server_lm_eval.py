@@ -12,7 +12,8 @@ evaluator = pytest.importorskip("lm_eval.evaluator", reason="lm_eval and its dep
 datasets = pytest.importorskip("datasets")
 
 DOCS = [
-    {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Rome"], "answer": 1},
+    {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Rome"],
+     "answer": 1},
     {"question": "Which of these is an animal?", "choices": ["dog", "table", "seven"], "answer": 0},
     {"question": "What is the opposite of hot?", "choices": ["warm", "red", "cold"], "answer": 2},
     {"question": "What comes after Monday?", "choices": ["Tuesday", "Friday", "May"], "answer": 0},
@@ -91,5 +92,8 @@ def test_lm_eval_local_completions_equals_hf_backend_smollm2(tmp_path, monkeypat
         f"smollm2-135m: worst |local-completions - hf| = {worst:.2e} over {len(DOCS) * 3} options"
     )
     assert worst < 1e-3, worst
-    assert sum(max(range(3), key=g.__getitem__) == d["answer"] for g, d in zip(got, DOCS)) >= 3
+    assert (
+        sum(max(range(3), key=g.__getitem__) == d["answer"] for g, d in zip(got, DOCS, strict=True))
+        >= 3
+    )
     assert os.environ["HF_HUB_OFFLINE"] == "1"

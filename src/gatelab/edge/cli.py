@@ -58,6 +58,13 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body accepted (413 above).", min=1)
     ] = 1 << 20,
+    float32_decode: Annotated[
+        bool,
+        typer.Option(
+            help="Decode in float32 like prefill (exact, ~2x slower) instead of running the "
+            "GGUF's 4-bit blocks."
+        ),
+    ] = False,
 ) -> None:
     """Run an OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions."""
     import uvicorn
@@ -76,7 +83,7 @@ def serve(
                 raise ValueError(f"--api-key-env: environment variable {api_key_env} is not set")
     with torch_threads(threads):
         with _cli.user_errors():
-            models = load_served_models(model, device)
+            models = load_served_models(model, device, int4_decode=not float32_decode)
         engine = Engine(max_batch=max_batch, max_queue=max_queue)
         app = build_app(models, engine, api_key, max_body_bytes, timeout_s)
         auth = f", API key from ${api_key_env}" if api_key_env else ""

@@ -198,9 +198,10 @@ class PrefixStore:
         return sum(len(e.ids) for e in self.entries.values())
 
     def add(self, group: Any, ids: list[int], states: list, records: Records | None) -> None:
-        """Remember a prefilled prompt (views of its states: they are never written again)."""
+        """Remember a prefilled prompt (a copy of its states, exactly its length)."""
         if len(ids) > self.max_tokens:
             return
+        states = [(k.clone(), v.clone()) for k, v in states]  # not the buffers' spare room
         key = (group, tuple(ids))
         old = self.entries.pop(key, None)
         if old is not None and old.records is not None and records is None:
@@ -241,7 +242,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         chunk_tokens: int = CHUNK_TOKENS,
-        prefix_tokens: int = 4096,
+        prefix_tokens: int = 2048,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or chunk_tokens < 1 or prefix_tokens < 0:
             raise ValueError(
