@@ -38,29 +38,60 @@ def serve(
         list[str],
         typer.Option(help="Model variant to serve (repeatable), e.g. smollm2-135m-l20-fewshot."),
     ],
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.", min=1)] = 1,
     device: _cli.DeviceOption = "cpu",
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the API key clients must send."),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="Sequences decoded together (continuous batching).", min=1)
+    ] = 8,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests waiting before new ones get 503.", min=0)
+    ] = 32,
+    timeout_s: Annotated[
+        float, typer.Option(help="Per-request limit in seconds, queueing included.", min=0.001)
+    ] = 120.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body accepted (413 above).", min=1)
+    ] = 1 << 20,
+    float32_decode: Annotated[
+        bool,
+        typer.Option(
+            help="Decode in float32 like prefill (exact, ~2x slower) instead of running the "
+            "GGUF's 4-bit blocks."
+        ),
+    ] = False,
 ) -> None:
     """Run an OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions."""
     import uvicorn
 
+    from gatelab.edge.engine import Engine
     from gatelab.edge.served import load_served_models
     from gatelab.edge.server import build_app
     from gatelab.threads import torch_threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _cli.user_errors():
-        if not 0 < port < 65536:
-            raise ValueError(f"--port must be in [1, 65535], got {port}")
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+        api_key = None
+        if api_key_env is not None:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"--api-key-env: environment variable {api_key_env} is not set")
     with torch_threads(threads):
         with _cli.user_errors():
-            models = load_served_models(model, device)
-        _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}")
-        uvicorn.run(build_app(models), host=host, port=port, log_level="warning")
+            models = load_served_models(model, device, int4_decode=not float32_decode)
+        engine = Engine(max_batch=max_batch, max_queue=max_queue)
+        app = build_app(models, engine, api_key, max_body_bytes, timeout_s)
+        auth = f", API key from ${api_key_env}" if api_key_env else ""
+        _cli.stderr().print(f"serving {', '.join(models)} on http://{host}:{port}{auth}")
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        finally:
+            engine.stop()
 
 
 @app.command()

@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def llama_forward_flops(config: Any, n_layers: int, n_tokens: int, logit_positions: int = 1) -> int:
+def llama_forward_flops(
+    config: Any, n_layers: int, n_tokens: int, logit_positions: int = 1, n_past: int = 0
+) -> int:
     r"""FLOPs of one forward pass over ``T`` tokens with logits for ``P`` positions (default 1).
 
     .. math::
-        F = L\,[2T(D\,d_q + 2D\,d_{kv} + d_q D + 3DH) + 4T^2 d_q] + 2DVP
+        F = L\,[2T(D\,d_q + 2D\,d_{kv} + d_q D + 3DH) + 4T(T + T_p) d_q] + 2DVP
 
-    (a multiply-add is 2 FLOPs; attention scores and values over the full T x T, as torch's
-    counter counts them; norms and activations ignored). ``config`` is a transformers Llama or
+    (a multiply-add is 2 FLOPs; attention scores and values over the full T x (T + T_p), as
+    torch's counter counts them, ``T_p = n_past`` tokens already in the KV cache; norms and
+    activations ignored). ``config`` is a transformers Llama or
     Gemma config (``hidden_size``, ``intermediate_size``, ``vocab_size``, heads, ``head_dim``).
     """
     d, h, v = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -28,7 +31,7 @@ def llama_forward_flops(config: Any, n_layers: int, n_tokens: int, logit_positio
     d_q = config.num_attention_heads * head_dim
     d_kv = config.num_key_value_heads * head_dim
     t = n_tokens
-    per_layer = 2 * t * (d * d_q + 2 * d * d_kv + d_q * d + 3 * d * h) + 4 * t * t * d_q
+    per_layer = 2 * t * (d * d_q + 2 * d * d_kv + d_q * d + 3 * d * h) + 4 * t * (t + n_past) * d_q
     return int(n_layers * per_layer + 2 * d * v * logit_positions)
 
 

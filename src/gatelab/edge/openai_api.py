@@ -1,0 +1,324 @@
+"""Reusable pieces of an OpenAI-compatible HTTP server: errors, request guard, strict JSON, SSE.
+
+Everything a FastAPI app needs to answer like the OpenAI API does, whatever goes wrong:
+
+- :class:`OpenAIError` and :func:`error_response`: the ``{"error": {"message", "type", "param",
+  "code"}}`` body with an HTTP status (and headers such as ``Retry-After``);
+  :func:`install_error_handlers` makes every failure of an app answer in that format: request
+  validation (400, naming the field), unknown routes (404), wrong methods (405) and unexpected
+  exceptions (500, never a plain-text page).
+- :class:`RequestGuard`: a pure ASGI middleware that, before any endpoint runs, checks the API
+  key (``Authorization: Bearer``, 401), the body size (``Content-Length`` and the bytes actually
+  received, 413) and the ``Content-Type`` of POST bodies (``application/json``, 415).
+- :func:`parse_json` and :func:`validate`: strict JSON (no ``NaN``/``Infinity``, bounded nesting)
+  and pydantic validation whose errors name the field (``extra="forbid"`` models: a field the
+  server does not implement is refused with 400 naming it, never silently ignored).
+- :func:`sse_response`: server-sent events in OpenAI's framing (``data: {json}`` events, then
+  ``data: [DONE]``).
+
+Used by :mod:`gatelab.edge.server`; a router or proxy serving the same API can import it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~8k tokens as text or token ids fit many times over
+MAX_JSON_DEPTH = 32  # the deepest valid request (chat content parts) nests 4 levels
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class OpenAIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status.
+
+    Args:
+        status: HTTP status code.
+        message: one line naming the culprit.
+        kind: OpenAI's ``type`` (``invalid_request_error``, ``not_found_error``, ...).
+        param: the request field at fault, if any.
+        code: a short machine-readable code (``invalid_api_key``, ``server_busy``, ...).
+        headers: extra response headers (``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code, self.headers = param, code, headers or {}
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    """The JSON response of an :class:`OpenAIError`."""
+    body = error_body(error.message, error.kind, error.param, error.code)
+    return JSONResponse(body, error.status, headers=error.headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "body"}
+
+
+def _where(loc: tuple) -> str:
+    """``("messages", 0, "role")`` -> ``messages[0].role``.
+
+    pydantic puts the member of a union it tried into the location (``str``, ``list[int]``,
+    ``TextPart``); fields are snake_case names, so anything else is dropped.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS:
+            out += ("." if out else "") + part
+    return out
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    """One line naming the first failing field, and that field (OpenAI's ``param``)."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    where = _where(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        message = f"{where!r} is not supported by this server"
+    elif where:
+        message = f"{where}: {first['msg']}"
+    else:
+        message = first["msg"]
+    others = {_where(tuple(e.get("loc", ()))) for e in errors[1:]} - {where}
+    if others:
+        message += f" (also: {', '.join(sorted(others))})"
+    return message, where or None
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    """``model.model_validate(data)``, a failure raised as a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        message, param = describe_validation(error.errors())
+        raise OpenAIError(400, message, param=param) from None
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply") from None
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, stopping at ``limit + 1`` (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The request body as a JSON object; anything else is a 400 naming what is wrong.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's ``json`` accepts) are refused, as is
+    nesting deeper than ``max_depth`` (the parser itself would overflow the stack at ~1,000).
+    """
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise OpenAIError(400, f"request body is nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError:
+        raise OpenAIError(400, "request body is not UTF-8") from None
+    except ValueError as error:  # JSONDecodeError is a ValueError
+        raise OpenAIError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    if _depth(data, max_depth) > max_depth:
+        raise OpenAIError(400, f"request body is nested deeper than {max_depth} levels")
+    return data
+
+
+async def read_json(request: Request, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """:func:`parse_json` of the request's body (already bounded by :class:`RequestGuard`)."""
+    return parse_json(await request.body(), max_depth)
+
+
+class RequestGuard:
+    """ASGI middleware: API key (401), body size (413) and JSON Content-Type (415) of requests.
+
+    The body is read here, up to ``max_body_bytes``, and replayed to the app; after it, the
+    app's ``receive`` is the server's own, so ``request.is_disconnected()`` keeps working.
+    ``GET /health`` needs no key (liveness probes).
+
+    Args:
+        app: the wrapped ASGI app.
+        api_key: the key clients must send as ``Authorization: Bearer <key>``; None: no auth.
+        max_body_bytes: the largest request body accepted.
+    """
+
+    def __init__(
+        self, app: ASGIApp, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def _refuse(self, send: Callable, error: OpenAIError) -> None:
+        body = json.dumps(error_body(error.message, error.kind, error.param, error.code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _check_headers(self, scope: dict) -> OpenAIError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.api_key.encode()
+            ):
+                return OpenAIError(
+                    401,
+                    "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        if scope["method"] == "POST":
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                shown = media or "none"
+                return OpenAIError(
+                    415, f"Content-Type must be application/json, got {shown}", param="headers"
+                )
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return OpenAIError(
+                413, f"request body is larger than {self.max_body_bytes} bytes", code="too_large"
+            )
+        return None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Check, read the bounded body, then run the app with it replayed."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self._check_headers(scope)
+        if refused is not None:
+            await self._refuse(send, refused)
+            return
+        chunks, size = [], 0
+        while True:  # read the whole body, bounded (a chunked body has no Content-Length)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                too_large = OpenAIError(
+                    413,
+                    f"request body is larger than {self.max_body_bytes} bytes",
+                    code="too_large",
+                )
+                await self._refuse(send, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error of ``app`` answer in OpenAI's JSON error format."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(list(error.errors()))
+        return error_response(OpenAIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            message = f"no route {request.url.path}"
+            return error_response(OpenAIError(404, message, "not_found_error", code="not_found"))
+        if error.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+            allowed = dict(error.headers or {})  # Starlette names the allowed methods
+            return error_response(
+                OpenAIError(405, message, code="method_not_allowed", headers=allowed)
+            )
+        return error_response(OpenAIError(error.status_code, str(error.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # the traceback goes to the log, not to the client
+        kind = type(error).__name__
+        return error_response(
+            OpenAIError(500, f"internal server error ({kind})", "server_error", code="internal")
+        )
+
+
+def sse_event(data: dict | str) -> str:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None):
+    """Stream ``events`` as OpenAI's server-sent events, ending with ``data: [DONE]``.
+
+    An error raised while streaming (after the 200 status is sent) becomes a final
+    ``{"error": ...}`` event, as OpenAI's API does. ``on_close`` runs however the stream ends,
+    including when the client disconnects (the generator is cancelled then).
+    """
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield sse_event(event)
+        except OpenAIError as error:
+            yield sse_event(error_body(error.message, error.kind, error.param, error.code))
+        finally:
+            if on_close is not None:
+                on_close()
+        yield sse_event("[DONE]")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
