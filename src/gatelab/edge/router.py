@@ -171,8 +171,9 @@ def ask(
         else:
             result.per_expert[n] = {"status": f"failed: {reply}" if reply else "failed"}
             result.notes.append(f"{n} failed; gate weights renormalised over the others")
-    if not available.any():
-        raise ConnectionError(f"all selected experts failed ({', '.join(names)})")
+    if not available.any():  # each cause names its expert, endpoint and error
+        causes = [str(answers.get(n) or f"{n} is not in the experts list") for n in names]
+        raise ConnectionError(f"all selected experts failed: {'; '.join(causes)}")
     with torch.no_grad():
         logits = state.gate(torch.as_tensor(x)[None])  # (1, E)
         mixed, weights = mixture(logits, probs[None], available, state.top_k)
