@@ -20,7 +20,8 @@ from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import format_cloze
 from gatelab.edge.experts import load_experts
 
-OPTIONS = ["red", "green", "a blue", "violet"]
+OPTIONS = ["red", "green", "a blue", "violet é"]  # é: a token llama.cpp withholds
+VOCAB = 300  # the toy model's tokens: code points below 300
 QUESTION = "Which colour?"
 N_PARAMS = 1000
 
@@ -105,7 +106,12 @@ class FakeServer:
         if path == "/completion":  # greedy on the biased logits, logprob of the raw ones
             ((token, bias),) = body["logit_bias"]
             assert body["n_predict"] == 1 and bias > 100 and body["post_sampling_probs"] is False
-            step = {"id": token, "token": chr(token), "logprob": toy_logprob(body["prompt"], token)}
+            if token > 127:  # as llama.cpp for a token ending in half a UTF-8 character
+                return httpx.Response(200, json={"content": "\ufffd", "tokens": []})
+            prompt, n = body["prompt"], min(body["n_probs"], VOCAB)
+            step = {"id": token, "token": chr(token), "logprob": toy_logprob(prompt, token)}
+            ranked = sorted(range(VOCAB), key=lambda t: -toy_logprob(prompt, t))[:n]
+            step["top_logprobs"] = [{"id": t, "logprob": toy_logprob(prompt, t)} for t in ranked]
             return httpx.Response(200, json={"completion_probabilities": [step]})
         if path == "/v1/completions":  # the chat layout, one choice per prompt; echo ignored
             top = [{"token": " B", "logprob": -0.2}, {"token": " A", "logprob": -2.0}]
@@ -138,6 +144,8 @@ def test_auto_backend_scores_the_same_continuations(dialect):
     if dialect == "llamacpp":  # FLOPs modelled as 2 N per token scored (an echo's tokens)
         n_scored = sum(len(f"{format_cloze(QUESTION)} {o}") for o in OPTIONS)
         assert answer.prompt_tokens == n_scored and answer.flops == 2 * N_PARAMS * n_scored
+        full = [b for _, p, b in fake.requests if p == "/completion" and b["n_probs"] > 1]
+        assert [b["prompt"][-1] for b in full] == [ord(" ")]  # é, read from all tokens
     if dialect == "gatelab":
         assert answer.flops == 123.0
     # detection happens once per expert

@@ -1,5 +1,7 @@
 """The experts file: minimal entries, every malformed one named in one line (CLI: exit 2)."""
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -96,3 +98,12 @@ def test_cli_allow_env(tmp_path, monkeypatch):
     )
     result = runner.invoke(app, [*ASK, "--experts", str(remote), "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "EdgeExpert a: refusing to send the key" in result.output
+
+
+def test_shipped_examples_hold_only_name_base_url_device():
+    root = Path(__file__).parents[2] / "examples" / "edge"
+    (llama,) = load_experts(root / "llama.yaml")
+    gatelab, llama_too = load_experts(root / "mixed.yaml")
+    for expert in (llama, gatelab, llama_too):
+        assert expert.backend == "auto" and expert.api_key_env is None
+    assert llama.base_url == llama_too.base_url != gatelab.base_url
