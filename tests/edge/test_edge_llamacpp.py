@@ -105,8 +105,9 @@ def test_minimal_entry_detects_llamacpp_and_scores_like_plain_generation(llama, 
 
 def test_a_byte_level_token_is_read_from_the_whole_distribution(llama):
     expert = EdgeExpert("smollm2-135m", llama.url, PROFILES["cpu"], backend="llamacpp")
-    options = ("L • (H ⊃ R).", "(L • H) ∨ I", "L", "H")  # "⊃" is split into byte tokens
-    answer = asyncio.run(expert.answer("Symbolise: L and H, unless I.", options))
+    options = ("H ⊃ R", "H", "R", "I")  # " ⊃" is three byte-level tokens, the first withheld
+    answer = asyncio.run(expert.answer("Symbolise: if H then R.", options))
+    assert answer.option_tokens[0] == 5
     assert all(math.isfinite(v) and v < 0 for v in answer.option_logprobs)
     assert math.isclose(sum(answer.probs), 1.0)
 
@@ -130,12 +131,12 @@ def test_mixed_pool_collects_and_names_a_killed_server(llama, gatelab_server, tm
             ],
         )
         pool = load_experts(path)
-        questions = questions_for(SweepConfig(quick=True))[:2]
+        questions = questions_for(SweepConfig(quick=True))[:1]
         cache = tmp_path / "answers.jsonl"
         assert collect(pool, questions, cache)["missing"] == 0
         doomed.kill()
         doomed_url = doomed.url
-    more = questions_for(SweepConfig(quick=True))[2:3]
+    more = questions_for(SweepConfig(quick=True))[1:2]
     pool = load_experts(path)  # fresh clients: the dead one is detected again
     counts = collect(pool, more, cache)
     assert counts["missing"] == 1 and list(counts["errors"]) == ["smollm2-doomed"]
@@ -177,6 +178,7 @@ def _synthetic_sweep(out, names):
     run_sweep(cfg, out / "answers.jsonl", out, TrainConfig(max_steps=30, patience=10, d_hidden=8))
 
 
+@pytest.mark.slow
 def test_ask_names_the_dead_server_and_its_error(llama, gatelab_server, tmp_path):
     names = ["tiny-random", "smollm2-135m"]
     _synthetic_sweep(tmp_path, names)
@@ -271,5 +273,8 @@ def test_collect_sweep_ask_end_to_end_on_a_mixed_pool(tmp_path):
         else:
             servers[victim].kill()
         asked = runner.invoke(app, args)
-    assert asked.exit_code == (0 if len(subset) > 1 else 1), asked.output
-    assert f"expert {victim} at {url}: GET /props: connection refused" in asked.output
+    assert asked.exit_code == 0, asked.output  # the others answer (planned again if needed)
+    result = json.loads(asked.stdout)
+    assert result["answer"] in "ABCD" and victim not in result["weights"]
+    status = result["per_expert"][victim]["status"]
+    assert status.startswith(f"failed: expert {victim} at {url}: GET /props: connection refused")

@@ -292,9 +292,13 @@ class EdgeExpert:
             raise ValueError(
                 f"{who}: base_url must be http(s)://host[:port], got {self.base_url!r}"
             )
+        if isinstance(self.allow_env, str):
+            self.allow_env = (self.allow_env,)  # one name, not its characters
         self.allow_env = tuple(self.allow_env)
         if self.api_key_env is not None:
             key = self.api_key_env
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{who}: api_key_env must name a variable, got {key!r}")
             if not key.startswith(KEY_ENV_PREFIX) and key not in self.allow_env:
                 raise ValueError(
                     f"{who}: api_key_env {key!r} may not be read: name a {KEY_ENV_PREFIX}* "
