@@ -240,10 +240,9 @@ def test_collect_sweep_ask_end_to_end_on_a_mixed_pool(tmp_path):
     gguf, binary = _gguf(), _binary()
     with (
         BackgroundServer(build_app(load_served_models(["tiny-random"]))) as own,
-        LlamaServer(gguf, binary=binary, alias="smollm2-135m", threads=1) as first,
-        LlamaServer(gguf, binary=binary, alias="smollm2-second", threads=1) as second,
+        LlamaServer(gguf, binary=binary, alias="smollm2-135m", threads=1) as llama,
     ):
-        servers = {"tiny-random": own, "smollm2-135m": first, "smollm2-second": second}
+        servers = {"tiny-random": own, "smollm2-135m": llama}
         devices = {"tiny-random": "rtx-4090", "smollm2-135m": "jetson-agx-orin"}
         mixed = _experts_file(
             tmp_path, [(n, s.url, devices.get(n, "cpu")) for n, s in servers.items()], "mixed.yaml"
@@ -255,7 +254,7 @@ def test_collect_sweep_ask_end_to_end_on_a_mixed_pool(tmp_path):
         )
         assert collected.exit_code == 0, collected.output
         summary = json.loads(collected.stdout)
-        assert summary["missing"] == 0 and summary["asked"] == 3 * summary["questions"]
+        assert summary["missing"] == 0 and summary["asked"] == 2 * summary["questions"]
         swept = runner.invoke(
             app, ["edge", "sweep", "--quick", "--cache", str(cache), "--out", str(out)]
         )
@@ -275,6 +274,6 @@ def test_collect_sweep_ask_end_to_end_on_a_mixed_pool(tmp_path):
         asked = runner.invoke(app, args)
     assert asked.exit_code == 0, asked.output  # the others answer (planned again if needed)
     result = json.loads(asked.stdout)
-    assert result["answer"] in "ABCD" and victim not in result["weights"]
+    assert result["answer"] in "ABCD" and result["weights"].get(victim, 0.0) == 0.0
     status = result["per_expert"][victim]["status"]
     assert status.startswith(f"failed: expert {victim} at {url}: GET /props: connection refused")
