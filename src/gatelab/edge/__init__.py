@@ -1,10 +1,12 @@
 """MoE²: gated collaborative inference over edge LLM servers (Jin et al. 2025, arXiv:2501.09410).
 
 Serving (``names``: the model-name grammar, ``weights``: GGUF loading and truncation, ``served``:
-the served model, ``server``: the HTTP app), the OpenAI-compatible client (``client``), modelled
-device costs and FLOPs (``costs``), the experts file (``experts``), questions (``data``), answer
-collection (``collect``), the gate (``model``, ``train``), the exact subset selector (``select``),
-budget sweeps (``eval``, ``sweep``) and the live router (``router``).
+the served model, ``server``: the HTTP app), the OpenAI-compatible client (``client``) and the
+server dialects it speaks (``backends``: gatelab, llama.cpp, OpenAI/vLLM; ``llama_server``
+locates and runs llama.cpp's server), modelled device costs and FLOPs (``costs``), the experts
+file (``experts``), questions (``data``), answer collection (``collect``), the gate (``model``,
+``train``), the exact subset selector (``select``), budget sweeps (``eval``, ``sweep``) and the
+live router (``router``).
 """
 
 from gatelab.edge.client import (

@@ -25,6 +25,15 @@ class Method(StrEnum):
     letters = "letters"  # top logprobs of one generated letter
 
 
+AllowEnvOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-env",
+        help="An environment variable api_key_env may name besides GATELAB_* (repeatable).",
+    ),
+]
+
+
 def default_out(out: Path | None, quick: bool) -> Path:
     """``--out`` as given, else ``runs/edge`` (``runs/edge/quick`` with ``--quick``)."""
     if out is not None:
@@ -107,8 +116,13 @@ def collect(
     method: Annotated[
         Method, typer.Option(help="Local pool: score the option text, or read the letters.")
     ] = Method.continuation,
+    allow_env: AllowEnvOption = None,
 ) -> None:
-    """Ask every expert every question once over HTTP and cache distributions, delays, tokens."""
+    """Ask every expert every question once over HTTP and cache distributions, delays, tokens.
+
+    Failed pairs are cached with their cause and asked again on the next run; the summary's
+    ``errors`` gives each failing expert's last error.
+    """
     from gatelab.edge import collect as collect_lib
     from gatelab.edge.eval import SweepConfig, questions_for
     from gatelab.edge.experts import load_experts
@@ -117,7 +131,7 @@ def collect(
     with _cli.user_errors():
         cfg = SweepConfig(quick=quick, seed=seed)
         questions = questions_for(cfg)
-        servers, pool = [], load_experts(experts) if experts else None
+        servers, pool = [], load_experts(experts, allow_env=allow_env or ()) if experts else None
         if pool is None:
             servers, pool = collect_lib.start_local_pool(method=method.value)
         try:
@@ -184,8 +198,13 @@ def ask(
     ),
     timeout_s: Annotated[float, typer.Option(help="Per-expert request timeout, s.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    allow_env: AllowEnvOption = None,
 ) -> None:
-    """Answer a question live with the budget-optimal subset of experts and the trained gate."""
+    """Answer a question live with the budget-optimal subset of experts and the trained gate.
+
+    An expert that fails is named with its cause and left out (the gate renormalises); if all
+    selected experts fail it exits 1 naming each one's error.
+    """
     from dataclasses import asdict
 
     from gatelab.edge.experts import experts_for
@@ -194,7 +213,7 @@ def ask(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _cli.user_errors():
+        pool = experts_for(experts, timeout_s, allow_env=allow_env or ())  # checked first: cheap
         state = load_router(run_dir)
-        pool = experts_for(experts, timeout_s)
         result = ask_lib(question, option, pool, state, energy_budget, delay_budget, category)
     typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.describe())

@@ -1,8 +1,10 @@
 """Query every expert once per question over HTTP and cache the answers (resumable JSONL).
 
 Each line of the cache is one attempt for one ``(qid, expert)`` pair: either ``ok`` with the
-option distribution, token counts, FLOPs, measured and modelled costs, or ``ok: false`` with the
-error after all retries. On resume, pairs with an ``ok`` line are skipped and failed pairs are
+option distribution, token counts, FLOPs, measured and modelled costs and the backend that
+answered, or ``ok: false`` with the error after all retries and its cause
+(:func:`failure_record`: HTTP status and server message, timeout, connection refused, parse
+error). On resume, pairs with an ``ok`` line are skipped and failed pairs are
 tried again; the last line for a pair wins. Missing answers stay visible as missing
 (:class:`AnswerTable.available`), never silently dropped.
 """
@@ -14,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from gatelab.edge.client import (
     DEFAULT_NORMALIZE,
     EdgeExpert,
     ExpertAnswer,
+    ExpertError,
     ask_experts,
     continuation_distribution,
 )
@@ -78,22 +82,46 @@ def seed_from_shipped(
     return len(new)
 
 
+def failure_record(error: BaseException) -> dict:
+    """The cache fields of a failed attempt: the message and its cause in data.
+
+    ``error`` is ``"<ExceptionType>: <message>"`` (the message names the expert, the endpoint and
+    the cause); ``cause`` is :attr:`~gatelab.edge.client.ExpertError.kind` (``http``,
+    ``timeout``, ``connect``, ``parse``) or the exception type for other errors (e.g. a
+    ``ValueError`` asking for ``flops_per_token``); ``http_status`` is the status or None.
+    """
+    return {
+        "ok": False,
+        "error": f"{type(error).__name__}: {error}",
+        "cause": error.kind if isinstance(error, ExpertError) else type(error).__name__,
+        "http_status": error.status if isinstance(error, ExpertError) else None,
+    }
+
+
+def _append(out: TextIO, record: dict) -> None:
+    """Write one cache line and flush it: a kill loses at most the line being written."""
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+
+
 def collect(
     experts: list[EdgeExpert],
     questions: list[MCQuestion],
     cache: str | Path,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, int]:
+) -> dict:
     """Ask every expert every question (experts concurrently), appending to the JSONL ``cache``.
 
     Returns:
-        Counts: ``asked`` (new attempts), ``ok``, ``missing`` (pairs still without an answer).
+        Counts: ``asked`` (new attempts), ``ok``, ``missing`` (pairs still without an answer),
+        and ``errors``: the last error of each expert that failed in this call (its cause).
     """
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
     runs.drop_torn_tail(cache)  # before reading, so a cut pair is asked again
     done = {key for key, r in read_cache(cache).items() if r["ok"]}
     asked = failed = 0
+    errors: dict[str, str] = {}
     with cache.open("a") as out:
         for i, q in enumerate(questions):
             todo = [e for e in experts if (q.qid, e.name) not in done]
@@ -104,14 +132,14 @@ def collect(
                     if isinstance(result, ExpertAnswer):
                         record |= {"ok": True, **asdict(result)}
                     else:
-                        record |= {"ok": False, "error": f"{type(result).__name__}: {result}"}
+                        record |= failure_record(result)
+                        errors[name] = record["error"]
                         failed += 1
-                    out.write(json.dumps(record) + "\n")
+                    _append(out, record)
                     asked += 1
-                out.flush()
             if progress:
                 progress(i + 1, len(questions))
-    return {"asked": asked, "ok": asked - failed, "missing": failed}
+    return {"asked": asked, "ok": asked - failed, "missing": failed, "errors": errors}
 
 
 @dataclass
@@ -225,6 +253,7 @@ def start_local_pool(
                     method=method,
                     normalize=normalize,
                     timeout_s=120.0,
+                    backend="gatelab",
                 )  # fmt: skip
                 for n in names
             ]

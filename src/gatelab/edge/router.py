@@ -96,15 +96,23 @@ def load_router(run_dir: str | Path) -> RouterState:
 
 
 def plan_subset(
-    state: RouterState, category: str, energy_budget: float, delay_budget: float
+    state: RouterState,
+    category: str,
+    energy_budget: float,
+    delay_budget: float,
+    exclude: frozenset[int] = frozenset(),
 ) -> frozenset[int]:
-    """The subset MoE² runs for ``category`` under the budgets (exact selector on the hull)."""
+    """The subset MoE² runs for ``category`` under the budgets (exact selector on the hull).
+
+    ``exclude``: experts that must not be chosen (they failed): a subset holding one is worth
+    only what its other members are worth, so the hull's argmax never returns it.
+    """
     if category not in state.categories:
         raise ValueError(f"unknown category {category!r}; known: {sorted(state.categories)}")
     table = state.categories[category]
     base = table["base_quality"]
     quality, argmax = monotone_hull(
-        lambda s: base[",".join(map(str, sorted(s)))] if s else -math.inf
+        lambda s: base[",".join(map(str, sorted(s)))] if s and not s & exclude else -math.inf
     )
     constraints = [
         (energy_cost(table["energy_j"]), energy_budget),
@@ -133,9 +141,11 @@ def ask(
 ) -> AskResult:
     """Answer one question live (see module doc); failed experts are dropped and renormalised.
 
+    If every expert of the chosen subset fails, the subset is planned again without them.
+
     Raises:
         ValueError: not four options, or a bad category.
-        ConnectionError: every selected expert failed.
+        ConnectionError: every expert that fits the budgets failed (each cause named).
     """
     if len(options) != len(LETTERS):
         raise ValueError(f"give exactly {len(LETTERS)} options, got {len(options)}")
@@ -144,21 +154,39 @@ def ask(
     x = embed_texts([question + " " + " | ".join(options)])[0].astype(np.float64)
     category = category or nearest_category(state, x)
     subset = sorted(plan_subset(state, category, energy_budget, delay_budget))
-    names = [state.experts[i] for i in subset]
     by_name = {e.name: e for e in experts}
-    result = AskResult(category, names, None, [0.25] * 4, {})
+    result = AskResult(category, [state.experts[i] for i in subset], None, [0.25] * 4, {})
     if not subset:
         result.notes.append("no expert fits these budgets: no answer")
         return result
-    reachable = [by_name[n] for n in names if n in by_name]
-    for n in names:
-        if n not in by_name:
-            result.notes.append(f"{n} is not in the experts list: treated as failed")
-    answers = asyncio.run(ask_experts(reachable, question, options)) if reachable else {}
+    # Ask the subset; if every expert in it fails, plan again without the failed ones (the next
+    # best subset under the same budgets) until one answers or none is left.
+    replies: dict[str, ExpertAnswer | BaseException | None] = {}
+    while True:
+        names = [state.experts[i] for i in subset]
+        todo = [n for n in names if n not in replies]
+        for n in todo:
+            if n not in by_name:
+                result.notes.append(f"{n} is not in the experts list: treated as failed")
+        reachable = [by_name[n] for n in todo if n in by_name]
+        answers = asyncio.run(ask_experts(reachable, question, options)) if reachable else {}
+        replies |= {n: answers.get(n) for n in todo}
+        if any(isinstance(replies[n], ExpertAnswer) for n in names):
+            break
+        failed = frozenset(state.experts.index(n) for n in replies)
+        retry = sorted(plan_subset(state, category, energy_budget, delay_budget, failed) - failed)
+        if not retry:
+            causes = [str(replies[n] or f"{n} is not in the experts list") for n in replies]
+            raise ConnectionError(f"all selected experts failed: {'; '.join(causes)}")
+        result.notes.append(
+            f"{', '.join(names)} failed: planned again without them: "
+            f"{', '.join(state.experts[i] for i in retry)}"
+        )
+        subset = retry
+    result.subset = names
     available = torch.zeros(len(state.experts), dtype=torch.bool)
     probs = torch.full((len(state.experts), 4), 0.25, dtype=torch.float64)
-    for n in names:
-        reply = answers.get(n)
+    for n, reply in replies.items():
         if isinstance(reply, ExpertAnswer):
             i = state.experts.index(n)
             available[i], probs[i] = True, torch.tensor(reply.probs, dtype=torch.float64)
@@ -168,11 +196,10 @@ def ask(
                 "modelled_delay_s": reply.modelled_delay_s,
                 "modelled_energy_j": reply.modelled_energy_j,
             }
-        else:
+        else:  # the cause names the expert, the endpoint and the error
             result.per_expert[n] = {"status": f"failed: {reply}" if reply else "failed"}
-            result.notes.append(f"{n} failed; gate weights renormalised over the others")
-    if not available.any():
-        raise ConnectionError(f"all selected experts failed ({', '.join(names)})")
+            if n in names:
+                result.notes.append(f"{n} failed; gate weights renormalised over the others")
     with torch.no_grad():
         logits = state.gate(torch.as_tensor(x)[None])  # (1, E)
         mixed, weights = mixture(logits, probs[None], available, state.top_k)
