@@ -62,7 +62,8 @@ def test_train_a_pettingzoo_module_from_the_cli(tmp_path):
 
 def test_rerun_resumes_or_refuses_naming_fresh(tmp_path, capsys):
     run = str(tmp_path / "r")
-    args = ["comm", "train", "--quick", "--updates", "1", "--n-envs", "2", "--run-dir", run]
+    tiny = ["--agents", "2", "--grid", "3", "--episode-limit", "4", "--n-envs", "2"]
+    args = ["comm", "train", *tiny, "--updates", "1", "--run-dir", run]
     assert main(args) == 0
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
     assert main(args) == 0  # the same run: nothing to do, nothing overwritten
@@ -77,8 +78,8 @@ def test_rerun_resumes_or_refuses_naming_fresh(tmp_path, capsys):
 
 def test_eval_loads_a_checkpoint_moved_on_its_own(tmp_path):
     run = tmp_path / "r"
-    assert main(["comm", "train", "--quick", "--updates", "1", "--n-envs", "2",
-                 "--run-dir", str(run)]) == 0  # fmt: skip
+    tiny = ["--agents", "2", "--grid", "3", "--episode-limit", "4", "--n-envs", "2"]
+    assert main(["comm", "train", *tiny, "--updates", "1", "--run-dir", str(run)]) == 0
     alone = tmp_path / "elsewhere" / "ckpt.safetensors"
     alone.parent.mkdir()
     (run / "model.safetensors").rename(alone)

@@ -14,7 +14,14 @@ from gatelab.comm.config import (
     PPOConfig,
     TrainConfig,
 )
-from gatelab.comm.envs import ENVS, PredatorCapturePrey, PredatorPrey, make_env
+from gatelab.comm.envs import (
+    ENVS,
+    PredatorCapturePrey,
+    PredatorCapturePreyEnv,
+    PredatorPrey,
+    PredatorPreyEnv,
+    make_env,
+)
 from gatelab.comm.eval import evaluate
 from gatelab.comm.graph import CommGraph, TemporalGate, comm_rate, gate_graph, n_senders
 from gatelab.comm.model import CommConfig, CommFormer, graph_attention
@@ -35,7 +42,9 @@ __all__ = [
     "ModelConfig",
     "PPOConfig",
     "PredatorCapturePrey",
+    "PredatorCapturePreyEnv",
     "PredatorPrey",
+    "PredatorPreyEnv",
     "TemporalGate",
     "TrainConfig",
     "TrainResult",

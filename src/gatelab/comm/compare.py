@@ -36,7 +36,8 @@ class Variant(StrEnum):
 
 VARIANTS = tuple(v.value for v in Variant)
 METRICS = ("success_rate", "mean_steps", "mean_return", "comm_rate", "updates")
-COMPARE_ENVS = (Env.predator_prey, Env.simple_spread)  # the environments compare's presets cover
+# the environments compare's presets cover
+COMPARE_ENVS = (Env.predator_prey, Env.predator_capture_prey, Env.simple_spread)
 
 
 @dataclass(frozen=True)
