@@ -66,18 +66,29 @@ def test_train_smoke_loss_falls_and_checkpoint_resumes(tmp_path):
     )
 
 
+def _no_perf(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+
+
 def test_same_seed_same_metrics(tmp_path):
     cfg = _cfg(tmp_path, steps=6, eval_every=6, log_every=3)
     a = train(TINY, cfg, tmp_path / "a")
     b = train(TINY, cfg, tmp_path / "b")
-    assert a == b
+    assert _no_perf(a) == _no_perf(b)
+    assert a["perf/tokens_per_s"] > 0 and a["perf/step_cpu_ms"] > 0
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_rerun_resumes_refuses_another_config_naming_fresh_and_fresh_starts_over(tmp_path):
     cfg = _cfg(tmp_path, steps=5)
-    train(TINY, cfg, tmp_path / "run")
-    with pytest.raises(ValueError, match="different config"):
-        train(dataclasses.replace(TINY, top_k=1), cfg, tmp_path / "run")
+    first = train(TINY, cfg, tmp_path / "run")
+    again = train(TINY, cfg, tmp_path / "run")  # finished run: resumes at step 5, trains nothing
+    assert _no_perf(again) == _no_perf(first) and "perf/tokens_per_s" not in again
+    other = dataclasses.replace(TINY, top_k=1)
+    with pytest.raises(ValueError, match=r"differs in: model\.top_k.*--fresh"):
+        train(other, cfg, tmp_path / "run")
+    redone = train(other, cfg, tmp_path / "run", fresh=True)
+    assert redone["params/active"] < first["params/active"]
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 5
 
 
 def test_bad_configs_raise():
@@ -102,7 +113,7 @@ def test_cli_help_bad_option_and_missing_input(tmp_path):
 
 
 def _records(run_dir):
-    return [{k: v for k, v in r.items() if k != "perf/steps_per_s"} for r in read_metrics(run_dir)]
+    return [_no_perf(r) for r in read_metrics(run_dir)]
 
 
 def test_interrupted_run_resumes_bit_identically_without_duplicate_steps(tmp_path):
@@ -120,7 +131,7 @@ def test_interrupted_run_resumes_bit_identically_without_duplicate_steps(tmp_pat
         train(TINY, cfg, tmp_path / "cut", interrupt)
     assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 10
     resumed = train(TINY, cfg, tmp_path / "cut")
-    assert resumed == full
+    assert _no_perf(resumed) == _no_perf(full)
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
         "checkpoint.prev.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl",
@@ -141,10 +152,10 @@ def test_cli_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_pair(model_cfg, cfg, run_dir, progress):
-        seen.update(model=model_cfg, train=cfg)
+    def fake_pair(model_cfg, cfg, run_dir, progress, fresh):
+        seen.update(model=model_cfg, train=cfg, fresh=fresh)
         metrics = {"eval/loss": 1.0, "params/active": 1, "params/total": 1}
-        return {"moe": metrics, "dense": metrics, "figures": []}
+        return {"moe": metrics, "dense": metrics, "step_time_ratio": 1.2, "figures": []}
 
     monkeypatch.setattr(moe_train, "train_pair", fake_pair)
     runner = CliRunner()
@@ -156,3 +167,83 @@ def test_cli_quick_never_overrides_an_explicit_flag(tmp_path, monkeypatch):
     assert seen["model"].d_model == 64  # the quick default of a flag not given
     assert runner.invoke(app, args).exit_code == 0
     assert (seen["train"].steps, seen["model"].top_k, seen["model"].router) == (600, 2, "softmax")
+    assert seen["fresh"] is False
+    result = runner.invoke(app, [*args, "--fresh"])
+    assert result.exit_code == 0 and seen["fresh"] is True
+    assert "MoE step / dense step (CPU time): 1.20" in result.output
+
+
+def test_cli_rerun_with_another_config_is_refused_in_one_line_naming_fresh(tmp_path):
+    cfg = _cfg(tmp_path, steps=2, eval_every=2, checkpoint_every=2)
+    train(dataclasses.replace(TINY, ffn="moe"), cfg, tmp_path / "run" / "moe")
+    runner = CliRunner()
+    result = runner.invoke(app, ["moe", "train", "--quick", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "--fresh" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- kill tests
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_moe_train import TINY, kill_config
+from gatelab.moe.train import train
+train(TINY, kill_config({corpus!r}), {run!r})
+"""
+
+
+def kill_config(corpus):
+    return TrainConfig(
+        steps=12, batch_size=4, lr=1e-2, warmup=2, eval_every=4, eval_batches=1, log_every=2,
+        checkpoint_every=4, corpus_dir=corpus, threads=1,
+    )  # fmt: skip
+
+
+def _run(run_dir, corpus, fault=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "GATELAB_FAULT"}
+    if fault:
+        env["GATELAB_FAULT"] = fault
+    code = KILL_SCRIPT.format(
+        tests=str(Path(__file__).parent), corpus=str(corpus), run=str(run_dir)
+    )
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    corpus = _corpus(root)
+    train(TINY, kill_config(str(corpus)), root / "full")
+    return corpus, root / "full"
+
+
+@pytest.mark.slow  # a subprocess and two short trainings: ~7 s of CPU each
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "checkpoint-write:2",  # inside the second checkpoint's write: half its bytes on disk
+        "checkpoint-rotate:2",  # old checkpoint moved to .prev, the new one not yet in place
+        "moe-step:7",  # between two steps, three past the last checkpoint
+    ],
+)
+def test_killed_anywhere_then_rerun_ends_bit_identical(fault, uninterrupted, tmp_path):
+    from safetensors.torch import load_file
+
+    corpus, full = uninterrupted
+    killed = _run(tmp_path / "run", corpus, fault)
+    assert killed.returncode == 77, killed.stderr[-2000:]
+    if fault.startswith("checkpoint-rotate"):  # only checkpoint.prev is left: used, with a warning
+        with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+            train(TINY, kill_config(str(corpus)), tmp_path / "run")  # the rerun, in-process
+    else:
+        train(TINY, kill_config(str(corpus)), tmp_path / "run")
+    a = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    b = load_file(full / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(tmp_path / "run") == _records(full)

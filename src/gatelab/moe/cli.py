@@ -47,9 +47,12 @@ def train(
     corpus_dir: Annotated[
         Path | None, typer.Option(help="Folder of .py files (default: the stdlib).")
     ] = None,
-    run_dir: Annotated[Path, typer.Option(help="Output folder; resumes from it.")] = Path(
-        "runs/moe-train"
-    ),
+    run_dir: Annotated[
+        Path, typer.Option(help="Output folder; a rerun resumes the run it holds.")
+    ] = Path("runs/moe-train"),
+    fresh: Annotated[
+        bool, typer.Option(help="Delete what --run-dir holds and start over.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Train a SparseMoE LM and a dense LM with equal active parameters; compare held-out loss.
@@ -77,13 +80,16 @@ def train(
         if corpus_dir is not None and not corpus_dir.is_dir():
             raise FileNotFoundError(f"--corpus-dir {corpus_dir} is not a directory")
         with _cli.progress_bar("moe train (moe, then dense)", 2 * train_cfg.steps) as update:
-            result = train_pair(model_cfg, train_cfg, run_dir, update)
+            result = train_pair(model_cfg, train_cfg, run_dir, update, fresh=fresh)
     summary = {arm: _headline(result[arm]) for arm in ("moe", "dense")}
+    summary["step_time_ratio"] = result["step_time_ratio"]
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    for arm, metrics in summary.items():
-        typer.echo(f"{arm:5s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+    for arm in ("moe", "dense"):
+        typer.echo(f"{arm:5s} " + "  ".join(f"{k}={v}" for k, v in summary[arm].items()))
+    if result["step_time_ratio"] is not None:
+        typer.echo(f"MoE step / dense step (CPU time): {result['step_time_ratio']:.2f}")
     typer.echo(f"figures: {', '.join(str(f) for f in result['figures'])}")
 
 
@@ -103,5 +109,8 @@ def evaluate(
 
 
 def _headline(metrics: dict) -> dict:
-    keys = ("eval/loss", "eval/bits_per_byte", "params/active", "params/total")
+    keys = (
+        "eval/loss", "eval/bits_per_byte", "params/active", "params/total", "perf/tokens_per_s",
+        "perf/step_ms", "perf/step_cpu_ms",
+    )  # fmt: skip
     return {k: round(metrics[k], 4) for k in keys if k in metrics}

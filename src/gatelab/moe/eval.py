@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gatelab import runs
 
 
 @torch.no_grad()
@@ -48,7 +49,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train first (gatelab moe train)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return runs.read_metrics(run_dir)  # a torn last line is skipped with a warning
 
 
 def plot_loss_curves(run_dir: Path, path: Path) -> Path:
@@ -108,19 +109,22 @@ def evaluate_checkpoint(path: Path, device: str = "cpu") -> dict:
             carries its config, so a checkpoint moved alone still evaluates.
         device: torch device to evaluate on.
     """
-    from gatelab import runs
     from gatelab.moe.lm import MoEConfig, TinyLM, load_corpus
 
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / "checkpoint.safetensors"
-    if not path.exists():
+    if not runs.checkpoint_exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: run `gatelab moe train` first")
-    saved = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
+    ckpt = runs.load_checkpoint(path, device=device)  # a torn file falls back to the previous one
+    saved = ckpt.config
     if "model" not in saved or "train" not in saved:
         raise ValueError(f"{path}: not a `gatelab moe train` checkpoint")
     model = TinyLM(MoEConfig(**saved["model"])).to(device)
-    runs.load_checkpoint(path, modules={"model": model}, device=device)
+    prefix = "model."
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    )
     train = saved["train"]
     corpus = Path(train["corpus_dir"]) if train["corpus_dir"] else None
     _, heldout = load_corpus(corpus, train["max_corpus_bytes"])

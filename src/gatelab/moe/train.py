@@ -7,7 +7,6 @@ the MoE model and the equal-active-parameter dense model and draws the compariso
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -30,6 +29,7 @@ CHECKPOINT = (
     "checkpoint.safetensors"  # weights, AdamW state, torch RNG; config and step in metadata
 )
 Progress = Callable[[int, int], None] | None
+RESUMABLE_CHANGES = ("train.steps", "train.threads")  # a rerun may change these and resume
 
 
 @dataclass(frozen=True)
@@ -94,40 +94,50 @@ def sample_batch(data: torch.Tensor, seq_len: int, batch: int, seed: int, step: 
     return torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])  # (B, T+1)
 
 
-def train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress = None):
-    """Train one model in ``run_dir`` (resuming from its checkpoint); returns the final metrics.
+def train(
+    model_cfg: MoEConfig,
+    cfg: TrainConfig,
+    run_dir: Path,
+    progress: Progress = None,
+    fresh: bool = False,
+):
+    """Train one model in ``run_dir``; returns the final metrics.
 
+    A rerun on the same folder resumes from its checkpoint (the same config, up to the step
+    budget and threads); a folder holding another configuration is refused with a message
+    naming ``--fresh``; ``fresh=True`` empties it and starts over (:func:`gatelab.runs.start_run`).
     Small models are bound by per-op overhead, so one thread is often the fastest setting on a
     CPU: ``cfg.threads`` is applied for the run and restored after.
     """
     with torch_threads(cfg.threads):
-        return _train(model_cfg, cfg, run_dir, progress)
+        return _train(model_cfg, cfg, Path(run_dir), progress, fresh)
 
 
-def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress):
+def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress, fresh):
     # setup
     random.seed(cfg.seed)
     np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+    resuming = runs.start_run(run_dir, config, fresh=fresh, ignore=RESUMABLE_CHANGES)
     device = torch.device(cfg.device)
     corpus_dir = Path(cfg.corpus_dir) if cfg.corpus_dir else None
     train_data, heldout = load_corpus(corpus_dir, cfg.max_corpus_bytes)
     model = TinyLM(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = _resume(model, optimizer, config, run_dir)
-    if step == 0:
-        (run_dir / runs.METRICS).unlink(missing_ok=True)
+    step = 0
+    if resuming and runs.checkpoint_exists(run_dir / CHECKPOINT):
+        step = _resume(model, optimizer, run_dir)
     runs.truncate_metrics(run_dir, step)  # a resumed run never logs a step twice
-    runs.atomic_write_json(run_dir / runs.CONFIG, config)
     name = f"moe__{model_cfg.ffn}__seed{cfg.seed}__{time.strftime('%Y%m%dT%H%M%S')}"
     log.info("run %s from step %d: %s", name, step, config)
-    tic, tic_step = time.perf_counter(), step
+    tokens_per_step = cfg.batch_size * model_cfg.seq_len
+    window = _Timer()  # update time since the last log line
+    total = _Timer()  # update time of this invocation
     while step < cfg.steps:
         # update
+        window.start()
         model.train()
         batch = sample_batch(train_data, model_cfg.seq_len, cfg.batch_size, cfg.seed, step)
         batch = batch.to(device)
@@ -141,17 +151,19 @@ def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Prog
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
+        total.add(window.stop())
         # log
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = (step - tic_step) / (time.perf_counter() - tic)
-            record = {"step": step, "train/loss": lm_loss.item(), "perf/steps_per_s": rate}
+            record = {"step": step, "train/loss": lm_loss.item(), **window.rates(tokens_per_step)}
             record.update(_router_metrics(model, "train"))
             runs.append_metrics(run_dir, record)
+            window = _Timer()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = moe_eval.evaluate(model, heldout, cfg.eval_batches, cfg.batch_size)
             runs.append_metrics(run_dir, {"step": step, **metrics})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save(model, optimizer, config, step, run_dir)
+        runs.fault_point("moe-step")  # kill tests: between two steps
         if progress:
             progress(step, cfg.steps)
     final = moe_eval.evaluate(model, heldout, cfg.eval_batches, cfg.batch_size)
@@ -159,9 +171,39 @@ def _train(model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Prog
         {
             "params/total": sum(p.numel() for p in model.parameters()),
             "params/active": model.active_parameters(),
+            **total.rates(tokens_per_step),
         }
     )
     return final
+
+
+class _Timer:
+    """Wall and process-CPU seconds of the update steps (forward, backward, optimizer)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self.steps = 0
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    def add(self, seconds: tuple[float, float]) -> None:
+        self.wall += seconds[0]
+        self.cpu += seconds[1]
+        self.steps += 1
+
+    def rates(self, tokens_per_step: int) -> dict:
+        """``perf/`` metrics: tokens/s (wall), step time in ms (wall and process CPU time)."""
+        if not self.steps:
+            return {}
+        return {
+            "perf/tokens_per_s": tokens_per_step * self.steps / max(self.wall, 1e-9),
+            "perf/step_ms": 1e3 * self.wall / self.steps,
+            "perf/step_cpu_ms": 1e3 * self.cpu / self.steps,
+        }
 
 
 def _router_metrics(model: TinyLM, prefix: str) -> dict:
@@ -181,16 +223,9 @@ def _save(model, optimizer, config: dict, step: int, run_dir: Path) -> None:
     )  # fmt: skip
 
 
-def _resume(model, optimizer, config: dict, run_dir: Path) -> int:
-    """Load ``run_dir``'s checkpoint if its config matches (except the step budget and threads)."""
+def _resume(model, optimizer, run_dir: Path) -> int:
+    """Load ``run_dir``'s checkpoint (or the previous one if it is torn); returns its step."""
     path = run_dir / CHECKPOINT
-    if not path.exists():
-        return 0
-    saved = json.loads(runs.read_checkpoint_metadata(path).get("config", "{}"))
-    if not runs.config_matches(saved, config, ignore=("train.steps", "train.threads")):
-        raise ValueError(
-            f"{run_dir} holds a checkpoint of a different config; use a new --run-dir or delete it"
-        )
     device = next(model.parameters()).device
     ckpt = runs.load_checkpoint(
         path, modules={"model": model}, optimizers={"adamw": optimizer}, device=device
@@ -200,23 +235,34 @@ def _resume(model, optimizer, config: dict, run_dir: Path) -> int:
 
 
 def train_pair(
-    model_cfg: MoEConfig, cfg: TrainConfig, run_dir: Path, progress: Progress = None
+    model_cfg: MoEConfig,
+    cfg: TrainConfig,
+    run_dir: Path,
+    progress: Progress = None,
+    fresh: bool = False,
 ) -> dict:
     """Train the MoE model and the equal-active-parameter dense model; write the figures.
 
+    Each arm's metrics carry ``perf/tokens_per_s`` and its step time; ``step_time_ratio`` is
+    the MoE arm's process-CPU time per step over the dense arm's (absent when an arm was
+    already finished and ran no step).
+
     Returns:
-        ``{"moe": metrics, "dense": metrics, "figures": [paths]}``.
+        ``{"moe": metrics, "dense": metrics, "step_time_ratio": float | None,
+        "figures": [paths]}``.
     """
     run_dir = Path(run_dir)
     results = {}
     for i, ffn in enumerate(("moe", "dense")):
         arm = dataclasses.replace(model_cfg, ffn=ffn)
         tick = (lambda d, t, i=i: progress(i * t + d, 2 * t)) if progress else None
-        results[ffn] = train(arm, cfg, run_dir / ffn, tick)
+        results[ffn] = train(arm, cfg, run_dir / ffn, tick, fresh=fresh)
+    moe_ms, dense_ms = (results[a].get("perf/step_cpu_ms") for a in ("moe", "dense"))
+    ratio = moe_ms / dense_ms if moe_ms and dense_ms else None
     figures = [
         moe_eval.plot_loss_curves(run_dir, run_dir / "loss_curves.png"),
         moe_eval.plot_expert_load(run_dir / "moe", run_dir / "expert_load.png"),
     ]
-    summary = {**results, "figures": [str(f) for f in figures]}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {**results, "figures": figures}
+    summary = {**results, "step_time_ratio": ratio, "figures": [str(f) for f in figures]}
+    runs.atomic_write_json(run_dir / "summary.json", summary)
+    return {**results, "step_time_ratio": ratio, "figures": figures}
