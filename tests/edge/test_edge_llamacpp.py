@@ -23,7 +23,7 @@ from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import MCQuestion, format_cloze
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.experts import load_experts
-from gatelab.edge.llama_server import LlamaServer, find_llama_server, smollm2_gguf
+from gatelab.edge.llama_server import LlamaServer, find_llama_server, free_port, smollm2_gguf
 
 REPO = Path(__file__).parents[2]
 SHARED = REPO.parent / "shared" / "tools" / "llama-server" / "llama-server"  # dev convenience
@@ -182,7 +182,7 @@ def _synthetic_sweep(out, names):
 def test_ask_names_the_dead_server_and_its_error(llama, gatelab_server, tmp_path):
     names = ["tiny-random", "smollm2-135m"]
     _synthetic_sweep(tmp_path, names)
-    dead_port = _closed_port()
+    dead_port = free_port()
     mixed = _experts_file(
         tmp_path,
         [("tiny-random", gatelab_server.url, "rtx-4090"), ("smollm2-135m", llama.url, "cpu")],
@@ -220,14 +220,6 @@ def test_ask_names_the_dead_server_and_its_error(llama, gatelab_server, tmp_path
     assert f"expert smollm2-135m at http://127.0.0.1:{dead_port}: GET /props: connection" in (
         none.output
     )
-
-
-def _closed_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

