@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -73,3 +74,24 @@ def test_effnet_run_writes_the_sweep_and_its_checkpoints_reproduce_it(tmp_path, 
 def test_effnet_config_refuses_subsets_larger_than_their_split():
     with pytest.raises(ValueError, match="n_val"):
         EffNetConfig(n_exits=80, n_val=50, n_calib=40, splits=SPLITS)
+
+
+def test_effnet_rerun_reports_the_finished_run_refuses_another_config_and_fresh_restarts(
+    tmp_path, tiny_sweep
+):
+    data = fake_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "effnet"
+    cfg = tiny_config(tiny_sweep())
+    first = run_efficientnet(out, data, cfg)
+    metrics = out / "metrics.json"
+    written = metrics.stat().st_mtime_ns
+    again = run_efficientnet(out, data, cfg)  # the finished run, not a second one
+    assert metrics.stat().st_mtime_ns == written
+    assert again["area_under_tradeoff"] == first["area_under_tradeoff"]
+    other = dataclasses.replace(cfg, head_steps=6)
+    with pytest.raises(ValueError, match="--fresh"):
+        run_efficientnet(out, data, other)
+    assert metrics.stat().st_mtime_ns == written  # nothing overwritten
+    restarted = run_efficientnet(out, data, other, fresh=True)
+    assert json.loads((out / "config.json").read_text())["head_steps"] == 6
+    assert metrics.stat().st_mtime_ns != written and "area_under_tradeoff" in restarted

@@ -199,7 +199,7 @@ def test_bad_configuration_raises(kwargs, match):
 
 def test_wrong_input_width_raises():
     moe = _make(top_k=2)
-    with pytest.raises(ValueError, match=r"expected input \(\.\.\., D=8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., D=8\)"):
         moe(torch.randn(3, D + 1, dtype=torch.float64))
 
 

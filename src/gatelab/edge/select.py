@@ -77,6 +77,48 @@ def _check(n_items: int, quality: Quality, constraints: Sequence[tuple[CostFn, f
 WARN_ITEMS = 16  # above this many items the worst case (2^n subsets) takes noticeable time
 
 
+def _check_size(n_items: int, max_items: int) -> None:
+    """Refuse ``n_items`` above ``max_items``; warn above ``WARN_ITEMS`` (2^n worst case)."""
+    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
+        raise ValueError(f"max_items must be an integer >= 0, got {max_items!r}")
+    if n_items > max_items:
+        raise ValueError(
+            f"n_items={n_items} exceeds max_items={max_items}: the search may visit 2^{n_items} "
+            "subsets; pass a larger max_items to allow it"
+        )
+    if n_items > WARN_ITEMS:
+        warnings.warn(f"subset search over {n_items} items may visit up to 2^{n_items} subsets",
+                      stacklevel=3)  # fmt: skip
+
+
+def _checked_quality(quality: Quality) -> tuple[Quality, dict[frozenset[int], float]]:
+    """``quality`` memoised, its every value checked to be a number and not NaN."""
+    memo: dict[frozenset[int], float] = {}
+
+    def q(subset: frozenset[int]) -> float:
+        if subset not in memo:
+            value = quality(subset)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise TypeError(f"quality({sorted(subset)}) must be a number, got {value!r}")
+            value = float(value)
+            if math.isnan(value):
+                raise ValueError(f"quality({sorted(subset)}) is NaN")
+            memo[subset] = value
+        return memo[subset]
+
+    return q, memo
+
+
+def _checked_cost(constraints: Sequence[tuple[CostFn, float]], i: int, subset) -> float:
+    """The ``i``-th constraint's cost of ``subset``, checked to be a number and not NaN."""
+    value = constraints[i][0](subset)
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"constraints[{i}]: cost of {sorted(subset)} must be a number")
+    if value != value:  # NaN compares false with everything: it would pass silently
+        raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
+    return value
+
+
 def select_subset(
     n_items: int,
     quality: Quality,
@@ -102,38 +144,11 @@ def select_subset(
         TypeError: a constraint is not a ``(callable, number)`` pair.
     """
     _check(n_items, quality, constraints)
-    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
-        raise ValueError(f"max_items must be an integer >= 0, got {max_items!r}")
-    if n_items > max_items:
-        raise ValueError(
-            f"n_items={n_items} exceeds max_items={max_items}: the search may visit 2^{n_items} "
-            "subsets; pass a larger max_items to allow it"
-        )
-    if n_items > WARN_ITEMS:
-        warnings.warn(
-            f"select_subset over {n_items} items may visit up to 2^{n_items} subsets",
-            stacklevel=2,
-        )
-    memo: dict[frozenset[int], float] = {}
-
-    def q(subset: frozenset[int]) -> float:
-        if subset not in memo:
-            value = quality(subset)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                raise TypeError(f"quality({sorted(subset)}) must be a number, got {value!r}")
-            value = float(value)
-            if math.isnan(value):
-                raise ValueError(f"quality({sorted(subset)}) is NaN")
-            memo[subset] = value
-        return memo[subset]
+    _check_size(n_items, max_items)
+    q, memo = _checked_quality(quality)
 
     def cost(i: int, subset: frozenset[int]) -> float:
-        value = constraints[i][0](subset)
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-            raise TypeError(f"constraints[{i}]: cost of {sorted(subset)} must be a number")
-        if value != value:  # NaN compares false with everything: it would pass silently
-            raise ValueError(f"constraints[{i}]: cost of {sorted(subset)} is NaN")
-        return value
+        return _checked_cost(constraints, i, subset)
 
     def feasible(subset: frozenset[int]) -> bool:
         return all(cost(i, subset) <= budget for i, (_, budget) in enumerate(constraints))
@@ -175,31 +190,56 @@ def select_subset(
 
 
 def brute_force_subset(
-    n_items: int, quality: Quality, constraints: Sequence[tuple[CostFn, float]]
+    n_items: int,
+    quality: Quality,
+    constraints: Sequence[tuple[CostFn, float]],
+    max_items: int = 20,
 ) -> Selection:
-    """Enumerate every feasible subset (the naive baseline; exponential in ``n_items``)."""
+    """Enumerate every feasible subset (the naive baseline; exponential in ``n_items``).
+
+    Checks its arguments, quality and cost values like :func:`select_subset`.
+    """
     _check(n_items, quality, constraints)
+    _check_size(n_items, max_items)
+    q, _ = _checked_quality(quality)
     best, best_q, calls = frozenset(), None, 0
     for size in range(n_items + 1):
         for combo in combinations(range(n_items), size):
             subset = frozenset(combo)
-            if all(cost(subset) <= budget for cost, budget in constraints):
-                value = float(quality(subset))
+            if all(_checked_cost(constraints, i, subset) <= budget
+                   for i, (_, budget) in enumerate(constraints)):  # fmt: skip
+                value = q(subset)
                 calls += 1
                 if best_q is None or value > best_q:
                     best, best_q = subset, value
-    return Selection(best, best_q if best_q is not None else float(quality(best)), calls, calls)
+    return Selection(best, best_q if best_q is not None else q(best), calls, calls)
+
+
+def _per_item(values: Sequence[float], name: str) -> list[float]:
+    """Per-expert costs as floats, each finite and >= 0, named ``name[i]`` when not."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    return [_non_negative(value, f"{name}[{i}]") for i, value in enumerate(values)]
+
+
+def _non_negative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
 
 
 def energy_cost(energy_j: Sequence[float]) -> CostFn:
     """``energy(S) = sum_{n in S} e_n`` (experts each spend their own energy)."""
-    values = [float(e) for e in energy_j]
+    values = _per_item(energy_j, "energy_j")
     return lambda subset: float(sum(values[n] for n in subset))
 
 
 def delay_cost(delay_s: Sequence[float], aggregate_s: float = 0.0) -> CostFn:
     """``delay(S) = max_{n in S} d_n + t_aggregate`` (experts run in parallel); 0 when empty."""
-    values = [float(d) for d in delay_s]
+    values = _per_item(delay_s, "delay_s")
+    aggregate_s = _non_negative(aggregate_s, "aggregate_s")
     return lambda subset: max(values[n] for n in subset) + aggregate_s if subset else 0.0
 
 

@@ -277,11 +277,17 @@ def efficientnet(
     threads: Threads = 1,
     data: Data = DEFAULT_FASHION_MNIST,
     out: Out = Path("runs/exits/efficientnet"),
+    fresh: Fresh = False,
 ) -> None:
-    """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned."""
+    """Frozen ImageNet EfficientNet-Lite0 with exits after its stages, heads fine-tuned.
+
+    A rerun of the same configuration on <out> reports the finished run; another configuration
+    is refused unless --fresh.
+    """
     from gatelab.exits.effnet_run import EffNetConfig, run_efficientnet
 
     with _cli.user_errors(), torch_threads(threads), _cli.progress_bar("efficientnet") as update:
-        summary = run_efficientnet(out, data, EffNetConfig(resolution=resolution), update)
+        cfg = EffNetConfig(resolution=resolution)
+        summary = run_efficientnet(out, data, cfg, update, fresh=fresh)
     keys = ("head_test_accuracy", "area_under_tradeoff", "jei_vs_best_baseline")
     typer.echo(json.dumps({k: summary[k] for k in keys}, indent=2))

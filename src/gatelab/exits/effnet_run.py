@@ -30,7 +30,7 @@ from gatelab.exits.backbones import (
 from gatelab.exits.data import SplitConfig, load_fashion_mnist, make_splits
 from gatelab.exits.efficientnet import efficientnet_early_exit
 from gatelab.exits.sweep import SweepConfig, run_sweep
-from gatelab.runs import atomic_write_bytes, atomic_write_json
+from gatelab.runs import atomic_write_bytes, read_json, start_run
 
 Progress = Callable[[int, int], None] | None
 
@@ -70,10 +70,23 @@ class EffNetConfig:
 
 
 def run_efficientnet(
-    out_dir: Path, data_root: Path, cfg: EffNetConfig | None = None, progress: Progress = None
+    out_dir: Path,
+    data_root: Path,
+    cfg: EffNetConfig | None = None,
+    progress: Progress = None,
+    fresh: bool = False,
 ) -> dict:
-    """Fine-tune the head, sweep JEI-DNN and the baselines; write ``metrics.json`` and plots."""
+    """Fine-tune the head, sweep JEI-DNN and the baselines; write ``metrics.json`` and plots.
+
+    ``out_dir`` is claimed with :func:`gatelab.runs.start_run`: a rerun of the same configuration
+    returns the finished run's metrics (or, if it did not finish, runs it again: every step is
+    seeded, so the result is the same), another configuration is refused naming ``--fresh``, and
+    ``fresh`` starts over.
+    """
     cfg = cfg or EffNetConfig()
+    metrics_path = Path(out_dir) / "metrics.json"
+    if start_run(out_dir, dataclasses.asdict(cfg), fresh=fresh) and metrics_path.is_file():
+        return read_json(metrics_path)
     # seeding: the head's initialisation and batches, then the IMs and gates
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -115,8 +128,5 @@ def run_efficientnet(
         "backbone_mflops": flops.backbone / 1e6,
         "effnet_config": dataclasses.asdict(cfg),
     }
-    atomic_write_bytes(
-        out_dir / "metrics.json", json.dumps(summary, indent=2, default=str).encode()
-    )
-    atomic_write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    atomic_write_bytes(metrics_path, json.dumps(summary, indent=2, default=str).encode())
     return summary

@@ -142,8 +142,7 @@ class SparseMoE(nn.Module):
     ) -> None:
         super().__init__()
         _validate(d_model, d_hidden, n_experts, top_k, router, activation, capacity_factor)
-        if n_shared_experts < 0:
-            raise ValueError(f"SparseMoE: n_shared_experts must be >= 0, got {n_shared_experts}")
+        _validate_extras(n_shared_experts, router_bias, balance_coef, z_coef, dtype)
         if router_bias and router != "softmax":
             raise ValueError("SparseMoE: router_bias is the softmax gate's beta_0; use 'softmax'")
         if backend not in BACKENDS:
@@ -196,12 +195,14 @@ class SparseMoE(nn.Module):
         return max(1, min(c, n_tokens)) if self.router_kind == "expert_choice" else max(1, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"SparseMoE: expected input (..., D={self.d_model}), got {tuple(x.shape)}"
-            )
+        self._check_input(x)
         flat = x.reshape(-1, self.d_model)  # (N, D)
+        if flat.shape[0] == 0:  # an empty batch is no error: nothing routed, zero losses
+            self.last_stats = self._empty_stats(flat)
+            return x.new_zeros(x.shape)
         logits = self.router(flat)  # (N, E)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+            raise ValueError("SparseMoE: x holds NaN or inf (its router logits are not finite)")
         plan, gate_weights, balance = self.route(flat, logits)
         out = routed_experts(
             flat,
@@ -219,6 +220,33 @@ class SparseMoE(nn.Module):
             out = out + shared_forward(self, flat)
         self.last_stats = self._stats(plan, balance, logits, flat.shape[0])
         return out.reshape(x.shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """One line naming ``x`` for a non-tensor, a wrong shape, dtype or device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseMoE: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"SparseMoE: x must have shape (..., D={self.d_model}), got {tuple(x.shape)}"
+            )
+        weight = self.w_up
+        if not x.is_floating_point():
+            raise TypeError(f"SparseMoE: x must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != weight.dtype:  # the expert op computes in the parameters' dtype
+            raise TypeError(
+                f"SparseMoE: x has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
+                "cast one of them (e.g. moe.to(x.dtype))"
+            )
+        if x.device != weight.device:
+            raise ValueError(
+                f"SparseMoE: x is on {x.device} but the layer's parameters are on {weight.device}"
+            )
+
+    def _empty_stats(self, flat: torch.Tensor) -> MoEStats:
+        zero = self.w_up.new_zeros(())
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+        logits = flat.new_zeros(0, self.n_experts)
+        return MoEStats(zero, zero, zero, counts, 0.0, logits)
 
     def route(
         self, flat: torch.Tensor, logits: torch.Tensor
@@ -325,8 +353,27 @@ def _validate(d_model, d_hidden, n_experts, top_k, router, activation, capacity_
             "uses the (K+1)-th score); use router='softmax' for top_k == n_experts"
         )
     if capacity_factor is not None and not (
-        isinstance(capacity_factor, int | float) and capacity_factor > 0
+        isinstance(capacity_factor, int | float)
+        and not isinstance(capacity_factor, bool)
+        and math.isfinite(capacity_factor)
+        and capacity_factor > 0
     ):
         raise ValueError(
             f"SparseMoE: capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}"
         )
+
+
+def _validate_extras(n_shared_experts, router_bias, balance_coef, z_coef, dtype) -> None:
+    if isinstance(n_shared_experts, bool) or not isinstance(n_shared_experts, int):
+        raise TypeError(f"SparseMoE: n_shared_experts must be an int, got {n_shared_experts!r}")
+    if n_shared_experts < 0:
+        raise ValueError(f"SparseMoE: n_shared_experts must be >= 0, got {n_shared_experts}")
+    if not isinstance(router_bias, bool):
+        raise TypeError(f"SparseMoE: router_bias must be a bool, got {router_bias!r}")
+    for name, value in (("balance_coef", balance_coef), ("z_coef", z_coef)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"SparseMoE: {name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"SparseMoE: {name} must be finite and >= 0, got {value!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"SparseMoE: dtype must be a floating-point torch.dtype, got {dtype!r}")
