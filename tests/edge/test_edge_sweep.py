@@ -211,3 +211,40 @@ def test_reproduce_configurations_are_the_documented_commands():
         "gatelab edge sweep --cache runs/edge/full5/answers.jsonl --out runs/edge/full5",
     ):
         assert command in doc
+
+
+def test_intervals_come_from_the_per_question_outcomes(swept):
+    out, summary = swept
+    rows = json.loads((out / "sweep.json").read_text())
+    outcomes = np.load(out / "outcomes.npz")
+    assert len(outcomes["test_qids"]) == summary["n_test"]
+    assert not set(outcomes["test_qids"]) & set(_non_test_qids(out))
+    for k, row in enumerate(rows):  # the stored scores are the reported accuracies
+        assert "correct" not in row["moe2"]
+        for method in ("moe2", "best_single", "greedy_per_joule", "random_subset", "router"):
+            assert outcomes[method][k].mean() == pytest.approx(row[method]["accuracy"])
+    intervals = json.loads((out / "intervals.json").read_text())
+    assert intervals == summary["intervals"]
+    for axis in ("energy", "delay"):
+        entry = intervals[axis]
+        kept = [r for r in rows if r["axis"] == axis and r["selector"]["min_affordable"] >= 2]
+        assert entry["budgets"] == [r["budget"] for r in kept]
+        assert kept, axis
+        for method, diff in entry["difference"].items():
+            gaps = [r["moe2"]["accuracy"] - r[method]["accuracy"] for r in kept]
+            for gap, interval in zip(gaps, diff["per_budget"], strict=True):
+                assert interval["mean"] == pytest.approx(gap)
+                assert interval["low"] - 1e-12 <= interval["mean"] <= interval["high"] + 1e-12
+            assert diff["average"]["mean"] == pytest.approx(np.mean(gaps))
+    assert "average of" in summary["table"] and "−" in (out / "table.md").read_text()
+    choice = summary["quality_estimator"]
+    assert choice["chosen"] in ("holdout", "crossfit", "shrunk") and not choice["forced"]
+    assert set(choice["errors"]) == {"holdout", "crossfit", "shrunk"}
+
+
+def _non_test_qids(out):
+    from gatelab.edge.data import split_questions
+
+    cfg = SweepConfig(quick=True, n_budgets=5)
+    splits = split_questions(questions_for(cfg), seed=cfg.seed)
+    return [q.qid for name in ("train", "val") for q in splits[name]]
