@@ -283,13 +283,19 @@ def evaluate_budget(
     Each method's entry also holds ``correct``: its per-test-question score in the order of
     ``pool.split == "test"`` (0/1; the random baseline's is the mean over its draws), the input
     of the paired bootstrap. ``selector.min_affordable`` is the fewest experts affordable alone
-    in any category (the issue's targets count budgets where at least two fit).
+    in any category (the issue's targets count budgets where at least two fit);
+    ``selector.moe2_multi_expert_categories`` counts categories where MoE² runs two or more.
     """
     t = pool.table
     totals = {m: np.zeros(3) for m in METHODS}  # correct, energy, delay summed over test questions
     scores = {m: np.zeros(len(pool.questions)) for m in METHODS}  # per question, test rows used
     feasible_all = True
-    stats = {"evaluations": 0, "feasible_subsets": 0, "min_affordable": len(t.experts)}
+    stats = {
+        "evaluations": 0,
+        "feasible_subsets": 0,
+        "min_affordable": len(t.experts),
+        "moe2_multi_expert_categories": 0,  # categories where MoE² runs more than one expert
+    }
     test = pool.split == "test"
     n_test = int(test.sum())
     for c, cm in models.items():
@@ -317,7 +323,9 @@ def evaluate_budget(
         selection = select_subset(len(t.experts), cm.quality, cons)
         stats["evaluations"] += selection.evaluations
         stats["feasible_subsets"] += len(feasible) + 1
-        add("moe2", cm.argmax.get(selection.subset, selection.subset))
+        chosen = cm.argmax.get(selection.subset, selection.subset)
+        stats["moe2_multi_expert_categories"] += len(chosen) > 1
+        add("moe2", chosen)
         single = select_subset(len(t.experts), cm.quality, [*cons, (len, 1)])
         add("best_single", single.subset)
         greedy: frozenset[int] = frozenset()
