@@ -248,3 +248,33 @@ def _non_test_qids(out):
     cfg = SweepConfig(quick=True, n_budgets=5)
     splits = split_questions(questions_for(cfg), seed=cfg.seed)
     return [q.qid for name in ("train", "val") for q in splits[name]]
+
+
+def test_subset_quality_reads_no_test_question(swept):
+    """Scramble every test question (embedding, answers, gold): q(S) and the choice stay put."""
+    import dataclasses
+
+    from gatelab.edge.eval import build_pool, subset_quality
+
+    out, _ = swept
+    cfg = SweepConfig(quick=True, n_budgets=5)
+    train = TrainConfig(max_steps=20, patience=20, lr=1e-2, d_hidden=8)
+    pool = build_pool(cfg, out / "answers.jsonl", out)
+    logits = np.random.default_rng(0).normal(size=(len(pool.questions), len(EXPERTS)))
+    table, choice = subset_quality(pool, logits, cfg, train)
+    test = pool.split == "test"
+    rng = np.random.default_rng(1)
+    x = pool.x.copy()
+    x[test] = rng.normal(size=x[test].shape)
+    probs = pool.table.probs.copy()
+    probs[test] = rng.dirichlet(np.ones(4), size=probs[test].shape[:2])
+    answer = pool.table.answer.copy()
+    answer[test] = (answer[test] + 1) % 4
+    scrambled_table = dataclasses.replace(pool.table, probs=probs, answer=answer)
+    scrambled = dataclasses.replace(pool, x=x, table=scrambled_table)
+    logits2 = logits.copy()
+    logits2[test] = rng.normal(size=logits2[test].shape)
+    table2, choice2 = subset_quality(scrambled, logits2, cfg, train)
+    assert choice2 == choice
+    assert table2 == table
+    assert set(table) == set(pool.category) and len(table["kinds"]) == 2 ** len(EXPERTS) - 1
