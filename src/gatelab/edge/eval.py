@@ -225,8 +225,13 @@ def subset_quality(
     values = estimate(
         choice.chosen, holdout_ll, crossfit_ll, pool.split, pool.category, names, choice.lam
     )
-    table = {c: dict(zip(subsets, map(float, values[i]), strict=True)) for i, c in enumerate(names)}
-    return table, choice
+    return _quality_table(names, subsets, values), choice
+
+
+def _quality_table(names: list[str], subsets: list, values: np.ndarray) -> QualityTable:
+    """``values (C, S)`` as category -> subset -> float."""
+    rows = zip(names, values, strict=True)
+    return {c: dict(zip(subsets, map(float, row), strict=True)) for c, row in rows}
 
 
 def category_models(
@@ -243,7 +248,7 @@ def category_models(
         )
         names = sorted(set(pool.category))
         values = estimate("holdout", ll, ll, pool.split, pool.category, names)
-        quality = {c: dict(zip(subsets, values[i], strict=True)) for i, c in enumerate(names)}
+        quality = _quality_table(names, subsets, values)
     for c in sorted(set(pool.category)):
         fit = (pool.category == c) & (pool.split != "test")
         val = (pool.category == c) & (pool.split == "val")
