@@ -211,3 +211,70 @@ def test_reproduce_configurations_are_the_documented_commands():
         "gatelab edge sweep --cache runs/edge/full5/answers.jsonl --out runs/edge/full5",
     ):
         assert command in doc
+
+
+def test_intervals_come_from_the_per_question_outcomes(swept):
+    out, summary = swept
+    rows = json.loads((out / "sweep.json").read_text())
+    outcomes = np.load(out / "outcomes.npz")
+    assert len(outcomes["test_qids"]) == summary["n_test"]
+    assert not set(outcomes["test_qids"]) & set(_non_test_qids(out))
+    for k, row in enumerate(rows):  # the stored scores are the reported accuracies
+        assert "correct" not in row["moe2"]
+        for method in ("moe2", "best_single", "greedy_per_joule", "random_subset", "router"):
+            assert outcomes[method][k].mean() == pytest.approx(row[method]["accuracy"])
+    intervals = json.loads((out / "intervals.json").read_text())
+    assert intervals == summary["intervals"]
+    for axis in ("energy", "delay"):
+        entry = intervals[axis]
+        kept = [r for r in rows if r["axis"] == axis and r["selector"]["min_affordable"] >= 2]
+        assert entry["budgets"] == [r["budget"] for r in kept]
+        assert kept, axis
+        for method, diff in entry["difference"].items():
+            gaps = [r["moe2"]["accuracy"] - r[method]["accuracy"] for r in kept]
+            for gap, interval in zip(gaps, diff["per_budget"], strict=True):
+                assert interval["mean"] == pytest.approx(gap)
+                assert interval["low"] - 1e-12 <= interval["mean"] <= interval["high"] + 1e-12
+            assert diff["average"]["mean"] == pytest.approx(np.mean(gaps))
+    assert "average of" in summary["table"] and "−" in (out / "table.md").read_text()
+    choice = summary["quality_estimator"]
+    assert choice["chosen"] in ("holdout", "crossfit", "shrunk") and not choice["forced"]
+    assert set(choice["errors"]) == {"holdout", "crossfit", "shrunk"}
+
+
+def _non_test_qids(out):
+    from gatelab.edge.data import split_questions
+
+    cfg = SweepConfig(quick=True, n_budgets=5)
+    splits = split_questions(questions_for(cfg), seed=cfg.seed)
+    return [q.qid for name in ("train", "val") for q in splits[name]]
+
+
+def test_subset_quality_reads_no_test_question(swept):
+    """Scramble every test question (embedding, answers, gold): q(S) and the choice stay put."""
+    import dataclasses
+
+    from gatelab.edge.eval import build_pool, subset_quality
+
+    out, _ = swept
+    cfg = SweepConfig(quick=True, n_budgets=5)
+    train = TrainConfig(max_steps=20, patience=20, lr=1e-2, d_hidden=8)
+    pool = build_pool(cfg, out / "answers.jsonl", out)
+    logits = np.random.default_rng(0).normal(size=(len(pool.questions), len(EXPERTS)))
+    table, choice = subset_quality(pool, logits, cfg, train)
+    test = pool.split == "test"
+    rng = np.random.default_rng(1)
+    x = pool.x.copy()
+    x[test] = rng.normal(size=x[test].shape)
+    probs = pool.table.probs.copy()
+    probs[test] = rng.dirichlet(np.ones(4), size=probs[test].shape[:2])
+    answer = pool.table.answer.copy()
+    answer[test] = (answer[test] + 1) % 4
+    scrambled_table = dataclasses.replace(pool.table, probs=probs, answer=answer)
+    scrambled = dataclasses.replace(pool, x=x, table=scrambled_table)
+    logits2 = logits.copy()
+    logits2[test] = rng.normal(size=logits2[test].shape)
+    table2, choice2 = subset_quality(scrambled, logits2, cfg, train)
+    assert choice2 == choice
+    assert table2 == table
+    assert set(table) == set(pool.category) and len(table["kinds"]) == 2 ** len(EXPERTS) - 1

@@ -12,13 +12,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gatelab.edge.bootstrap import RESAMPLES
 from gatelab.edge.client import DEFAULT_NORMALIZE
 from gatelab.edge.collect import AnswerTable, load_answers, read_cache
 from gatelab.edge.data import MCQuestion, generate_suite, load_mmlu, split_questions
 from gatelab.edge.experts import DEFAULT_POOL
-from gatelab.edge.model import EdgeGate, embed_texts, mixture, mixture_nll, subset_mask
+from gatelab.edge.model import EdgeGate, embed_texts, mixture, subset_mask
+from gatelab.edge.quality import (
+    ESTIMATORS,
+    N_FOLDS,
+    QualityChoice,
+    all_subsets,
+    choose_estimator,
+    crossfit_logits,
+    estimate,
+    subset_loglik,
+)
 from gatelab.edge.select import delay_cost, energy_cost, monotone_hull, select_subset
-from gatelab.edge.train import GateData
+from gatelab.edge.train import GateData, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -32,12 +43,21 @@ class SweepConfig:
     top_k: int = 2  # fine-grained top-k inside a selected subset
     n_budgets: int = 12  # grid points per budget axis
     normalize: str | None = DEFAULT_NORMALIZE  # continuation scores; None: probs as cached
+    quality: str = "auto"  # q(S) estimator (gatelab.edge.quality); auto: chosen on non-test data
+    n_folds: int = N_FOLDS  # cross-fitting folds over the non-test questions
+    resamples: int = RESAMPLES  # paired bootstrap resamples of the test questions
 
     def __post_init__(self) -> None:
         if self.n_generated < 1 or self.n_quick < 3 or self.top_k < 1 or self.n_budgets < 2:
             raise ValueError(
                 "SweepConfig: need n_generated >= 1, n_quick >= 3, top_k >= 1, n_budgets >= 2"
             )
+        if self.quality not in ("auto", *ESTIMATORS):
+            raise ValueError(
+                f"SweepConfig: quality must be auto or one of {ESTIMATORS}, got {self.quality!r}"
+            )
+        if self.n_folds < 2 or self.resamples < 1:
+            raise ValueError("SweepConfig: need n_folds >= 2 and resamples >= 1")
 
 
 def questions_for(cfg: SweepConfig) -> list[MCQuestion]:
@@ -165,33 +185,85 @@ class CategoryModel:
     energy_j: np.ndarray  # (E,)
     delay_s: np.ndarray  # (E,)
     single_accuracy: np.ndarray  # (E,) validation accuracy of each expert alone
-    quality: Callable[[frozenset[int]], float]  # monotone hull of -validation NLL
+    quality: Callable[[frozenset[int]], float]  # monotone hull of base_quality
     argmax: dict[frozenset[int], frozenset[int]]  # hull argmax: the subset actually run
-    base_quality: Callable[[frozenset[int]], float]  # -validation NLL of exactly S
+    base_quality: Callable[[frozenset[int]], float]  # estimated q(S) of exactly S
 
 
-def category_models(pool: Pool, logits: np.ndarray, top_k: int) -> dict[str, CategoryModel]:
-    """Costs and the validation quality ``q(S) = -NLL`` of the gate restricted to ``S``."""
+QualityTable = dict[str, dict[frozenset[int], float]]  # category -> subset -> q(S)
+
+
+def subset_quality(
+    pool: Pool, logits: np.ndarray, cfg: SweepConfig, train_cfg: TrainConfig
+) -> tuple[QualityTable, QualityChoice]:
+    """``q_c(S)`` for every category and non-empty subset, by the estimator ``cfg.quality``.
+
+    ``auto`` chooses among :data:`gatelab.edge.quality.ESTIMATORS` on non-test data
+    (:func:`gatelab.edge.quality.choose_estimator`); the test split is never read.
+    """
+    t, nontest = pool.table, pool.split != "test"
+    subsets = all_subsets(len(t.experts))
+    holdout_ll = np.full((len(pool.questions), len(subsets)), np.nan)
+    holdout_ll[nontest] = subset_loglik(
+        logits[nontest], t.probs[nontest], t.available[nontest], t.answer[nontest], subsets,
+        cfg.top_k,
+    )  # fmt: skip
+    qids = [q.qid for q in pool.questions]
+    fit = crossfit_logits(
+        pool.data(np.ones(len(qids), dtype=bool)), pool.split, pool.category, qids, train_cfg,
+        cfg.n_folds, cfg.seed,
+    )  # fmt: skip
+    crossfit_ll = np.full_like(holdout_ll, np.nan)
+    crossfit_ll[nontest] = subset_loglik(
+        fit.logits[nontest], t.probs[nontest], t.available[nontest], t.answer[nontest], subsets,
+        cfg.top_k,
+    )  # fmt: skip
+    choice = choose_estimator(holdout_ll, crossfit_ll, pool.split, pool.category, fit.fold)
+    if cfg.quality != "auto":
+        choice.chosen, choice.forced = cfg.quality, True
+    names = sorted(set(pool.category))
+    values = estimate(
+        choice.chosen, holdout_ll, crossfit_ll, pool.split, pool.category, names, choice.lam
+    )
+    return _quality_table(names, subsets, values), choice
+
+
+def _quality_table(names: list[str], subsets: list, values: np.ndarray) -> QualityTable:
+    """``values (C, S)`` as category -> subset -> float."""
+    rows = zip(names, values, strict=True)
+    return {c: dict(zip(subsets, map(float, row), strict=True)) for c, row in rows}
+
+
+def category_models(
+    pool: Pool, logits: np.ndarray, top_k: int, quality: QualityTable | None = None
+) -> dict[str, CategoryModel]:
+    """Costs and the quality ``q_c(S)`` per category (default: validation −NLL, ``holdout``)."""
     t, models = pool.table, {}
+    if quality is None:
+        subsets = all_subsets(len(t.experts))
+        val = pool.split == "val"
+        ll = np.full((len(pool.questions), len(subsets)), np.nan)
+        ll[val] = subset_loglik(
+            logits[val], t.probs[val], t.available[val], t.answer[val], subsets, top_k
+        )
+        names = sorted(set(pool.category))
+        values = estimate("holdout", ll, ll, pool.split, pool.category, names)
+        quality = _quality_table(names, subsets, values)
     for c in sorted(set(pool.category)):
         fit = (pool.category == c) & (pool.split != "test")
         val = (pool.category == c) & (pool.split == "val")
-        probs, avail = torch.as_tensor(t.probs[val]), torch.as_tensor(t.available[val])
-        answer, val_logits = torch.as_tensor(t.answer[val]), torch.as_tensor(logits[val])
 
-        def base(
-            subset: frozenset[int], probs=probs, avail=avail, answer=answer, lg=val_logits
-        ) -> float:
+        def base(subset: frozenset[int], table=quality[c]) -> float:
             if not subset:
                 return -math.inf  # running nothing gives no answer
-            mixed, _ = mixture(lg, probs, avail & subset_mask(subset, len(t.experts)), top_k)
-            return -float(mixture_nll(mixed, answer))
+            value = table[subset]
+            return -math.inf if math.isnan(value) else float(value)  # no data: never chosen
 
-        quality, argmax = monotone_hull(base)
+        hull, argmax = monotone_hull(base)
         single = (t.probs[val].argmax(-1) == t.answer[val][:, None]).mean(0)
         energy = np.nanmean(t.energy_j[fit], axis=0)
         delay = np.nanmean(t.delay_s[fit], axis=0)
-        models[c] = CategoryModel(energy, delay, single, quality, argmax, base)
+        models[c] = CategoryModel(energy, delay, single, hull, argmax, base)
     return models
 
 
@@ -211,12 +283,26 @@ def evaluate_budget(
     cfg: SweepConfig,
     rng: np.random.Generator,
 ) -> dict[str, dict[str, float]]:
-    """Test accuracy and realised modelled cost per query of every method at one budget pair."""
+    """Test accuracy and realised modelled cost per query of every method at one budget pair.
+
+    Each method's entry also holds ``correct``: its per-test-question score in the order of
+    ``pool.split == "test"`` (0/1; the random baseline's is the mean over its draws), the input
+    of the paired bootstrap. ``selector.min_affordable`` is the fewest experts affordable alone
+    in any category (the issue's targets count budgets where at least two fit);
+    ``selector.moe2_multi_expert_categories`` counts categories where MoE² runs two or more.
+    """
     t = pool.table
     totals = {m: np.zeros(3) for m in METHODS}  # correct, energy, delay summed over test questions
+    scores = {m: np.zeros(len(pool.questions)) for m in METHODS}  # per question, test rows used
     feasible_all = True
-    stats = {"evaluations": 0, "feasible_subsets": 0}
-    n_test = int((pool.split == "test").sum())
+    stats = {
+        "evaluations": 0,
+        "feasible_subsets": 0,
+        "min_affordable": len(t.experts),
+        "moe2_multi_expert_categories": 0,  # categories where MoE² runs more than one expert
+    }
+    test = pool.split == "test"
+    n_test = int(test.sum())
     for c, cm in models.items():
         rows = (pool.category == c) & (pool.split == "test")
         answer = t.answer[rows]
@@ -237,11 +323,14 @@ def evaluate_budget(
             pred = _predict(pool, logits, rows, subset, cfg.top_k, uniform)
             energy, delay = _realised(pool, rows, subset, aggregate_s)
             totals[method] += weight * np.array([(pred == answer).sum(), energy.sum(), delay.sum()])
+            scores[method][rows] += weight * (pred == answer)
 
         selection = select_subset(len(t.experts), cm.quality, cons)
         stats["evaluations"] += selection.evaluations
         stats["feasible_subsets"] += len(feasible) + 1
-        add("moe2", cm.argmax.get(selection.subset, selection.subset))
+        chosen = cm.argmax.get(selection.subset, selection.subset)
+        stats["moe2_multi_expert_categories"] += len(chosen) > 1
+        add("moe2", chosen)
         single = select_subset(len(t.experts), cm.quality, [*cons, (len, 1)])
         add("best_single", single.subset)
         greedy: frozenset[int] = frozenset()
@@ -257,11 +346,16 @@ def evaluate_budget(
         everyone = frozenset(range(len(t.experts)))
         feasible_all &= everyone in feasible
         add("all_uniform", everyone, uniform=True)
-        _route(
-            pool, logits, rows, [s for s in feasible if len(s) == 1], aggregate_s, totals["router"]
-        )
+        singles = [s for s in feasible if len(s) == 1]
+        stats["min_affordable"] = min(stats["min_affordable"], len(singles))
+        scores["router"][rows] = _route(pool, logits, rows, singles, aggregate_s, totals["router"])
     out = {
-        m: {"accuracy": v[0] / n_test, "energy_j": v[1] / n_test, "delay_s": v[2] / n_test}
+        m: {
+            "accuracy": v[0] / n_test,
+            "energy_j": v[1] / n_test,
+            "delay_s": v[2] / n_test,
+            "correct": scores[m][test].tolist(),
+        }
         for m, v in totals.items()
     }
     if not feasible_all:
@@ -277,8 +371,11 @@ def _route(
     singles: list,
     aggregate_s: float,
     total: np.ndarray,
-) -> None:
-    """Per-query single-model router: argmax gate logit among affordable experts that answered."""
+) -> np.ndarray:
+    """Per-query single-model router: argmax gate logit among affordable experts that answered.
+
+    Adds its correct count and costs to ``total``; returns the per-question correctness.
+    """
     t = pool.table
     allowed = np.zeros(len(t.experts), dtype=bool)
     allowed[[next(iter(s)) for s in singles]] = True
@@ -292,3 +389,4 @@ def _route(
         np.where(has, np.nan_to_num(t.energy_j[rows][idx, choice]), 0).sum(),
         np.where(has, np.nan_to_num(t.delay_s[rows][idx, choice]) + aggregate_s, 0).sum(),
     ]
+    return (pred == t.answer[rows]).astype(np.float64)

@@ -11,6 +11,11 @@ Three configurations (:data:`CONFIGS`), each one ``gatelab edge sweep`` over an 
 The full cache is not in the repository: it takes :data:`COLLECT_COMMAND` (hours of CPU model
 serving) to regenerate. Without it the quick tables are still written, then :func:`reproduce`
 refuses with a one-line error naming that command. A sweep whose ``config.json`` matches is reused.
+
+Each section has the per-expert table, accuracy per budget, AIQ, and MoE² minus the best single
+expert, greedy, random and the per-query router with paired bootstrap 95% intervals (per budget
+and averaged over budgets where at least two experts fit); ``tables.json`` holds the same
+intervals, and each sweep folder its ``intervals.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from gatelab import runs
 from gatelab.edge.collect import read_cache, seed_from_shipped
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.experts import DEFAULT_POOL
-from gatelab.edge.sweep import LABELS, run_sweep
+from gatelab.edge.sweep import LABELS, interval_table, run_sweep
 from gatelab.edge.train import TrainConfig
 
 EXPECTED_TIME = (
@@ -120,6 +125,20 @@ def aiq_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def quality_line(summary: dict) -> str:
+    """Which q(S) estimator the sweep used and the non-test fold errors behind the choice."""
+    choice = summary["quality_estimator"]
+    errors = ", ".join(f"{k} {v:.4f}" for k, v in choice["errors"].items())
+    lam = f" (λ = {choice['lam']:g} questions)" if choice["chosen"] == "shrunk" else ""
+    how = "given" if choice["forced"] else f"chosen on {choice['n_folds']} non-test folds"
+    return f"Subset quality q(S): {choice['chosen']}{lam}, {how}; fold errors {errors}."
+
+
+def interval_section(summary: dict) -> str:
+    """MoE² minus each baseline per budget and averaged, with paired bootstrap intervals."""
+    return "\n\n".join([quality_line(summary), interval_table(summary["intervals"])])
+
+
 def _section(name: str, out: Path, summary: dict) -> str:
     rows = runs.read_json(out / "sweep.json")
     gate = summary["gate_test"]
@@ -129,6 +148,7 @@ def _section(name: str, out: Path, summary: dict) -> str:
         budget_table(rows, "energy"),
         budget_table(rows, "delay"),
         aiq_table(summary),
+        interval_section(summary),
         f"Gate alone, test accuracy: dense {gate['dense']['accuracy']:.3f}, "
         f"top-k {next(v for k, v in gate.items() if k != 'dense')['accuracy']:.3f}. Selector: "
         f"{summary['selector_evaluations']} quality calls, {summary['feasible_subsets']} "
@@ -165,7 +185,8 @@ def reproduce(
         out = edge / folder
         source = _filtered(cache, prefix, out) if prefix else cache
         summary = _sweep(cfg, source, out, progress)
-        results[name] = {k: summary[k] for k in ("n_questions", "n_test", "aiq", "gate_test")}
+        keys = ("n_questions", "n_test", "aiq", "gate_test", "quality_estimator", "intervals")
+        results[name] = {k: summary[k] for k in keys}
         sections.append(_section(name, out, summary))
     target.mkdir(parents=True, exist_ok=True)
     tables = target / "tables.md"

@@ -3,7 +3,10 @@
 Writes to ``out_dir`` (default ``runs/edge/``): ``config.json``, ``metrics.jsonl`` (gate training),
 ``gate.safetensors`` + ``router.json`` (what ``gatelab edge ask`` loads), ``experts.json``
 (per-expert accuracy and costs), ``sweep.json`` (every method at every budget), ``summary.json``
-(AIQ per method, selector call counts), ``table.md`` and three PNG plots. Delay and energy are
+(AIQ per method, selector call counts, the q(S) estimator chosen and why), ``outcomes.npz``
+(every method's per-test-question score at every budget), ``intervals.json`` (MoE² minus each
+baseline with paired bootstrap 95% intervals, per budget and averaged over budgets where at least
+two experts fit), ``table.md`` and three PNG plots. Delay and energy are
 *modelled* (see :class:`gatelab.edge.client.DeviceProfile`); measured wall-clock is reported
 beside them in ``experts.json``.
 """
@@ -22,6 +25,7 @@ import torch
 
 from gatelab import runs
 from gatelab.cost import area_under_tradeoff, plot_tradeoff
+from gatelab.edge.bootstrap import Interval, paired_bootstrap_budgets
 from gatelab.edge.eval import (
     METHODS,
     Pool,
@@ -30,6 +34,7 @@ from gatelab.edge.eval import (
     category_models,
     evaluate_budget,
     gate_outputs,
+    subset_quality,
 )
 from gatelab.edge.model import mixture, subset_mask
 from gatelab.edge.train import TrainConfig, evaluate_gate, train_gate
@@ -43,6 +48,8 @@ LABELS = {
     "all_uniform": "all experts, uniform",
     "router": "per-query router (gate argmax)",
 }
+COMPARED = ("best_single", "greedy_per_joule", "random_subset", "router")  # MoE² minus each
+MIN_AFFORDABLE = 2  # budgets counted in the intervals: at least this many experts fit alone
 
 
 def _aggregate_seconds(gate: torch.nn.Module, pool: Pool, top_k: int, repeats: int = 50) -> float:
@@ -136,7 +143,8 @@ def run_sweep(
     }
     logits = gate_outputs(gate, pool)
     aggregate_s = _aggregate_seconds(gate, pool, cfg.top_k)
-    models = category_models(pool, logits, cfg.top_k)
+    quality, choice = subset_quality(pool, logits, cfg, train_cfg)
+    models = category_models(pool, logits, cfg.top_k, quality)
     e_grid, d_grid = _grids(models, aggregate_s, cfg.n_budgets)
     # sweep
     rows, total = [], 2 * len(e_grid)
@@ -149,7 +157,22 @@ def run_sweep(
                 progress(len(rows), total)
     preserving = _optimality_check(gate, pool, train_cfg, cfg.top_k)
     # report
+    outcomes = _pop_outcomes(rows)
+    np.savez(
+        out_dir / "outcomes.npz",
+        test_qids=np.array([q.qid for q, s in zip(pool.questions, pool.split, strict=True)
+                            if s == "test"]),
+        axis=np.array([r["axis"] for r in rows]),
+        budget=np.array([r["budget"] for r in rows]),
+        **outcomes,
+    )  # fmt: skip
+    intervals = budget_intervals(rows, outcomes, cfg.seed, cfg.resamples)
+    runs.atomic_write_json(out_dir / "intervals.json", intervals)
     summary = _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir)
+    summary["quality_estimator"] = dataclasses.asdict(choice)
+    summary["intervals"] = intervals
+    summary["table"] += "\n\n" + interval_table(intervals)
+    (out_dir / "table.md").write_text(summary["table"] + "\n")
     runs.save_checkpoint(
         out_dir / "gate.safetensors",
         config=_run_config(cfg, train_cfg, pool, gate, aggregate_s),
@@ -160,6 +183,82 @@ def run_sweep(
     summary["optimality_preserving"] = preserving
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def _pop_outcomes(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Move each method's per-question ``correct`` out of ``rows``: method -> ``(rows, n_test)``."""
+    return {m: np.array([r[m].pop("correct") for r in rows], dtype=np.float64) for m in METHODS}
+
+
+def budget_intervals(
+    rows: list[dict], outcomes: dict[str, np.ndarray], seed: int, resamples: int
+) -> dict:
+    """MoE² minus each of :data:`COMPARED`, per budget and averaged, with bootstrap intervals.
+
+    Per axis, only budgets where at least :data:`MIN_AFFORDABLE` experts fit alone in every
+    category are kept. Every comparison draws the same question resamples (seeded by ``seed``),
+    shared by all budgets (:func:`gatelab.edge.bootstrap.paired_bootstrap_budgets`).
+    """
+    report = {"min_affordable": MIN_AFFORDABLE, "resamples": resamples, "confidence": 0.95}
+    for axis in ("energy", "delay"):
+        kept = [
+            i
+            for i, r in enumerate(rows)
+            if r["axis"] == axis and r["selector"]["min_affordable"] >= MIN_AFFORDABLE
+        ]
+        entry = {
+            "budgets": [rows[i]["budget"] for i in kept],
+            "accuracy": {m: [rows[i][m]["accuracy"] for i in kept] for m in ("moe2", *COMPARED)},
+            "difference": {},
+        }
+        for method in COMPARED if kept else ():
+            per_budget, average = paired_bootstrap_budgets(
+                outcomes["moe2"][kept],
+                outcomes[method][kept],
+                np.random.default_rng(seed),
+                resamples,
+            )
+            entry["difference"][method] = {
+                "per_budget": [i.to_dict() for i in per_budget],
+                "average": average.to_dict(),
+            }
+        report[axis] = entry
+    return report
+
+
+def interval_table(intervals: dict) -> str:
+    """Markdown: MoE² accuracy and its difference to each baseline (points, 95% interval)."""
+    blocks = []
+    for axis, unit, scale in (("energy", "J", 1.0), ("delay", "ms", 1e3)):
+        entry = intervals[axis]
+        head = f"| {axis} budget ({unit}) | MoE² acc | " + " | ".join(
+            f"− {LABELS[m]}" for m in COMPARED
+        )
+        lines = [head + " |", "|---" * (len(COMPARED) + 2) + "|"]
+        if not entry["budgets"]:
+            blocks.append(f"No {axis} budget lets {intervals['min_affordable']} experts fit.")
+            continue
+        for k, budget in enumerate(entry["budgets"]):
+            cells = [f"{budget * scale:.3g}", f"{entry['accuracy']['moe2'][k]:.3f}"]
+            cells += [_points(entry["difference"][m]["per_budget"][k]) for m in COMPARED]
+            lines.append("| " + " | ".join(cells) + " |")
+        moe2 = float(np.mean(entry["accuracy"]["moe2"]))
+        cells = [f"**average of {len(entry['budgets'])}**", f"{moe2:.3f}"]
+        cells += [_points(entry["difference"][m]["average"]) for m in COMPARED]
+        lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    n = intervals["energy"]["difference"] or intervals["delay"]["difference"]
+    n_test = next(iter(n.values()))["average"]["n"] if n else 0
+    note = (
+        f"Differences in accuracy points, MoE² minus the method, with paired bootstrap 95% "
+        f"intervals over the {n_test} test questions ({intervals['resamples']} resamples, shared "
+        f"by all budgets); budgets where at least {intervals['min_affordable']} experts fit alone."
+    )
+    return "\n\n".join([*blocks, note])
+
+
+def _points(interval: dict) -> str:
+    return Interval(**interval).describe()
 
 
 def _optimality_check(gate, pool: Pool, train_cfg: TrainConfig, top_k: int) -> list[dict]:
