@@ -49,23 +49,28 @@ def serve(
     ],
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    threads: Annotated[int, typer.Option(help="torch CPU threads.", min=1)] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.", min=1, max=256)] = 1,
     device: _cli.DeviceOption = "cpu",
     api_key_env: Annotated[
         str | None,
         typer.Option(help="Environment variable holding the API key clients must send."),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(help="Sequences decoded together (continuous batching).", min=1)
+        int,
+        typer.Option(help="Sequences decoded together (continuous batching).", min=1, max=1024),
     ] = 8,
     max_queue: Annotated[
-        int, typer.Option(help="Requests waiting before new ones get 503.", min=0)
+        int, typer.Option(help="Requests waiting before new ones get 503.", min=1, max=100_000)
     ] = 32,
     timeout_s: Annotated[
-        float, typer.Option(help="Per-request limit in seconds, queueing included.", min=0.001)
+        float,
+        typer.Option(
+            help="Per-request limit in seconds, queueing included.",
+            callback=_cli.finite_float(0, low_open=True),
+        ),
     ] = 120.0,
     max_body_bytes: Annotated[
-        int, typer.Option(help="Largest request body accepted (413 above).", min=1)
+        int, typer.Option(help="Largest request body accepted (413 above).", min=1, max=1 << 31)
     ] = 1 << 20,
     float32_decode: Annotated[
         bool,
@@ -155,7 +160,7 @@ def sweep(
         Path | None,
         typer.Option(help="Output folder [default: runs/edge, quick: runs/edge/quick]."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed (splits, gate, random baseline).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed (splits, gate, random baseline).")] = 0,
     top_k: Annotated[int, typer.Option(help="Experts weighted per query inside a subset.")] = 2,
     n_budgets: Annotated[int, typer.Option(help="Budget grid points per axis.")] = 12,
 ) -> None:
@@ -196,7 +201,12 @@ def ask(
     run_dir: Annotated[Path, typer.Option(help="Folder written by `gatelab edge sweep`.")] = Path(
         "runs/edge"
     ),
-    timeout_s: Annotated[float, typer.Option(help="Per-expert request timeout, s.")] = 30.0,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="Per-expert request timeout, s.", callback=_cli.finite_float(0, low_open=True)
+        ),
+    ] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     allow_env: AllowEnvOption = None,
 ) -> None:
