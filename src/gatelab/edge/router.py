@@ -130,6 +130,11 @@ def nearest_category(state: RouterState, x: np.ndarray) -> str:
     return names[int(np.argmax(centroids @ x))]
 
 
+def query_text(question: str, options: list[str]) -> str:
+    """The text the gate embeds for a question: the question and its options."""
+    return question + " " + " | ".join(options)
+
+
 def ask(
     question: str,
     options: list[str],
@@ -138,10 +143,12 @@ def ask(
     energy_budget: float,
     delay_budget: float,
     category: str | None = None,
+    embedding: np.ndarray | None = None,
 ) -> AskResult:
     """Answer one question live (see module doc); failed experts are dropped and renormalised.
 
     If every expert of the chosen subset fails, the subset is planned again without them.
+    ``embedding``: the MiniLM embedding of :func:`query_text`, if the caller already has it.
 
     Raises:
         ValueError: not four options, or a bad category.
@@ -151,7 +158,9 @@ def ask(
         raise ValueError(f"give exactly {len(LETTERS)} options, got {len(options)}")
     if energy_budget < 0 or delay_budget < 0:
         raise ValueError("budgets must be >= 0")
-    x = embed_texts([question + " " + " | ".join(options)])[0].astype(np.float64)
+    if embedding is None:
+        embedding = embed_texts([query_text(question, options)])[0]
+    x = np.asarray(embedding, dtype=np.float64)
     category = category or nearest_category(state, x)
     subset = sorted(plan_subset(state, category, energy_budget, delay_budget))
     by_name = {e.name: e for e in experts}
