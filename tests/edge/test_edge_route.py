@@ -337,3 +337,24 @@ def test_unbounded_budgets_are_null_not_infinity(pool):
         timeout=10,
     )
     assert "Infinity" not in reply.text and math.isclose(sum(reply.json()["x_gatelab"]["probs"]), 1)
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--run", "{tmp}/missing"], "gate.safetensors not found"),
+        (["--energy-budget", "nan"], "--energy-budget"),
+        (["--delay-budget", "-1"], "--delay-budget"),
+        (["--max-in-flight", "0"], "--max-in-flight"),
+        (["--experts", "{tmp}/none.yaml"], "none.yaml"),
+        (["--api-key-env", "GATELAB_SURELY_UNSET"], "GATELAB_SURELY_UNSET"),
+    ],
+)
+def test_cli_bad_value_is_one_line_exit_2(argv, hint, tmp_path, capsys):
+    from gatelab.cli import main
+
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code = main(["edge", "route", "--run", str(tmp_path / "missing"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("gatelab: error:"), err
+    assert hint.format(tmp=tmp_path) in err, err
