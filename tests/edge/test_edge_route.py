@@ -217,6 +217,20 @@ def test_free_text_streams_the_top_weighted_expert(pool):
     assert ext["weights"] == pytest.approx(reference(["alpha", "beta"])[0])
 
 
+def test_multiple_choice_streamed_is_one_content_chunk(pool):
+    chunks = list(
+        pool.client.chat.completions.create(
+            model="moe2",
+            messages=[{"role": "user", "content": format_prompt(QUESTION, OPTIONS)}],
+            stream=True,
+        )
+    )
+    _, mixed, _, _ = reference(["alpha", "beta"])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "ABCD"[int(mixed.argmax())]
+    assert chunks[0].x_gatelab["kind"] == "multiple_choice"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_free_text_completion_not_streamed(pool):
     reply = pool.client.completions.create(model="moe2", prompt="Once upon a time", max_tokens=9)
     assert reply.choices[0].text == TEXTS["alpha"]
