@@ -9,8 +9,12 @@ servers' own texts, and :func:`gatelab.edge.data.format_prompt` for the prompt p
 """
 
 import asyncio
+import dataclasses
 import json
 import math
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
@@ -20,6 +24,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from gatelab import runs
 from gatelab.edge import router
 from gatelab.edge.client import EdgeExpert
 from gatelab.edge.costs import PROFILES
@@ -372,3 +377,50 @@ def test_cli_bad_value_is_one_line_exit_2(argv, hint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("gatelab: error:"), err
     assert hint.format(tmp=tmp_path) in err, err
+
+
+@pytest.mark.slow  # a fresh interpreter and MiniLM's first load: ~15 s
+def test_cli_serves_the_router(tmp_path):
+    """``gatelab edge route`` as users run it: a subprocess on a free port, real MiniLM."""
+    state = router_state()
+    runs.save_checkpoint(
+        tmp_path / "gate.safetensors",
+        config={"gate": dataclasses.asdict(state.gate.config)},
+        step=0,
+        modules={"gate": state.gate},
+    )
+    info = {"experts": NAMES, "top_k": 2, "aggregate_s": AGGREGATE_S}
+    (tmp_path / "router.json").write_text(json.dumps(info | {"categories": state.categories}))
+    servers = [BackgroundServer(fake_expert_app(n)).start() for n in NAMES]
+    experts = tmp_path / "experts.yaml"
+    experts.write_text(
+        "".join(
+            f"- {{name: {n}, base_url: '{s.url}', device: cpu, backend: gatelab}}\n"
+            for n, s in zip(NAMES, servers, strict=True)
+        )
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "gatelab.cli", "edge", "route", "--run", str(tmp_path)]
+    command += ["--experts", str(experts), "--port", str(port), "--energy-budget", "0.5"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        body = {"category": "toy"}  # MiniLM's embedding of this question: any centroid
+        reply = client.completions.create(
+            model="moe2", prompt=format_prompt(QUESTION, OPTIONS), extra_body={"x_gatelab": body}
+        )
+        assert reply.x_gatelab["subset"] == ["alpha"]  # --energy-budget 0.5 is the default
+        assert reply.x_gatelab["energy_budget"] == 0.5
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        for server in servers:
+            server.stop()
