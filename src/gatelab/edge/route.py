@@ -328,6 +328,24 @@ class _Router:
             "delay_budget": _finite(delay_budget),
         }
 
+    async def multiple_choice(
+        self,
+        body: RouteCompletionRequest | RouteChatRequest,
+        question: str,
+        options: list[str],
+        kind: str,
+    ) -> Any:
+        """The gate-combined letter as an OpenAI reply (or a one-chunk stream)."""
+        _refuse_for_choice(body)
+        start = time.perf_counter()
+        result = await self.answer_choice(question, options, body.x_gatelab)
+        if result.answer is None:  # no subset planned, though check_budgets passed singles
+            raise OpenAIError(400, "; ".join(result.notes), param="x_gatelab")
+        extension = self.choice_extension(result, body.x_gatelab, time.perf_counter() - start)
+        if body.stream:
+            return sse_response(_choice_stream(kind, result.answer, extension))
+        return _choice_reply(kind, result.answer, extension)
+
     # -- free text -------------------------------------------------------------------------
 
     async def _open(
@@ -599,20 +617,11 @@ def create_route_app(
         try:
             async with admission.running:
                 choice = _multiple_choice(body)
-                if choice is None:
-                    reply = await routes.free_text(body, path, release)
-                    streaming = body.stream
-                    return reply
-                _refuse_for_choice(body)
-                start = time.perf_counter()
-                result = await routes.answer_choice(*choice, body.x_gatelab)
-                if result.answer is None:  # no subset planned (check_budgets passed singles)
-                    raise OpenAIError(400, "; ".join(result.notes), param="x_gatelab")
-                extension = routes.choice_extension(result, body.x_gatelab, 0.0)
-                extension["measured_s"] = time.perf_counter() - start
-                if body.stream:
-                    return sse_response(_choice_stream(kind, result.answer, extension))
-                return _choice_reply(kind, result.answer, extension)
+                if choice is not None:
+                    return await routes.multiple_choice(body, *choice, kind)
+                reply = await routes.free_text(body, path, release)
+                streaming = body.stream
+                return reply
         finally:
             if not streaming:  # a relayed stream gives its place back when it ends
                 release()
