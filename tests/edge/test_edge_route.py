@@ -49,7 +49,10 @@ QUESTION, OPTIONS = "Which one is it?", ["red", "green", "blue", "black"]
 
 
 def fake_expert_app(name: str, delay_s: float = 0.0) -> FastAPI:
-    """An OpenAI-compatible expert: echo scoring with LOGPROBS, free text TEXTS[name]."""
+    """An OpenAI-compatible expert: echo scoring with LOGPROBS, free text TEXTS[name].
+
+    ``delay_s``: before every reply, and between the words of a stream.
+    """
     app = FastAPI()
 
     def text_reply(body: dict, chat: bool) -> dict:
@@ -70,6 +73,7 @@ def fake_expert_app(name: str, delay_s: float = 0.0) -> FastAPI:
     def stream(body: dict, chat: bool) -> StreamingResponse:
         async def events():
             for i, word in enumerate(TEXTS[name].split(" ")):
+                await asyncio.sleep(delay_s)
                 piece = word if i == 0 else " " + word
                 if chat:
                     choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
@@ -345,6 +349,23 @@ def test_full_router_is_503_with_retry_after():
         assert sorted(r.status_code for r in replies) == [200, 503]
         busy = next(r for r in replies if r.status_code == 503)
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "server_busy"
+    finally:
+        running.stop()
+
+
+def test_a_client_leaving_a_stream_gives_its_place_back():
+    running = Pool(delay_s=0.2)  # ten words, 0.2 s apart
+    try:
+        body = {"model": "moe2", "prompt": "a slow story", "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["x_gatelab"]["expert"] == "alpha"
+            assert httpx.get(running.url + "/health").json()["load"] == 1
+        deadline = time.monotonic() + 5
+        while httpx.get(running.url + "/health").json()["load"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(running.url + "/health").json()["load"] == 0
     finally:
         running.stop()
 

@@ -25,6 +25,7 @@ Used by :mod:`gatelab.edge.server` and the MoE² router :mod:`gatelab.edge.route
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import re
@@ -440,13 +441,45 @@ def sse_event(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None):
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that runs ``close`` however it ends.
+
+    Starlette starts the body iterator only after sending the headers; a client gone before
+    that leaves the iterator unstarted, and its ``finally`` would never run.
+    """
+
+    def __init__(self, body: AsyncIterator[str], close: Callable[[], Awaitable[None]]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.close = close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+
+def sse_response(
+    events: AsyncIterator[dict], on_close: Callable[[], None | Awaitable[None]] | None = None
+) -> StreamingResponse:
     """Stream ``events`` as OpenAI's server-sent events, ending with ``data: [DONE]``.
 
     An error raised while streaming (after the 200 status is sent) becomes a final
-    ``{"error": ...}`` event, as OpenAI's API does. ``on_close`` runs however the stream ends,
-    including when the client disconnects (the generator is cancelled then).
+    ``{"error": ...}`` event, as OpenAI's API does. ``on_close`` (a function or a coroutine
+    function) runs once however the stream ends, including when the client disconnects (the
+    generator is cancelled then) or leaves before the body starts.
     """
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if closed or on_close is None:
+            return
+        closed = True
+        result = on_close()
+        if inspect.isawaitable(result):
+            await result
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -455,9 +488,7 @@ def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None] | Non
         except OpenAIError as error:
             yield sse_event(error_body(error.message, error.kind, error.param, error.code))
         finally:
-            if on_close is not None:
-                on_close()
+            await close()
         yield sse_event("[DONE]")
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _EventStream(body(), close)

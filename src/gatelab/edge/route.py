@@ -418,7 +418,12 @@ class _Router:
                 }
                 if body.stream:
                     extension["measured_s"] = time.perf_counter() - start  # to the first byte
-                    return sse_response(_relay(expert, response, extension), on_close=release)
+
+                    async def close(response: httpx.Response = response) -> None:
+                        release()  # first: nothing below may keep the place taken
+                        await response.aclose()  # also when the relay never started
+
+                    return sse_response(_relay(expert, response, extension), on_close=close)
                 return await self._reply(expert, response, extension, start)
             # everyone in the subset failed: the best subset without them, same budgets
             exclude = frozenset(self.state.experts.index(n) for n in failed)
