@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from gatelab import runs
 from gatelab.edge import router
@@ -140,12 +140,12 @@ def expert(name: str, url: str) -> EdgeExpert:
 
 
 class Pool:
-    """Fake experts on 127.0.0.1 (``down``: a closed port) and the router in front of them."""
+    """Fake experts on 127.0.0.1 (``down``: a closed port; ``apps``: other servers for some)
+    and the router in front of them."""
 
-    def __init__(self, down=(), delay_s: float = 0.0, **route_kwargs) -> None:
-        self.servers = {
-            n: BackgroundServer(fake_expert_app(n, delay_s)).start() for n in NAMES if n not in down
-        }
+    def __init__(self, down=(), delay_s: float = 0.0, apps=None, **route_kwargs) -> None:
+        apps = {n: fake_expert_app(n, delay_s) for n in NAMES} | (apps or {})
+        self.servers = {n: BackgroundServer(apps[n]).start() for n in NAMES if n not in down}
         urls = {n: s.url for n, s in self.servers.items()}
         urls |= {n: f"http://127.0.0.1:{free_port()}" for n in down}
         self.experts = [expert(n, urls[n]) for n in NAMES]
@@ -289,6 +289,39 @@ def test_all_down_is_502_naming_every_cause():
             for name in NAMES:  # alpha, beta planned; gamma tried when planning again
                 assert f"expert {name} at http://127.0.0.1:" in message
             assert error.value.body["code"] == "experts_failed"
+    finally:
+        running.stop()
+
+
+def answering(status: int, text: str) -> FastAPI:
+    """A server answering every POST with ``status`` and ``text``."""
+    app = FastAPI()
+
+    @app.post("/v1/{path:path}")
+    async def any_post(path: str):
+        return PlainTextResponse(text, status)
+
+    return app
+
+
+def test_free_text_falls_back_past_a_malformed_reply():
+    running = Pool(apps={"alpha": answering(200, "not json")})
+    try:
+        reply = running.client.completions.create(model="moe2", prompt="Hello")
+        assert reply.choices[0].text == TEXTS["beta"]
+        assert "bad response: no 'choices'" in reply.x_gatelab["failed"]["alpha"]
+    finally:
+        running.stop()
+
+
+def test_free_text_refused_by_every_expert_is_400():
+    running = Pool(apps={n: answering(400, "max_tokens is too large") for n in NAMES})
+    try:
+        with pytest.raises(openai.BadRequestError) as error:
+            running.client.completions.create(model="moe2", prompt="Hello")
+        message = error.value.body["message"]
+        assert message.startswith("every selected expert refused the request: expert alpha")
+        assert message.count("HTTP 400: max_tokens is too large") == 3
     finally:
         running.stop()
 

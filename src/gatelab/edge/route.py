@@ -350,8 +350,13 @@ class _Router:
 
     async def _open(
         self, expert: EdgeExpert, path: str, payload: dict, stream: bool
-    ) -> tuple[httpx.Response | None, str]:
-        """Send ``payload`` to ``expert``: its response (a 2xx), or None and the cause."""
+    ) -> tuple[httpx.Response | dict | None, str, int | None]:
+        """Send ``payload`` to ``expert``.
+
+        Returns:
+            the open response (streaming) or the reply's JSON, else None; the cause of a
+            failure; its HTTP status, if it was one.
+        """
         url = expert.base_url.rstrip("/") + path
         body = payload | {"model": expert.model or expert.name}
         where = f"expert {expert.name} at {expert.base_url}: POST {path}"
@@ -362,15 +367,23 @@ class _Router:
         try:
             response = await self.client.send(request, stream=stream)
         except httpx.TimeoutException:
-            return None, f"{where}: timed out after {expert.timeout_s:g} s"
+            return None, f"{where}: timed out after {expert.timeout_s:g} s", None
         except httpx.TransportError as error:
-            return None, f"{where}: {_connect_cause(error)}"
-        if response.status_code >= 400:
+            return None, f"{where}: {_connect_cause(error)}", None
+        status = response.status_code
+        if status >= 400:
             await response.aread()
             await response.aclose()
-            message = f"{where}: HTTP {response.status_code}: {_server_message(response)}"
-            return None, message
-        return response, ""
+            return None, f"{where}: HTTP {status}: {_server_message(response)}", status
+        if stream:
+            return response, "", status
+        try:
+            reply = response.json()
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list):
+            return None, f"{where}: bad response: no 'choices' ({response.text[:80]!r})", None
+        return reply, "", status
 
     def _order(self, x: np.ndarray, subset: frozenset[int]) -> tuple[list[str], dict]:
         weights = gate_weights(self.state, x, sorted(subset))
@@ -400,11 +413,10 @@ class _Router:
                     failed[name] = f"{name} is not in the experts list"
                     statuses.append(None)
                     continue
-                response, cause = await self._open(expert, path, payload, body.stream)
-                if response is None:
+                answer, cause, status = await self._open(expert, path, payload, body.stream)
+                if answer is None:
                     failed[name] = cause
-                    match = re.search(r"HTTP (\d{3})", cause)
-                    statuses.append(int(match.group(1)) if match else None)
+                    statuses.append(status)
                     continue
                 extension = {
                     "kind": "free_text",
@@ -419,12 +431,12 @@ class _Router:
                 if body.stream:
                     extension["measured_s"] = time.perf_counter() - start  # to the first byte
 
-                    async def close(response: httpx.Response = response) -> None:
+                    async def close(response: httpx.Response = answer) -> None:
                         release()  # first: nothing below may keep the place taken
                         await response.aclose()  # also when the relay never started
 
-                    return sse_response(_relay(expert, response, extension), on_close=close)
-                return await self._reply(expert, response, extension, start)
+                    return sse_response(_relay(expert, answer, extension), on_close=close)
+                return self._reply(expert, answer, extension, start)
             # everyone in the subset failed: the best subset without them, same budgets
             exclude = frozenset(self.state.experts.index(n) for n in failed)
             subset = router.plan_subset(self.state, category, energy_budget, delay_budget, exclude)
@@ -436,28 +448,21 @@ class _Router:
         message = f"all selected experts failed: {causes}"
         raise OpenAIError(502, message, "server_error", code="experts_failed")
 
-    async def _reply(
-        self, expert: EdgeExpert, response: httpx.Response, extension: dict, start: float
-    ) -> dict:
-        try:
-            reply = response.json()
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict) or "choices" not in reply:
-            message = f"expert {expert.name} at {expert.base_url}: bad response (no choices)"
-            raise OpenAIError(502, message, "server_error", code="experts_failed")
+    def _reply(self, expert: EdgeExpert, reply: dict, extension: dict, start: float) -> dict:
+        """The expert's reply with the routing extension (modelled costs if FLOPs are known)."""
         extension["measured_s"] = time.perf_counter() - start
-        flops = (reply.get("x_gatelab") or {}).get("flops")
-        tokens = (reply.get("usage") or {}).get("total_tokens")
-        if flops is None and expert.flops_per_token is not None and tokens is not None:
+        reported = reply.get("x_gatelab")
+        flops = reported.get("flops") if isinstance(reported, dict) else None
+        usage = reply.get("usage")
+        tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+        if flops is None and expert.flops_per_token is not None and isinstance(tokens, int):
             flops = expert.flops_per_token * tokens
-        if isinstance(flops, int | float) and not isinstance(flops, bool):
+        if isinstance(flops, int | float) and not isinstance(flops, bool) and flops >= 0:
             extension["modelled_energy_j"] = expert.device_profile.energy_j(flops)
             extension["modelled_delay_s"] = expert.device_profile.delay_s(flops)
-        if "x_gatelab" in reply:
-            extension["expert_x_gatelab"] = reply["x_gatelab"]
-        reply["x_gatelab"] = extension
-        return reply
+        if reported is not None:
+            extension["expert_x_gatelab"] = reported
+        return reply | {"x_gatelab": extension}
 
 
 async def _relay(
