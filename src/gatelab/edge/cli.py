@@ -232,21 +232,21 @@ def route(
     energy_budget: Annotated[
         float | None,
         typer.Option(
-            help="Default energy budget per query, J (modelled) [default: none].",
+            help="Default energy budget per query, J (modelled); unbounded if not given.",
             callback=_cli.finite_float(0),
         ),
     ] = None,
     delay_budget: Annotated[
         float | None,
         typer.Option(
-            help="Default delay budget per query, s (modelled) [default: none].",
+            help="Default delay budget per query, s (modelled); unbounded if not given.",
             callback=_cli.finite_float(0),
         ),
     ] = None,
     timeout_s: Annotated[
         float | None,
         typer.Option(
-            help="Per-expert request timeout, s [default: each expert's].",
+            help="Per-expert request timeout, s; default: each expert's own.",
             callback=_cli.finite_float(0, low_open=True),
         ),
     ] = None,
@@ -264,7 +264,7 @@ def route(
     """Serve the MoE² router as an OpenAI-compatible API (model "moe2"; see docs/edge.md).
 
     Multiple-choice requests get the gate-combined answer of the budget-optimal subset; free
-    text is forwarded to its top-weighted expert. Per-request budgets go in ``x_gatelab``.
+    text is forwarded to its top-weighted expert. Per-request budgets go in `x_gatelab`.
     """
     import math
 
