@@ -419,6 +419,8 @@ def test_unbounded_budgets_are_null_not_infinity(pool):
         (["--energy-budget", "nan"], "--energy-budget"),
         (["--delay-budget", "-1"], "--delay-budget"),
         (["--max-in-flight", "0"], "--max-in-flight"),
+        (["--max-in-flight", "99999999999999999999"], "--max-in-flight"),
+        (["--max-queue", "-1"], "--max-queue"),
         (["--experts", "{tmp}/none.yaml"], "none.yaml"),
         (["--api-key-env", "GATELAB_SURELY_UNSET"], "GATELAB_SURELY_UNSET"),
     ],

@@ -250,15 +250,22 @@ def route(
             callback=_cli.finite_float(0, low_open=True),
         ),
     ] = None,
-    max_in_flight: Annotated[int, typer.Option(help="Requests answered at once.", min=1)] = 16,
+    max_in_flight: Annotated[
+        int, typer.Option(help="Requests answered at once.", min=1, max=1024)
+    ] = 16,
     max_queue: Annotated[
-        int, typer.Option(help="Requests waiting before new ones get 503.", min=0)
+        int,
+        typer.Option(
+            help="Requests waiting beyond those before new ones get 503.", min=0, max=100_000
+        ),
     ] = 64,
     api_key_env: Annotated[
         str | None,
         typer.Option(help="Environment variable holding the API key clients must send."),
     ] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (gate, MiniLM).", min=1)] = 1,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (gate, MiniLM).", min=1, max=256)
+    ] = 1,
     allow_env: AllowEnvOption = None,
 ) -> None:
     """Serve the MoE² router as an OpenAI-compatible API (model "moe2"; see docs/edge.md).
