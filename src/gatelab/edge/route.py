@@ -21,7 +21,7 @@ question format every expert is asked in (:func:`gatelab.edge.data.format_prompt
     Answer:
 
 (``A)`` / ``(A)`` also read as option markers; ``Question:`` and ``Answer:`` are optional).
-Then :func:`gatelab.edge.router.ask` plans the subset :math:`S^*` under the budgets, asks its
+Then :func:`gatelab.edge.router.ask_async` plans the subset :math:`S^*` under the budgets, asks its
 experts concurrently and mixes their option distributions with the gate,
 :math:`p(y \mid x) = \sum_{i \in S^*} w_i(x)\, p_i(y \mid x)`. The reply's text is the letter of
 the argmax; ``x_gatelab`` holds the distribution, the weights :math:`w_i`, each expert's measured
