@@ -62,7 +62,7 @@ from fastapi import FastAPI, Request
 from pydantic import Field
 
 from gatelab.edge import router
-from gatelab.edge.client import EdgeExpert, _connect_cause, _server_message
+from gatelab.edge.client import EdgeExpert, connect_cause, server_message
 from gatelab.edge.data import LETTERS
 from gatelab.edge.model import embed_texts, mixture
 from gatelab.edge.openai_api import (
@@ -362,19 +362,19 @@ class _Router:
         where = f"expert {expert.name} at {expert.base_url}: POST {path}"
         # the expert's key, read from its environment variable only (EdgeExpert's policy)
         request = self.client.build_request(
-            "POST", url, json=body, headers=expert._headers(), timeout=expert.timeout_s
+            "POST", url, json=body, headers=expert.headers(), timeout=expert.timeout_s
         )
         try:
             response = await self.client.send(request, stream=stream)
         except httpx.TimeoutException:
             return None, f"{where}: timed out after {expert.timeout_s:g} s", None
         except httpx.TransportError as error:
-            return None, f"{where}: {_connect_cause(error)}", None
+            return None, f"{where}: {connect_cause(error)}", None
         status = response.status_code
         if status >= 400:
             await response.aread()
             await response.aclose()
-            return None, f"{where}: HTTP {status}: {_server_message(response)}", status
+            return None, f"{where}: HTTP {status}: {server_message(response)}", status
         if stream:
             return response, "", status
         try:
