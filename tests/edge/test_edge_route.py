@@ -480,3 +480,15 @@ def test_cli_serves_the_router(tmp_path):
         process.wait(timeout=10)
         for server in servers:
             server.stop()
+
+
+def test_shutdown_closes_the_shared_client():
+    """The app's lifespan closes the httpx client every expert call shared."""
+    from fastapi.testclient import TestClient
+
+    experts = [expert(n, f"http://127.0.0.1:{free_port()}") for n in NAMES]
+    app = create_route_app(router_state(), experts, embed=fixed_embedding)
+    with TestClient(app):
+        client = app.state.router.client  # made on first use, in the server's loop
+        assert not client.is_closed
+    assert client.is_closed

@@ -44,6 +44,7 @@ beyond that the reply is 503 with ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -257,6 +258,13 @@ class _Router:
         if self._client is None:
             self._client = httpx.AsyncClient()
         return self._client
+
+    async def aclose(self) -> None:
+        """Close the shared client and the embedding threads (the server's shutdown)."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def in_pool(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -598,7 +606,19 @@ def create_route_app(
     routes = _Router(
         state, experts, energy_budget, delay_budget, embed or _default_embed, admission
     )
-    app = FastAPI(title="gatelab MoE² router", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await routes.aclose()
+
+    app = FastAPI(
+        title="gatelab MoE² router",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     app.state.router = routes
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
