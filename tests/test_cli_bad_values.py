@@ -1,4 +1,5 @@
-"""Bad values on every command of the root, ``gmoe`` and ``exits`` groups: one line, exit 2.
+"""Bad values on every command of the root, ``gmoe`` and ``exits`` groups (and the cases the CLI
+fuzz campaign, ``experiments/fuzz_cli.py``, found in the others): one line, exit 2.
 
 Each invocation must be refused before any long work starts, with one line on stderr that names
 the culprit (the option or the file), exit code 2 and no traceback — as the user runs it, through
@@ -18,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from gatelab.cli import main
+
+HUGE = "99999999999999999999"  # a 20-digit count: more than a C ssize_t holds
 
 # (argv, a hint the one-line message must contain: the option, or the file at fault)
 CASES = [
@@ -180,6 +183,32 @@ CASES = [
         for flag, value in [("--resolution", "0"), ("--resolution", "-1"), ("--threads", "-3")]
     ],
     (["exits", "efficientnet", "--data", "{nodata}", "--out", "{file}/e"], "{file}"),
+    # found by experiments/fuzz_cli.py: 20-digit counts overflowed, NaN/negative/inf started jobs
+    (["reproduce", "gmoe", "--jobs", HUGE], "--jobs"),
+    (["gmoe", "rates", "--workers", HUGE, "--runs-dir", "{tmp}"], "--workers"),
+    (["comm", "compare", "--seeds", HUGE], "--seeds"),
+    (["comm", "compare", "--seeds", "0"], "--seeds"),
+    (["comm", "compare", "--jobs", HUGE], "--jobs"),
+    (["comm", "compare", "--updates", "-3"], "--updates"),
+    (["comm", "compare", "--max-minutes", "inf"], "--max-minutes"),
+    (["comm", "compare", "--comm-cost", "nan"], "--comm-cost"),
+    *[(["comm", "compare", "--comm-budget", v], "--comm-budget") for v in ("nan", "-1", "2")],
+    (["comm", "eval", "--checkpoint", "{file}", "--episodes", "0"], "--episodes"),
+    (["comm", "eval", "--checkpoint", "{file}", "--seed", "-1"], "--seed"),
+    *[
+        (["edge", "serve", "--model", "smollm2-135m", flag, value], flag)
+        for flag, value in [
+            ("--threads", HUGE),
+            ("--max-batch", HUGE),
+            ("--max-queue", "0"),
+            ("--max-queue", HUGE),
+            ("--timeout-s", "inf"),
+            ("--timeout-s", "nan"),
+            ("--max-body-bytes", HUGE),
+        ]
+    ],
+    (["edge", "sweep", "--seed", "-3"], "--seed"),
+    (["edge", "ask", "Which?", "--option", "a", "--timeout-s", "nan"], "--timeout-s"),
 ]
 
 

@@ -138,7 +138,9 @@ def _reproducer(system: str):
 @app.command()
 def reproduce(
     system: Annotated[ReproducibleSystem, typer.Argument(help="Whose tables to regenerate.")],
-    jobs: Annotated[int, typer.Option(min=1, help="Runs in parallel (one thread each).")] = 1,
+    jobs: Annotated[
+        int, typer.Option(min=1, max=256, help="Runs in parallel (one thread each).")
+    ] = 1,
     runs_dir: Annotated[
         Path, typer.Option(help="Where the runs and tables go.", callback=_cli.writable_dir)
     ] = Path("runs"),

@@ -330,4 +330,4 @@ def test_keys_only_over_https_or_to_loopback(monkeypatch):
     assert seen and seen[0].url.scheme == "https"
     assert seen[0].headers["authorization"] == "Bearer k-123"
     no_key = EdgeExpert("x", "http://192.0.2.7", profile)  # without a key, plain http is fine
-    assert no_key._headers() == {}
+    assert no_key.headers() == {}

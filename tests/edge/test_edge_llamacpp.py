@@ -7,6 +7,7 @@ serves the module; the mixed-pool tests add gatelab's server with the tiny rando
 """
 
 import asyncio
+import functools
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,13 @@ from gatelab.edge.costs import PROFILES
 from gatelab.edge.data import MCQuestion, format_cloze
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.experts import load_experts
-from gatelab.edge.llama_server import LlamaServer, find_llama_server, free_port, smollm2_gguf
+from gatelab.edge.llama_server import (
+    IllegalInstructionError,
+    LlamaServer,
+    find_llama_server,
+    free_port,
+    smollm2_gguf,
+)
 
 REPO = Path(__file__).parents[2]
 SHARED = REPO.parent / "shared" / "tools" / "llama-server" / "llama-server"  # dev convenience
@@ -39,7 +46,20 @@ def _binary():
         found = SHARED
     if found is None:
         pytest.skip("llama-server not found: run `make llama-server` or set GATELAB_LLAMA_SERVER")
+    unusable = _unusable(found)
+    if unusable:
+        pytest.skip(unusable)
     return found
+
+
+@functools.cache
+def _unusable(binary) -> str | None:
+    """Why ``binary`` cannot serve here (a build for another CPU dies of SIGILL), or None."""
+    try:
+        with LlamaServer(_gguf(), binary=binary, threads=1):
+            return None
+    except IllegalInstructionError as error:
+        return str(error)
 
 
 def _gguf():

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import psutil
-import pytest
 
 from gatelab.edge.engine import Engine
 from gatelab.edge.served import load_served_models
@@ -78,7 +77,6 @@ async def drive(url, load):
         return await asyncio.gather(*(one(*r) for r in load))
 
 
-@pytest.mark.slow
 def test_bounded_load_mixed_valid_invalid_huge(capsys):
     models = load_served_models(["tiny-random", "tiny-random-chat"])
     process = psutil.Process()

@@ -143,4 +143,3 @@ def test_empty_batch_is_empty_output_with_zero_losses(router, lead):
     for loss in (stats.aux_loss, stats.balance_loss, stats.z_loss):
         assert float(loss) == 0.0
     assert stats.tokens_per_expert.tolist() == [0, 0, 0]
-

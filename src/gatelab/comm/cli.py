@@ -102,8 +102,8 @@ def _env_kwargs(pairs: list[str]) -> dict:
 @app.command("eval")
 def eval_(
     checkpoint: Annotated[Path, typer.Option(help="A model.safetensors (carries its config).")],
-    episodes: Annotated[int, typer.Option(help="Evaluation episodes.")] = 100,
-    seed: Annotated[int, typer.Option(help="Evaluation seed.")] = 0,
+    episodes: Annotated[int, typer.Option(min=1, help="Evaluation episodes.")] = 100,
+    seed: Annotated[int, typer.Option(min=0, help="Evaluation seed.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
     greedy: Annotated[bool, typer.Option(help="Argmax actions instead of sampling.")] = False,
 ) -> None:
@@ -123,17 +123,29 @@ def eval_(
 def compare(
     quick: Annotated[bool, typer.Option(help="1 seed, small settings (< 5 min).")] = False,
     env: Annotated[list[Env] | None, typer.Option(help="Environments (repeatable).")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per variant [3; quick: 1].")] = None,
-    updates: Annotated[int, typer.Option(help="PPO updates per run; 0 = the preset's.")] = 0,
-    jobs: Annotated[int, typer.Option(min=1, help="Runs trained in parallel processes.")] = 1,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="Seeds per variant [3; quick: 1].")
+    ] = None,
+    updates: Annotated[int, typer.Option(min=0, help="PPO updates per run; 0 = the preset's.")] = 0,
+    jobs: Annotated[
+        int, typer.Option(min=1, max=256, help="Runs trained in parallel processes.")
+    ] = 1,
     max_minutes: Annotated[
-        float, typer.Option(min=0.0, help="Time budget per run; 0 = none.")
+        float, typer.Option(help="Time budget per run; 0 = none.", callback=_cli.finite_float(0))
     ] = 0.0,
     comm_cost: Annotated[
-        float, typer.Option(help="Comm cost of commformer_tg's straight-through gates.")
+        float,
+        typer.Option(
+            help="Comm cost of commformer_tg's straight-through gates.",
+            callback=_cli.finite_float(0),
+        ),
     ] = 0.1,
     comm_budget: Annotated[
-        float, typer.Option(help="> 0: commformer_tg meets this comm rate (causal gates).")
+        float,
+        typer.Option(
+            help="> 0: commformer_tg meets this comm rate (causal gates).",
+            callback=_cli.finite_float(0, 1),
+        ),
     ] = 0.0,
     eval_only: Annotated[
         bool, typer.Option(help="Evaluate existing checkpoints, train nothing.")

@@ -49,23 +49,28 @@ def serve(
     ],
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    threads: Annotated[int, typer.Option(help="torch CPU threads.", min=1)] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.", min=1, max=256)] = 1,
     device: _cli.DeviceOption = "cpu",
     api_key_env: Annotated[
         str | None,
         typer.Option(help="Environment variable holding the API key clients must send."),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(help="Sequences decoded together (continuous batching).", min=1)
+        int,
+        typer.Option(help="Sequences decoded together (continuous batching).", min=1, max=1024),
     ] = 8,
     max_queue: Annotated[
-        int, typer.Option(help="Requests waiting before new ones get 503.", min=0)
+        int, typer.Option(help="Requests waiting before new ones get 503.", min=1, max=100_000)
     ] = 32,
     timeout_s: Annotated[
-        float, typer.Option(help="Per-request limit in seconds, queueing included.", min=0.001)
+        float,
+        typer.Option(
+            help="Per-request limit in seconds, queueing included.",
+            callback=_cli.finite_float(0, low_open=True),
+        ),
     ] = 120.0,
     max_body_bytes: Annotated[
-        int, typer.Option(help="Largest request body accepted (413 above).", min=1)
+        int, typer.Option(help="Largest request body accepted (413 above).", min=1, max=1 << 31)
     ] = 1 << 20,
     float32_decode: Annotated[
         bool,
@@ -155,7 +160,7 @@ def sweep(
         Path | None,
         typer.Option(help="Output folder [default: runs/edge, quick: runs/edge/quick]."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed (splits, gate, random baseline).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed (splits, gate, random baseline).")] = 0,
     top_k: Annotated[int, typer.Option(help="Experts weighted per query inside a subset.")] = 2,
     n_budgets: Annotated[int, typer.Option(help="Budget grid points per axis.")] = 12,
 ) -> None:
@@ -196,7 +201,12 @@ def ask(
     run_dir: Annotated[Path, typer.Option(help="Folder written by `gatelab edge sweep`.")] = Path(
         "runs/edge"
     ),
-    timeout_s: Annotated[float, typer.Option(help="Per-expert request timeout, s.")] = 30.0,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="Per-expert request timeout, s.", callback=_cli.finite_float(0, low_open=True)
+        ),
+    ] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     allow_env: AllowEnvOption = None,
 ) -> None:
@@ -217,3 +227,90 @@ def ask(
         state = load_router(run_dir)
         result = ask_lib(question, option, pool, state, energy_budget, delay_budget, category)
     typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.describe())
+
+
+@app.command()
+def route(
+    run_dir: Annotated[
+        Path, typer.Option("--run", "--run-dir", help="Folder written by `gatelab edge sweep`.")
+    ] = Path("runs/edge"),
+    experts: Annotated[
+        Path | None, typer.Option(help="experts.yaml (default: demo pool on 127.0.0.1:8000).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8100,
+    energy_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Default energy budget per query, J (modelled); unbounded if not given.",
+            callback=_cli.finite_float(0),
+        ),
+    ] = None,
+    delay_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Default delay budget per query, s (modelled); unbounded if not given.",
+            callback=_cli.finite_float(0),
+        ),
+    ] = None,
+    timeout_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Per-expert request timeout, s; default: each expert's own.",
+            callback=_cli.finite_float(0, low_open=True),
+        ),
+    ] = None,
+    max_in_flight: Annotated[
+        int, typer.Option(help="Requests answered at once.", min=1, max=1024)
+    ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            help="Requests waiting beyond those before new ones get 503.", min=0, max=100_000
+        ),
+    ] = 64,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the API key clients must send."),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (gate, MiniLM).", min=1, max=256)
+    ] = 1,
+    allow_env: AllowEnvOption = None,
+) -> None:
+    """Serve the MoE² router as an OpenAI-compatible API (model "moe2"; see docs/edge.md).
+
+    Multiple-choice requests get the gate-combined answer of the budget-optimal subset; free
+    text is forwarded to its top-weighted expert. Per-request budgets go in `x_gatelab`.
+    """
+    import math
+
+    import uvicorn
+
+    from gatelab.edge.experts import experts_for
+    from gatelab.edge.route import create_route_app
+    from gatelab.edge.router import load_router
+    from gatelab.threads import torch_threads
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _cli.user_errors():
+        api_key = None
+        if api_key_env is not None:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"--api-key-env: environment variable {api_key_env} is not set")
+        pool = experts_for(experts, timeout_s, allow_env=allow_env or ())
+        state = load_router(run_dir)
+        app = create_route_app(
+            state,
+            pool,
+            math.inf if energy_budget is None else energy_budget,
+            math.inf if delay_budget is None else delay_budget,
+            max_in_flight,
+            max_queue,
+            api_key=api_key,
+        )
+    with torch_threads(threads):
+        names = ", ".join(e.name for e in pool)
+        _cli.stderr().print(f"routing over {names} on http://{host}:{port} (model moe2)")
+        uvicorn.run(app, host=host, port=port, log_level="warning")

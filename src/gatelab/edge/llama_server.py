@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -62,6 +63,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class IllegalInstructionError(ConnectionError):
+    """llama-server died of SIGILL: a binary built (``-march=native``) on another CPU."""
+
+
 class LlamaServer:
     """``llama-server -m MODEL`` on 127.0.0.1 at a free port, as a context manager.
 
@@ -111,6 +116,7 @@ class LlamaServer:
         """Start it and wait until ``/health`` answers 200 (the model is loaded).
 
         Raises:
+            IllegalInstructionError: the binary was compiled for another CPU (SIGILL).
             ConnectionError: it exited or did not get ready in time (with its last log line).
         """
         self.port = free_port()
@@ -130,7 +136,13 @@ class LlamaServer:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        code = self._process.poll()
         self.stop()
+        if code == -signal.SIGILL:
+            raise IllegalInstructionError(
+                f"llama-server ({self.command[0]}) died of SIGILL while loading the model: it was "
+                "built for another CPU; rebuild it on this machine with `make llama-server`"
+            )
         raise ConnectionError(f"llama-server did not start on {self.url}: {self.log_tail()}")
 
     def log_tail(self) -> str:

@@ -16,7 +16,9 @@ training and sweeps run under ``gatelab.threads.torch_threads(1)``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,27 +132,43 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+@functools.lru_cache(maxsize=2)
+def _minilm(path: str, device: str) -> tuple:
+    """The MiniLM tokenizer and model, loaded once per folder and device.
+
+    A server embeds every request; reloading the weights each time would dominate its latency.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
+
+
+# one caller at a time: a fast tokenizer shared across threads raises "Already borrowed"
+_MINILM_LOCK = threading.Lock()
+
+
 @torch.no_grad()
 def embed_texts(
     texts: list[str], model_dir: str | Path | None = None, batch_size: int = 32, device: str = "cpu"
 ) -> np.ndarray:
-    """Sentence embeddings ``(N, 384)``: MiniLM mean-pooled over tokens, L2-normalised."""
-    from transformers import AutoModel, AutoTokenizer
+    """Sentence embeddings ``(N, 384)``: MiniLM mean-pooled over tokens, L2-normalised.
 
+    Thread-safe; the weights are loaded on the first call and kept.
+    """
     path = Path(model_dir) if model_dir else minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).to(device).eval()
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=256,
-            return_tensors="pt",
-        ).to(device)
-        hidden = model(**batch).last_hidden_state  # (B, T, D)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, D)
-        out.append(nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+    with _MINILM_LOCK:
+        tokenizer, model = _minilm(str(path), device)
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            ).to(device)
+            hidden = model(**batch).last_hidden_state  # (B, T, D)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, D)
+            out.append(nn.functional.normalize(pooled, dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)

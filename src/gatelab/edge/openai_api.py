@@ -13,25 +13,29 @@ Everything a FastAPI app needs to answer like the OpenAI API does, whatever goes
 - :func:`parse_json` and :func:`validate`: strict JSON (no ``NaN``/``Infinity``, bounded nesting)
   and pydantic validation whose errors name the field (``extra="forbid"`` models: a field the
   server does not implement is refused with 400 naming it, never silently ignored).
+- :class:`CompletionRequest` and :class:`ChatRequest`: the request bodies of
+  ``/v1/completions`` and ``/v1/chat/completions`` (strict; a server extends them with its own
+  fields and checks).
 - :func:`sse_response`: server-sent events in OpenAI's framing (``data: {json}`` events, then
   ``data: [DONE]``).
 
-Used by :mod:`gatelab.edge.server`; a router or proxy serving the same API can import it.
+Used by :mod:`gatelab.edge.server` and the MoE² router :mod:`gatelab.edge.route`.
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -296,18 +300,186 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+# Request bodies of /v1/completions and /v1/chat/completions (OpenAI's layouts, strict).
+
+MAX_TOKENS = 512  # longest completion served per choice
+MAX_CHOICES = 8  # n
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat API limit; the legacy API allowed 5
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
+class StrictModel(BaseModel):
+    """A request object validated strictly: wrong types and unknown fields are 400s."""
+
+    # strict: "5", 5.0 or true are not integers, NaN/Infinity are not numbers; extra="forbid":
+    # a field this server does not implement is refused, never silently ignored
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
+    """``stream_options``."""
+
+    include_usage: bool = False
+
+
+class SampledRequest(StrictModel):
+    """The fields both endpoints share."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0 or None: greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Seed | None = None
+    user: str | None = None  # metadata only, as in OpenAI's API
+    presence_penalty: float | None = None  # accepted as 0 only
+    frequency_penalty: float | None = None  # accepted as 0 only
+    logit_bias: dict[str, float] | None = None  # accepted empty only
+
+    def check(self) -> None:
+        """Refuse values of the accepted no-op fields that would change the output."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise OpenAIError(400, f"{name!r} is not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise OpenAIError(400, "'logit_bias' is not supported (only {})", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            message = "'stream_options' is only allowed with 'stream': true"
+            raise OpenAIError(400, message, param="stream_options")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if any(not s for s in stops):
+            raise OpenAIError(400, "'stop' strings must not be empty", param="stop")
+
+    def stops(self) -> tuple[str, ...]:
+        """``stop`` as a tuple."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(SampledRequest):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None  # default 16
+    logprobs: TopK | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None  # accepted equal to n only
+    suffix: str | None = None  # accepted empty only
+
+    def check(self) -> None:
+        """Semantic checks after the schema (one line naming the field)."""
+        super().check()
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError(400, "'best_of' is not supported (only equal to n)", param="best_of")
+        if self.suffix:
+            raise OpenAIError(400, "'suffix' is not supported", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            message = "'max_tokens' must be >= 1 (0 only with 'echo')"
+            raise OpenAIError(400, message, param="max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (a string, or a list of token ids, per prompt)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(StrictModel):
+    """One part of a chat message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    """One chat turn."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(SampledRequest):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopK | None = None
+    response_format: dict[str, str] | None = None  # accepted as {"type": "text"} only
+    tools: list[dict] | None = None  # accepted empty only
+    tool_choice: Literal["none"] | None = None
+
+    def check(self) -> None:
+        """Semantic checks after the schema (one line naming the field)."""
+        super().check()
+        if self.response_format not in (None, {"type": "text"}):
+            message = "'response_format' is not supported (only {'type': 'text'})"
+            raise OpenAIError(400, message, param="response_format")
+        if self.tools:
+            raise OpenAIError(400, "'tools' are not supported", param="tools")
+        if self.top_logprobs and not self.logprobs:
+            message = "'top_logprobs' needs 'logprobs': true"
+            raise OpenAIError(400, message, param="top_logprobs")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            message = "'max_tokens' and 'max_completion_tokens' differ: send one"
+            raise OpenAIError(400, message, param="max_completion_tokens")
+
+
 def sse_event(data: dict | str) -> str:
     """One server-sent event: ``data: <json>`` and a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None):
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that runs ``close`` however it ends.
+
+    Starlette starts the body iterator only after sending the headers; a client gone before
+    that leaves the iterator unstarted, and its ``finally`` would never run.
+    """
+
+    def __init__(self, body: AsyncIterator[str], close: Callable[[], Awaitable[None]]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.close = close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+
+def sse_response(
+    events: AsyncIterator[dict], on_close: Callable[[], None | Awaitable[None]] | None = None
+) -> StreamingResponse:
     """Stream ``events`` as OpenAI's server-sent events, ending with ``data: [DONE]``.
 
     An error raised while streaming (after the 200 status is sent) becomes a final
-    ``{"error": ...}`` event, as OpenAI's API does. ``on_close`` runs however the stream ends,
-    including when the client disconnects (the generator is cancelled then).
+    ``{"error": ...}`` event, as OpenAI's API does. ``on_close`` (a function or a coroutine
+    function) runs once however the stream ends, including when the client disconnects (the
+    generator is cancelled then) or leaves before the body starts.
     """
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if closed or on_close is None:
+            return
+        closed = True
+        result = on_close()
+        if inspect.isawaitable(result):
+            await result
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -316,9 +488,7 @@ def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None] | Non
         except OpenAIError as error:
             yield sse_event(error_body(error.message, error.kind, error.param, error.code))
         finally:
-            if on_close is not None:
-                on_close()
+            await close()
         yield sse_event("[DONE]")
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _EventStream(body(), close)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
@@ -130,6 +131,11 @@ def nearest_category(state: RouterState, x: np.ndarray) -> str:
     return names[int(np.argmax(centroids @ x))]
 
 
+def query_text(question: str, options: list[str]) -> str:
+    """The text the gate embeds for a question: the question and its options."""
+    return question + " " + " | ".join(options)
+
+
 def ask(
     question: str,
     options: list[str],
@@ -139,9 +145,28 @@ def ask(
     delay_budget: float,
     category: str | None = None,
 ) -> AskResult:
+    """:func:`ask_async` run to completion (its own event loop and HTTP client)."""
+    return asyncio.run(
+        ask_async(question, options, experts, state, energy_budget, delay_budget, category)
+    )
+
+
+async def ask_async(
+    question: str,
+    options: list[str],
+    experts: list[EdgeExpert],
+    state: RouterState,
+    energy_budget: float,
+    delay_budget: float,
+    category: str | None = None,
+    embedding: np.ndarray | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> AskResult:
     """Answer one question live (see module doc); failed experts are dropped and renormalised.
 
     If every expert of the chosen subset fails, the subset is planned again without them.
+    ``embedding``: the MiniLM embedding of :func:`query_text`, if the caller already has it;
+    ``client``: an HTTP client to share (a server's), else one per call.
 
     Raises:
         ValueError: not four options, or a bad category.
@@ -151,7 +176,9 @@ def ask(
         raise ValueError(f"give exactly {len(LETTERS)} options, got {len(options)}")
     if energy_budget < 0 or delay_budget < 0:
         raise ValueError("budgets must be >= 0")
-    x = embed_texts([question + " " + " | ".join(options)])[0].astype(np.float64)
+    if embedding is None:
+        embedding = embed_texts([query_text(question, options)])[0]
+    x = np.asarray(embedding, dtype=np.float64)
     category = category or nearest_category(state, x)
     subset = sorted(plan_subset(state, category, energy_budget, delay_budget))
     by_name = {e.name: e for e in experts}
@@ -169,7 +196,7 @@ def ask(
             if n not in by_name:
                 result.notes.append(f"{n} is not in the experts list: treated as failed")
         reachable = [by_name[n] for n in todo if n in by_name]
-        answers = asyncio.run(ask_experts(reachable, question, options)) if reachable else {}
+        answers = await ask_experts(reachable, question, options, client) if reachable else {}
         replies |= {n: answers.get(n) for n in todo}
         if any(isinstance(replies[n], ExpertAnswer) for n in names):
             break

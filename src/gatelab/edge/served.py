@@ -22,7 +22,6 @@ from gatelab.edge.generate import Records, new_cache, prefill_chunk, score_chunk
 from gatelab.edge.names import parse_model_name
 from gatelab.edge.weights import load_base, truncate_layers
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's chat API limit; the legacy API allowed 5
 FEWSHOT_PREFIX = (
     "Question: What is 2 + 2?\nA. 3\nB. 5\nC. 4\nD. 6\nAnswer: C\n\n"
     "Question: Which of these is an animal?\nA. dog\nB. table\nC. blue\nD. seven\nAnswer: A\n\n"

@@ -36,156 +36,30 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from gatelab.edge.engine import Engine, EngineBusy, Job, Prompt, Sampling, TokenOut
 from gatelab.edge.generate import Records
 from gatelab.edge.openai_api import (
     MAX_BODY_BYTES,
+    MAX_TOKENS,
+    ChatRequest,
+    CompletionRequest,
     OpenAIError,
     RequestGuard,
+    SampledRequest,
     install_error_handlers,
     read_json,
     sse_response,
     validate,
 )
-from gatelab.edge.served import MAX_TOP_LOGPROBS, ServedModel
+from gatelab.edge.served import ServedModel
 
-MAX_TOKENS = 512  # longest completion served per choice
 MAX_PROMPTS = 16  # prompts in one completions request
-MAX_CHOICES = 8  # n
 MAX_ROWS = 64  # prompts x n in one request
 TIMEOUT_S = 120.0  # per request, queueing included
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
-
-
-class _Body(BaseModel):
-    # strict: "5", 5.0 or true are not integers, NaN/Infinity are not numbers; extra="forbid":
-    # a field this server does not implement is refused, never silently ignored
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-class StreamOptions(_Body):
-    """``stream_options``."""
-
-    include_usage: bool = False
-
-
-class _Sampled(_Body):
-    """The fields both endpoints share."""
-
-    model: str
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0 or None: greedy
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Seed | None = None
-    user: str | None = None  # metadata only, as in OpenAI's API
-    presence_penalty: float | None = None  # accepted as 0 only
-    frequency_penalty: float | None = None  # accepted as 0 only
-    logit_bias: dict[str, float] | None = None  # accepted empty only
-
-    def check(self) -> None:
-        """Refuse values of the accepted no-op fields that would change the output."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise OpenAIError(400, f"{name!r} is not supported (only 0)", param=name)
-        if self.logit_bias:
-            raise OpenAIError(400, "'logit_bias' is not supported (only {})", param="logit_bias")
-        if self.stream_options is not None and not self.stream:
-            message = "'stream_options' is only allowed with 'stream': true"
-            raise OpenAIError(400, message, param="stream_options")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(not s for s in stops):
-            raise OpenAIError(400, "'stop' strings must not be empty", param="stop")
-
-    def stops(self) -> tuple[str, ...]:
-        """``stop`` as a tuple."""
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-
-class CompletionRequest(_Sampled):
-    """Body of ``POST /v1/completions``."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None  # default 16
-    logprobs: TopK | None = None
-    echo: bool = False
-    best_of: Annotated[int, Field(ge=1)] | None = None  # accepted equal to n only
-    suffix: str | None = None  # accepted empty only
-
-    def check(self) -> None:
-        """Semantic checks after the schema (one line naming the field)."""
-        super().check()
-        if self.best_of is not None and self.best_of != self.n:
-            raise OpenAIError(400, "'best_of' is not supported (only equal to n)", param="best_of")
-        if self.suffix:
-            raise OpenAIError(400, "'suffix' is not supported", param="suffix")
-        if self.max_tokens == 0 and not self.echo:
-            message = "'max_tokens' must be >= 1 (0 only with 'echo')"
-            raise OpenAIError(400, message, param="max_tokens")
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompts as a list (a string, or a list of token ids, per prompt)."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
-
-
-class TextPart(_Body):
-    """One part of a chat message's content."""
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    """One chat turn."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        """The content as one string (text parts joined)."""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatRequest(_Sampled):
-    """Body of ``POST /v1/chat/completions``."""
-
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: TopK | None = None
-    response_format: dict[str, str] | None = None  # accepted as {"type": "text"} only
-    tools: list[dict] | None = None  # accepted empty only
-    tool_choice: Literal["none"] | None = None
-
-    def check(self) -> None:
-        """Semantic checks after the schema (one line naming the field)."""
-        super().check()
-        if self.response_format not in (None, {"type": "text"}):
-            message = "'response_format' is not supported (only {'type': 'text'})"
-            raise OpenAIError(400, message, param="response_format")
-        if self.tools:
-            raise OpenAIError(400, "'tools' are not supported", param="tools")
-        if self.top_logprobs and not self.logprobs:
-            message = "'top_logprobs' needs 'logprobs': true"
-            raise OpenAIError(400, message, param="top_logprobs")
-        both = self.max_tokens is not None and self.max_completion_tokens is not None
-        if both and self.max_tokens != self.max_completion_tokens:
-            message = "'max_tokens' and 'max_completion_tokens' differ: send one"
-            raise OpenAIError(400, message, param="max_completion_tokens")
 
 
 def _model(models: dict[str, ServedModel], name: str) -> ServedModel:
@@ -224,7 +98,7 @@ def _max_new(asked: int | None, default: int, longest_prompt: int, served: Serve
     return asked
 
 
-def _sampling(body: _Sampled, max_tokens: int, top_k: int) -> Sampling:
+def _sampling(body: SampledRequest, max_tokens: int, top_k: int) -> Sampling:
     temperature = body.temperature or 0.0
     return Sampling(
         max_tokens=max_tokens,

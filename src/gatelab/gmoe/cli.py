@@ -22,7 +22,7 @@ def rates(
         int | None,
         typer.Option(min=2, help="Replications per (setting, n) (default by --quick)."),
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Parallel worker processes.")] = 2,
     runs_dir: Annotated[
         Path, typer.Option(help="Parent folder of gmoe-rates/.", callback=_cli.writable_dir)
     ] = Path("runs"),
