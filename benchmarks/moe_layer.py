@@ -188,6 +188,9 @@ def time_step(name, fn, x, grad, sync, kw, clock):
 
 
 def run_config(n, e, k, args, kw, sync):
+    # a fresh dynamo cache per cell: past torch._dynamo.config.recompile_limit (8) compiled
+    # modules fall back to eager without an error, so a 12-cell grid would time eager late cells
+    torch._dynamo.reset()
     torch.manual_seed(SEED)
     methods = build_methods(n, e, k, kw, args)
     x = torch.randn(n, D_MODEL, **kw).requires_grad_()
