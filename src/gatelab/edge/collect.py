@@ -59,6 +59,9 @@ def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
 
 
 SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
+# every (question, demo expert) pair of the full set: `gatelab edge collect --in-process --cache
+# src/gatelab/edge/assets/answers_full.jsonl` (docs/edge.md, "Data", states its time)
+SHIPPED_FULL_CACHE = Path(__file__).parent / "assets" / "answers_full.jsonl"
 
 
 def seed_from_shipped(
