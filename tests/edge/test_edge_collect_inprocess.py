@@ -71,3 +71,14 @@ def test_rerun_asks_only_missing_pairs(models, tmp_path):
     assert collect(experts, QUESTIONS, cache)["asked"] == 0
     lines = cache.read_text().splitlines()
     assert len(lines) == 15 and len(read_cache(cache)) == 15
+
+
+def test_cli_in_process_refuses_other_pools_in_one_line():
+    from typer.testing import CliRunner
+
+    from gatelab.cli import app
+
+    for extra in (["--method", "letters"], ["--experts", "experts.yaml"]):
+        result = CliRunner().invoke(app, ["edge", "collect", "--in-process", *extra])
+        assert result.exit_code == 2
+        assert "--in-process scores the demo pool by continuation" in result.output
