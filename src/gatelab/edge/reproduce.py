@@ -34,8 +34,9 @@ from gatelab.edge.sweep import LABELS, run_sweep
 from gatelab.edge.train import TrainConfig
 
 EXPECTED_TIME = (
-    "about 1 min (quick set, from the shipped answers) on 2 cores; the full-set tables first need "
-    "`gatelab edge collect` (about 2-3 h of CPU model serving), then about 5 min more"
+    "about 1 min (quick set, from the shipped answers) on 2 cores; the full-set tables need the "
+    "full answer cache (shipped; `gatelab edge collect --in-process` completes it, about 1 h of "
+    "one core for all of it), then a sweep over 1351 questions (not yet timed)"
 )
 COLLECT_COMMAND = "gatelab edge collect --in-process --cache runs/edge/answers.jsonl"
 CONFIGS = {  # name: (quick question set, experts kept, sweep folder under runs/edge)
