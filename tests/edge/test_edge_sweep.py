@@ -193,6 +193,7 @@ def test_reproduce_writes_quick_tables_and_refuses_without_the_full_cache(
         return summary
 
     monkeypatch.setattr(reproduce_mod, "_sweep", fake_sweep)
+    monkeypatch.setattr(reproduce_mod, "SHIPPED_FULL_CACHE", tmp_path / "none.jsonl")  # no full
     with pytest.raises(FileNotFoundError, match="gatelab edge collect"):
         reproduce_mod.reproduce(tmp_path)
     assert calls == [(True, "quick")]  # the full-set sweeps are refused, not run on partial data

@@ -122,9 +122,19 @@ def collect(
         Method, typer.Option(help="Local pool: score the option text, or read the letters.")
     ] = Method.continuation,
     allow_env: AllowEnvOption = None,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process",
+            help="Score the demo pool in this process (no HTTP servers; continuation only).",
+        ),
+    ] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (--in-process).", min=1)] = 1,
 ) -> None:
-    """Ask every expert every question once over HTTP and cache distributions, delays, tokens.
+    """Ask every expert every question once and cache distributions, delays, tokens.
 
+    Experts are asked over HTTP (an experts.yaml, or the demo pool served locally) or, with
+    ``--in-process``, the demo pool is scored directly (the same records, several times faster).
     Failed pairs are cached with their cause and asked again on the next run; the summary's
     ``errors`` gives each failing expert's last error.
     """
@@ -133,11 +143,19 @@ def collect(
     from gatelab.edge.experts import load_experts
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with _cli.user_errors():
+    from gatelab.threads import torch_threads
+
+    with _cli.user_errors(), torch_threads(threads):
+        if in_process and (experts is not None or method != Method.continuation):
+            raise ValueError(
+                "--in-process scores the demo pool by continuation: drop --experts/--method"
+            )
         cfg = SweepConfig(quick=quick, seed=seed)
         questions = questions_for(cfg)
         servers, pool = [], load_experts(experts, allow_env=allow_env or ()) if experts else None
-        if pool is None:
+        if in_process:
+            pool = collect_lib.start_in_process_pool()
+        elif pool is None:
             servers, pool = collect_lib.start_local_pool(method=method.value)
         try:
             with _cli.progress_bar("collect", total=len(questions)) as update:

@@ -1,4 +1,8 @@
-"""Query every expert once per question over HTTP and cache the answers (resumable JSONL).
+"""Query every expert once per question and cache the answers (resumable JSONL).
+
+Experts are asked over HTTP (:class:`~gatelab.edge.client.EdgeExpert`) or, for the local demo
+pool, in this process (:class:`InProcessExpert`: the serving engine without the HTTP layer, the
+same records).
 
 Each line of the cache is one attempt for one ``(qid, expert)`` pair: either ``ok`` with the
 option distribution, token counts, FLOPs, measured and modelled costs and the backend that
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import torch
 
 from gatelab import runs
 from gatelab.edge.client import (
@@ -29,8 +35,8 @@ from gatelab.edge.client import (
     ask_experts,
     continuation_distribution,
 )
-from gatelab.edge.costs import PROFILES
-from gatelab.edge.data import MCQuestion
+from gatelab.edge.costs import PROFILES, DeviceProfile
+from gatelab.edge.data import LETTERS, MCQuestion, format_cloze
 from gatelab.edge.experts import DEFAULT_POOL
 
 
@@ -53,6 +59,9 @@ def read_cache(cache: Path) -> dict[tuple[str, str], dict]:
 
 
 SHIPPED_QUICK_CACHE = Path(__file__).parent / "assets" / "answers_quick.jsonl"
+# every (question, demo expert) pair of the full set: `gatelab edge collect --in-process --cache
+# src/gatelab/edge/assets/answers_full.jsonl` (docs/edge.md, "Data", states its time)
+SHIPPED_FULL_CACHE = Path(__file__).parent / "assets" / "answers_full.jsonl"
 
 
 def seed_from_shipped(
@@ -104,13 +113,157 @@ def _append(out: TextIO, record: dict) -> None:
     out.flush()
 
 
+class InProcessExpert:
+    r"""A served variant scored in this process: the HTTP path's continuation answer, no HTTP.
+
+    :meth:`answer` scores the four prompts that :meth:`EdgeExpert.answer
+    <gatelab.edge.client.EdgeExpert.answer>` sends in its ``echo`` request (``c_i =
+    format_cloze(question) + " " + option_i``, each after the variant's scoring head) and sums
+    :math:`\log p(t_j \mid t_{<j})` over the tokens whose character offset lies in the option
+    part, the same tokens :func:`~gatelab.edge.backends.parse_echo` reads from the server's reply.
+    It computes only what those sums need: the head's KV states once per expert, the prefix the
+    four prompts share once per question (logits at its last position only), then the four
+    option suffixes as one batch of 4 over copies of that cache (logits at their own positions).
+    Usage and FLOPs are those the server reports for the request (every prompt prefilled with
+    logits everywhere, :func:`~gatelab.edge.costs.llama_forward_flops`), so the cache record
+    holds the HTTP path's fields and values; only ``measured_s`` (wall-clock here) differs.
+    """
+
+    def __init__(
+        self,
+        served,  # a gatelab.edge.served.ServedModel
+        device_profile: DeviceProfile,
+        normalize: str = DEFAULT_NORMALIZE,
+    ) -> None:
+        self.name, self.served = served.name, served
+        self.device_profile, self.normalize = device_profile, normalize
+        self._head_states = None  # KV states of the scoring head, computed on first use
+
+    def _head(self) -> tuple[list[int], list]:
+        from gatelab.edge.generate import cache_states, new_cache, prefill_chunk
+
+        head = self.served.head_ids()
+        if self._head_states is None:
+            cache = new_cache(self.served.n_layers)
+            if head:
+                prefill_chunk(self.served.model, cache, head, 0, len(head))
+            self._head_states = cache_states(cache) if head else []
+        return head, self._head_states
+
+    @torch.no_grad()
+    def scores(self, context: str, prompts: list[str]) -> tuple[list[float], list[int], int, int]:
+        """Per prompt the summed log-probability and count of its tokens after ``context``.
+
+        Returns:
+            ``(sums, counts, prompt_tokens, flops)``, the last two as the server reports them.
+        """
+        from transformers.cache_utils import Cache
+
+        from gatelab.edge.costs import llama_forward_flops
+        from gatelab.edge.generate import GrowingLayer, cache_from_states, new_cache, prefill_chunk
+
+        served, model = self.served, self.served.model
+        head, head_states = self._head()
+        ids, wanted = [], []  # per prompt: model input; indices of the tokens summed
+        for prompt in prompts:
+            enc = served.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            ids.append(head + list(enc.input_ids))
+            wanted.append(
+                [len(head) + j for j, (s, _) in enumerate(enc.offset_mapping)
+                 if len(context) <= s < len(prompt)]
+            )  # fmt: skip
+        if any(not w or w[0] == 0 for w in wanted):
+            raise ExpertError(f"expert {self.name} (in process): nothing to score", "parse")
+        shared = min(len(x) for x in ids)
+        shared = next((i for i in range(shared) if len({x[i] for x in ids}) > 1), shared)
+        start = min(shared, min(w[0] for w in wanted))  # tokens [0, start) run once
+        cache = cache_from_states(head_states) if head_states else new_cache(served.n_layers)
+        # log-probs predicting token `start` (the prefix reaches past the head: context is text)
+        last = prefill_chunk(model, cache, ids[0], len(head), start).double()  # (V,)
+        longest = max(len(x) for x in ids) - start - 1  # suffix tokens fed per row
+        rows = None
+        if longest > 0:
+            batch = torch.zeros(len(ids), longest, dtype=torch.long)  # right-padded (B, S)
+            for b, x in enumerate(ids):
+                feed = x[start:-1]
+                batch[b, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+            layers = [
+                GrowingLayer(
+                    layer.keys.expand(len(ids), -1, -1, -1).contiguous(),
+                    layer.values.expand(len(ids), -1, -1, -1).contiguous(),
+                    longest,
+                )
+                for layer in cache.layers
+            ]
+            out = model(batch, cache=Cache(layers=layers), use_cache=True, logits_to_keep=0)
+            wide = torch.float64 if out.logits.dtype == torch.float64 else torch.float32
+            rows = torch.log_softmax(out.logits.to(wide), dim=-1).double()  # (B, S, V)
+        sums, counts = [], []
+        for b, (x, w) in enumerate(zip(ids, wanted, strict=True)):
+            values = [
+                float(last[x[i]]) if i == start else float(rows[b, i - start - 1, x[i]]) for i in w
+            ]
+            sums.append(float(sum(values)))
+            counts.append(len(values))
+        config = model.config
+        flops = sum(llama_forward_flops(config, served.n_layers, len(x), len(x)) for x in ids)
+        return sums, counts, sum(len(x) for x in ids), flops
+
+    async def answer(self, question: str, options: tuple[str, ...] | list[str]) -> ExpertAnswer:
+        """The :class:`ExpertAnswer` of the HTTP path's ``continuation`` method."""
+        if len(options) != len(LETTERS):
+            raise ValueError(f"expected {len(LETTERS)} options, got {len(options)}")
+        options = list(options)
+        context = format_cloze(question)
+        prompts = [f"{context} {o.strip()}" for o in options]  # as EdgeExpert.answer sends them
+        start = time.perf_counter()
+        sums, counts, prompt_tokens, flops = self.scores(context, prompts)
+        measured = time.perf_counter() - start
+        probs = continuation_distribution(sums, counts, options, self.normalize)
+        profile = self.device_profile
+        return ExpertAnswer(
+            self.name, tuple(probs), len(options), measured, prompt_tokens, 0, float(flops),
+            profile.delay_s(flops), profile.energy_j(flops),
+            "continuation", tuple(sums), tuple(counts), "gatelab",
+        )  # fmt: skip
+
+
+def start_in_process_pool(
+    pool: tuple[tuple[str, str], ...] = DEFAULT_POOL,
+    smollm2_dir: str | None = None,
+    device: str = "cpu",
+    normalize: str = DEFAULT_NORMALIZE,
+    models: dict | None = None,
+) -> list[InProcessExpert]:
+    """``pool`` as :class:`InProcessExpert` s (weights loaded once per base, or ``models``)."""
+    from gatelab.edge.served import load_served_models
+
+    if models is None:
+        names = [n for n, _ in pool]
+        models = load_served_models(names, device, smollm2_dir, int4_decode=False)
+    return [InProcessExpert(models[n], PROFILES[p], normalize) for n, p in pool]
+
+
+async def _ask_in_turn(
+    experts: list, question: str, options: tuple[str, ...]
+) -> dict[str, ExpertAnswer | Exception]:
+    """In-process experts one after another (one thread computes them all)."""
+    results: dict[str, ExpertAnswer | Exception] = {}
+    for expert in experts:
+        try:
+            results[expert.name] = await expert.answer(question, options)
+        except Exception as error:  # noqa: BLE001 - cached as this pair's failure
+            results[expert.name] = error
+    return results
+
+
 def collect(
-    experts: list[EdgeExpert],
+    experts: list[EdgeExpert] | list[InProcessExpert],
     questions: list[MCQuestion],
     cache: str | Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Ask every expert every question (experts concurrently), appending to the JSONL ``cache``.
+    """Ask every expert every question (HTTP ones concurrently), appending to the JSONL ``cache``.
 
     Returns:
         Counts: ``asked`` (new attempts), ``ok``, ``missing`` (pairs still without an answer),
@@ -126,7 +279,8 @@ def collect(
         for i, q in enumerate(questions):
             todo = [e for e in experts if (q.qid, e.name) not in done]
             if todo:
-                results = asyncio.run(ask_experts(todo, q.question, q.options))
+                ask = _ask_in_turn if isinstance(todo[0], InProcessExpert) else ask_experts
+                results = asyncio.run(ask(todo, q.question, q.options))
                 for name, result in results.items():
                     record = {"qid": q.qid, "expert": name}
                     if isinstance(result, ExpertAnswer):

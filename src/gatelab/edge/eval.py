@@ -61,14 +61,21 @@ class SweepConfig:
 
 
 def questions_for(cfg: SweepConfig) -> list[MCQuestion]:
-    """MMLU dev + the generated suite; in quick mode ``n_quick`` per category (seeded).
+    """The questions of a sweep: quick or the full set.
+
+    Quick: ``n_quick`` per category of MMLU dev + the generated suite (seeded). Full: the full
+    set of :func:`gatelab.edge.suites.full_questions` (13 categories; its splits:
+    :func:`gatelab.edge.suites.full_splits`).
 
     Questions come interleaved across categories (round robin over seeded shuffles), so a
-    partially collected cache is a stratified sample; the quick set is a prefix of the full order.
+    partially collected cache is a stratified sample.
     """
+    from gatelab.edge.suites import full_questions
+
     rng = random.Random(cfg.seed)
     by_category: dict[str, list[MCQuestion]] = {}
-    for q in load_mmlu() + generate_suite(cfg.n_generated, cfg.seed):
+    pool = load_mmlu() + generate_suite(cfg.n_generated, cfg.seed)
+    for q in pool if cfg.quick else full_questions(cfg.n_generated, cfg.seed):
         by_category.setdefault(q.category, []).append(q)
     for category in sorted(by_category):
         rng.shuffle(by_category[category])
@@ -131,8 +138,13 @@ def build_pool(cfg: SweepConfig, cache: Path, out_dir: Path) -> Pool:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(emb_path, **stored)
     x = np.stack([stored[q.qid] for q in questions]).astype(np.float64)
-    splits = split_questions(questions, seed=cfg.seed)
-    where = {q.qid: name for name, items in splits.items() for q in items}
+    if cfg.quick:  # 50/20/30 within each category of the quick set
+        splits = split_questions(questions, seed=cfg.seed)
+        where = {q.qid: name for name, items in splits.items() for q in items}
+    else:  # the full set's test-heavy split, fixed by qid and seed
+        from gatelab.edge.suites import full_questions, full_splits
+
+        where = full_splits(full_questions(cfg.n_generated, cfg.seed), cfg.seed)
     split = np.array([where[q.qid] for q in questions])
     return Pool(questions, table, x, split, np.array([q.category for q in questions]))
 

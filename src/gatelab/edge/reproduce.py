@@ -4,13 +4,16 @@ Three configurations (:data:`CONFIGS`), each one ``gatelab edge sweep`` over an 
 
 - ``quick``: the quick set (108 questions, six experts) from the answer cache shipped in the
   package; ``gatelab edge sweep --quick``.
-- ``full``: all 431 questions, six experts; ``gatelab edge sweep`` on ``runs/edge/answers.jsonl``.
+- ``full``: the full set (:func:`gatelab.edge.suites.full_questions`, 1351 questions), six
+  experts; ``gatelab edge sweep`` on ``runs/edge/answers.jsonl``.
 - ``full5``: the same questions, the five SmolLM2 experts only (the full cache without the Gemma
   answers); ``gatelab edge sweep --cache runs/edge/full5/answers.jsonl --out runs/edge/full5``.
 
-The full cache is not in the repository: it takes :data:`COLLECT_COMMAND` (hours of CPU model
-serving) to regenerate. Without it the quick tables are still written, then :func:`reproduce`
-refuses with a one-line error naming that command. A sweep whose ``config.json`` matches is reused.
+The full cache ships in the package (``assets/answers_full.jsonl``, seeded into
+``runs/edge/answers.jsonl``); :data:`COLLECT_COMMAND` regenerates or completes it (resumable).
+While pairs are missing the quick tables and the per-category expert table
+(:mod:`gatelab.edge.category_table`) are still written, then :func:`reproduce` refuses with a
+one-line error naming that command. A sweep whose ``config.json`` matches is reused.
 
 Each section has the per-expert table, accuracy per budget, AIQ, and MoE² minus the best single
 expert, greedy, random and the per-query router with paired bootstrap 95% intervals (per budget
@@ -28,17 +31,19 @@ from pathlib import Path
 import numpy as np
 
 from gatelab import runs
-from gatelab.edge.collect import read_cache, seed_from_shipped
+from gatelab.edge.category_table import shipped_category_table
+from gatelab.edge.collect import SHIPPED_FULL_CACHE, read_cache, seed_from_shipped
 from gatelab.edge.eval import SweepConfig, questions_for
 from gatelab.edge.experts import DEFAULT_POOL
 from gatelab.edge.sweep import LABELS, interval_table, run_sweep
 from gatelab.edge.train import TrainConfig
 
 EXPECTED_TIME = (
-    "about 1 min (quick set, from the shipped answers) on 2 cores; the full-set tables first need "
-    "`gatelab edge collect` (about 2-3 h of CPU model serving), then about 5 min more"
+    "about 1 min (quick set, from the shipped answers) on 2 cores; the full-set tables need the "
+    "full answer cache (shipped; `gatelab edge collect --in-process` completes it, about 1 h of "
+    "one core for all of it), then a sweep over 1351 questions (not yet timed)"
 )
-COLLECT_COMMAND = "gatelab edge collect --cache runs/edge/answers.jsonl"
+COLLECT_COMMAND = "gatelab edge collect --in-process --cache runs/edge/answers.jsonl"
 CONFIGS = {  # name: (quick question set, experts kept, sweep folder under runs/edge)
     "quick": (True, None, "quick"),
     "full": (False, None, "."),
@@ -174,8 +179,12 @@ def reproduce(
     sections, results = [], {}
     quick = SweepConfig(quick=True)
     seed_from_shipped(cache, questions_for(quick))
+    seed_from_shipped(cache, questions_for(SweepConfig()), SHIPPED_FULL_CACHE)
     missing = _missing_pairs(cache, SweepConfig())
-    command = f"gatelab edge collect --cache {cache}"  # COLLECT_COMMAND, for this runs_dir
+    command = f"gatelab edge collect --in-process --cache {cache}"  # COLLECT_COMMAND, this dir
+    table, n_test = shipped_category_table(cache)
+    sections.append(f"## Expert accuracy per category: {n_test} test questions of the full set "
+                    f"answered by all experts (best in bold)\n\n{table}")  # fmt: skip
     for name, (is_quick, prefix, folder) in CONFIGS.items():
         cfg = SweepConfig(quick=is_quick)
         if not is_quick and missing:
