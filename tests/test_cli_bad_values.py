@@ -208,6 +208,9 @@ CASES = [
         ]
     ],
     (["edge", "sweep", "--seed", "-3"], "--seed"),
+    (["edge", "collect", "--seed", "-3"], "--seed"),
+    (["edge", "collect", "--cache", "{file}/answers.jsonl"], "{file}"),
+    (["edge", "collect", "--in-process", "--threads", HUGE], "--threads"),
     (["edge", "ask", "Which?", "--option", "a", "--timeout-s", "nan"], "--timeout-s"),
 ]
 

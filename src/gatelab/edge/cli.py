@@ -110,14 +110,15 @@ def serve(
 
 @app.command()
 def collect(
-    cache: Annotated[Path, typer.Option(help="JSONL answer cache (appended; resumable).")] = Path(
-        "runs/edge/answers.jsonl"
-    ),
+    cache: Annotated[
+        Path,
+        typer.Option(help="JSONL answer cache (appended; resumable).", callback=_cli.writable_file),
+    ] = Path("runs/edge/answers.jsonl"),
     experts: Annotated[
         Path | None, typer.Option(help="experts.yaml; default: serve the demo pool locally.")
     ] = None,
     quick: Annotated[bool, typer.Option(help="A small subset of questions.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the generated suite.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the generated suite.")] = 0,
     method: Annotated[
         Method, typer.Option(help="Local pool: score the option text, or read the letters.")
     ] = Method.continuation,
@@ -129,7 +130,9 @@ def collect(
             help="Score the demo pool in this process (no HTTP servers; continuation only).",
         ),
     ] = False,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (--in-process).", min=1)] = 1,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (--in-process).", min=1, max=256)
+    ] = 1,
 ) -> None:
     """Ask every expert every question once and cache distributions, delays, tokens.
 
