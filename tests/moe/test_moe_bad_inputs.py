@@ -30,12 +30,7 @@ NOT_A_NUMBER = st.one_of(st.none(), st.booleans(), st.text(max_size=2), st.just(
 NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_refused(function, culprit: str) -> None:
