@@ -15,10 +15,14 @@ DOC = Path(__file__).parents[2] / "docs" / "exits.md"
 
 
 def _doc_commands() -> list[list[str]]:
-    """Every `gatelab exits ...` command of the doc's code blocks, as argument lists."""
+    """Every runnable `gatelab exits ...` command of the doc's code blocks, as argument lists.
+
+    Usage synopses (`[--fresh]`, optional parts in brackets) are not commands and are skipped.
+    """
     text = re.sub(r"\\\n\s*", " ", DOC.read_text())
     lines = [ln.split("#")[0].strip() for ln in text.splitlines()]
-    return [shlex.split(ln)[1:] for ln in lines if ln.startswith("gatelab exits ")]
+    commands = [shlex.split(ln)[1:] for ln in lines if ln.startswith("gatelab exits ")]
+    return [c for c in commands if not any(a.startswith("[") for a in c)]
 
 
 def _captured(monkeypatch, module, name, args):
