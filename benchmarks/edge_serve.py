@@ -12,8 +12,9 @@ concurrent latencies are the completion times of the 8 requests served one after
 "gatelab, float32 decode" is the engine with ``--float32-decode`` (decode steps in float32
 instead of the GGUF's 4-bit blocks).
 
-llama-server: ``GATELAB_LLAMA_SERVER``, else ``../shared/tools/llama-server/llama-server``
-relative to the repo root (skipped, with the reason, when neither exists). Writes
+llama-server: :func:`gatelab.edge.llama_server.find_llama_server` (``GATELAB_LLAMA_SERVER``,
+``tools/llama-server/`` from ``make llama-server``, then ``PATH``); llama.cpp is skipped, with the
+reason, when none is found or the binary cannot run on this CPU. Writes
 ``runs/bench/edge_serve.json``.
 """
 
@@ -50,20 +51,17 @@ PROMPTS = [
 
 def llama_server_binary():
     try:
-        found = find_llama_server()  # GATELAB_LLAMA_SERVER, ./tools/llama-server/, PATH
+        return find_llama_server()  # GATELAB_LLAMA_SERVER, ./tools/llama-server/, PATH
     except FileNotFoundError:  # GATELAB_LLAMA_SERVER names no executable: skip llama.cpp
         return None
-    if found is not None or os.environ.get("GATELAB_LLAMA_SERVER"):
-        return found
-    dev = ROOT.parent / "shared" / "tools" / "llama-server" / "llama-server"
-    return dev if dev.is_file() else None
 
 
 def wait_ready(url, process, timeout_s=300):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            cause = " (SIGILL: built for another CPU)" if process.returncode == -4 else ""
+            raise RuntimeError(f"server exited with {process.returncode}{cause}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -173,8 +171,15 @@ def main():
         servers["llama.cpp"] = start_llama(binary, gguf)
     results = {}
     try:
-        for process, url in servers.values():
-            wait_ready(url, process)
+        for name, (process, url) in list(servers.items()):
+            try:
+                wait_ready(url, process)
+            except RuntimeError as error:
+                if name != "llama.cpp":
+                    raise
+                skipped = f"{binary}: {error}"
+                del servers[name]
+                continue
             asyncio.run(load(url, False))  # warm-up: first-request costs are not measured
         for _ in range(REPEATS):
             for concurrent in (False, True):
