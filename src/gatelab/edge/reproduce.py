@@ -39,9 +39,9 @@ from gatelab.edge.sweep import LABELS, interval_table, run_sweep
 from gatelab.edge.train import TrainConfig
 
 EXPECTED_TIME = (
-    "about 1 min (quick set, from the shipped answers) on 2 cores; the full-set tables need the "
-    "full answer cache (shipped; `gatelab edge collect --in-process` completes it, about 1 h of "
-    "one core for all of it), then a sweep over 1351 questions (not yet timed)"
+    "about 3 min on 2 cores: the quick, full (1351 questions) and full5 sweeps from the shipped "
+    "answer caches (completing a cache is `gatelab edge collect --in-process`, about 1 h of one "
+    "core for all of it)"
 )
 COLLECT_COMMAND = "gatelab edge collect --in-process --cache runs/edge/answers.jsonl"
 CONFIGS = {  # name: (quick question set, experts kept, sweep folder under runs/edge)
