@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from gatelab.edge.quant import GROUP, DecodeHead, Int4Linear, q4_1_blocks, unpermute_rows
+from gatelab.edge.quant import (
+    GROUP,
+    DecodeHead,
+    Int4Linear,
+    Q8Head,
+    q4_1_blocks,
+    q8_0_blocks,
+    unpermute_rows,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -18,6 +26,30 @@ def test_q4_1_blocks_match_gguf_dequantize():
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
     assert mine.shape == want.shape and np.array_equal(mine.astype(np.float32), want)
     assert q.min() == 0 and q.max() == 15
+
+
+def test_q8_0_blocks_match_gguf_dequantize():
+    x = np.random.default_rng(2).standard_normal((16, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)  # gguf's own quantiser
+    q, d = q8_0_blocks(raw)
+    mine = (q.reshape(16, -1, GROUP) * d[..., None]).reshape(q.shape)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+    assert mine.shape == want.shape and np.array_equal(mine.astype(np.float32), want)
+    assert q.min() >= -128 and q.max() <= 127 and q.min() < -64 < 64 < q.max()
+
+
+def test_q8_head_equals_the_dequantised_product():
+    gen = torch.Generator().manual_seed(3)
+    n, k = 192, 128  # the CPU int4 packing needs N divisible by 16
+    q = torch.randint(-128, 128, (n, k), generator=gen)
+    d = torch.rand(n, k // GROUP, generator=gen) * 0.01
+    weight = (q.view(n, -1, GROUP).double() * d[..., None]).view(n, k)  # float64 reference
+    head = Q8Head(q, d)
+    for rows in (1, 8):  # one sequence, and a batch of them
+        x = torch.randn(rows, 1, k, generator=gen)
+        got, want = head(x), x.double() @ weight.T
+        assert got.shape == (rows, 1, n) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-2 * want.abs().max())  # bf16
 
 
 def test_unpermute_rows_inverts_llama_cpp_permutation():
@@ -52,6 +84,19 @@ def test_decode_head_is_float32_for_one_row_and_close_for_batches():
     assert torch.allclose(head(many).double(), want, atol=2e-2 * want.abs().max())
 
 
+def test_decode_head_uses_the_q8_planes_for_small_batches_only():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(-128, 128, (64, 64), generator=gen)
+    d = torch.rand(64, 2, generator=gen) * 0.01
+    weight = (q.view(64, -1, GROUP).float() * d[..., None]).view(64, 64)
+    head = DecodeHead(weight, Q8Head(q, d))
+    few, many = torch.randn(2, 1, 64, generator=gen), torch.randn(8, 1, 64, generator=gen)
+    assert torch.equal(head(few), head.q8(few))
+    assert torch.equal(head(many), (many.to(torch.bfloat16) @ head.bf16.T).float())
+    want = many.double() @ weight.double().T
+    assert torch.allclose(head(many).double(), want, atol=2e-2 * want.abs().max())
+
+
 @pytest.mark.slow
 def test_smollm2_decode_model_runs_every_q4_1_layer_in_4_bits(monkeypatch):
     """Loads the 135M GGUF twice (~1 min): 210 layers in 4 bits, decode log-probs within 0.1."""
@@ -64,6 +109,7 @@ def test_smollm2_decode_model_runs_every_q4_1_layer_in_4_bits(monkeypatch):
     decode, replaced = int4_decode_model(model, base_gguf("smollm2-135m"))
     assert replaced == 30 * 7 and decode is not model
     assert isinstance(decode.model.layers[5].self_attn.q_proj, Int4Linear)
+    assert isinstance(decode.lm_head.q8, Q8Head)  # the file's Q8_0 head, as two 4-bit planes
     assert not isinstance(model.model.layers[5].self_attn.q_proj, Int4Linear)  # untouched
     ids = tokenizer("The capital of France is Paris, and the capital of Italy is").input_ids
     with torch.no_grad():

@@ -8,8 +8,15 @@ decode steps that does the same: each Q4_1 linear layer of the file (blocks of 3
 :class:`Int4Linear` over ``torch.ops.aten._weight_int4pack_mm_for_cpu``, whose groups of 32
 compute :math:`(q_j - 8)\,s + z`, so :math:`s = d` and :math:`z = m + 8d`. Activations and
 group scales enter the kernel as bfloat16 (the kernel's fast path; llama.cpp itself quantises
-activations to 8 bits for these blocks); the LM head stays float32 for one sequence and uses a
-bfloat16 copy for batches (:class:`DecodeHead`).
+activations to 8 bits for these blocks). The LM head (tied to the embeddings) is stored as Q8_0
+in SmolLM2's file: blocks of 32 int8 weights :math:`w_j = d\,q_j` with one float16 ``d``. Torch
+has no fast kernel for 8-bit groups on the CPU, so :class:`Q8Head` splits each weight into two
+4-bit planes, :math:`q = 16h + l` with :math:`l \in \{0..15\}`, :math:`h \in \{-8..7\}`, and
+runs the same int4 kernel twice: :math:`y = x (l\,d)^\top + x (16 h\,d)^\top` (exact weights;
+the plane of ``l`` has :math:`s = d, z = 8d`, the plane of ``h`` stored as ``h + 8`` has
+:math:`s = 16d, z = 0`). It reads 28 MB per token instead of the float32 head's 113 MB (3.0 against
+10.1 ms for one row here); :class:`DecodeHead` uses it for small batches and a bfloat16 copy
+for larger ones, and float32 for one sequence when the head is of another type.
 
 The blocks are read from the GGUF file, put in the row order transformers uses (it un-permutes
 the query and key rows of llama.cpp's rotary layout) and checked to dequantise bit-exactly to
@@ -26,8 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-GROUP = 32  # weights per Q4_1 block
+GROUP = 32  # weights per Q4_1 / Q8_0 block
 Q4_1 = 3  # gguf.GGMLQuantizationType.Q4_1
+Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
 LINEARS = {  # GGUF tensor -> transformers module path inside a decoder layer
     "attn_q": ("self_attn", "q_proj"),
     "attn_k": ("self_attn", "k_proj"),
@@ -54,6 +62,18 @@ def q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(n, -1), d, m
 
 
+def q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split Q8_0 rows ``(N, K/32 * 34)`` bytes into ``q (N, K)`` int8 values and ``d (N, K/32)``.
+
+    A block is ``d`` (float16), then 32 signed bytes.
+    """
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, 34)  # (N, K/32, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.int32)  # (N, K/32, 32)
+    return q.reshape(n, -1), d
+
+
 def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's rotary row permutation of a query/key weight (as transformers does)."""
     dim = rows.shape[0] // n_head // 2
@@ -78,26 +98,52 @@ class Int4Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class DecodeHead(nn.Module):
-    """The LM head for decode steps: float32 for one or two rows, a bfloat16 copy for more.
+class Q8Head(nn.Module):
+    """``y = x W^T`` for Q8_0 weights ``W = d q`` as two 4-bit planes (see module doc).
 
-    On one core the float32 matrix-vector product over the 49k x 576 head is memory-bound and
-    no kernel here beats it for one row (bfloat16 is as slow; int8 rows with one scale each,
-    ``_weight_int8pack_mm``, halve its time but move log-probabilities by 0.04 on average, twice
-    what the 4-bit layers do); from a few rows on, the bfloat16 matrix product is ~3x faster
-    than float32 (8 rows: 9.5 vs 29.8 ms).
+    Args:
+        q: ``(N, K)`` integers in [-128, 127]; d: ``(N, K/32)`` block scales.
     """
 
-    min_rows = 3
+    def __init__(self, q: torch.Tensor, d: torch.Tensor) -> None:
+        super().__init__()
+        q = q.to(torch.int32)
+        low, high = q & 15, q >> 4  # q = 16 * high + low; low in 0..15, high in -8..7
+        zero = torch.zeros_like(d)
+        self.low = Int4Linear(low, d, zero)  # (low - 8) d + 8 d = low d
+        self.high = Int4Linear(high + 8, 16 * d, -8 * 16 * d)  # (high + 8 - 8) 16 d + 0
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer."""
+        return self.low(x) + self.high(x)
+
+
+class DecodeHead(nn.Module):
+    """The LM head for decode steps: per batch size the fastest kernel measured here.
+
+    One core, the 49k x 576 head, CPU milliseconds (`experiments/edge_decode_head.py` and a
+    micro-benchmark): for 1 / 2 / 4 / 8 rows the float32 product takes 9.6 / 17.4 / - / -, the
+    Q8_0 planes (:class:`Q8Head`) 3.2 / 3.3 / 4.5 / 8.8 and the bfloat16 copy - / - / 5.8 / 4.9.
+    So: ``q8`` below :attr:`bf16_rows` rows when the file's head is Q8_0, float32 for one or two
+    rows otherwise (int8 rows with one scale each, ``_weight_int8pack_mm``, halve its time but
+    move log-probabilities by 0.04 on average), the bfloat16 copy for batches.
+    """
+
+    bf16_rows = 6  # rows from which the bfloat16 copy is used (with a Q8_0 head)
+    min_rows = 3  # the same without one
+
+    def __init__(self, weight: torch.Tensor, q8: Q8Head | None = None) -> None:
         super().__init__()
         self.weight = weight  # the float32 head's own parameter (shared, not copied)
+        self.q8 = q8
         self.register_buffer("bf16", weight.detach().to(torch.bfloat16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer."""
-        if x.numel() // x.shape[-1] < self.min_rows:
+        rows = x.numel() // x.shape[-1]
+        if self.q8 is not None and rows < self.bf16_rows:
+            return self.q8(x)
+        if self.q8 is None and rows < self.min_rows:
             return nn.functional.linear(x, self.weight)
         return (x.to(torch.bfloat16) @ self.bf16.T).to(x.dtype)
 
@@ -158,5 +204,22 @@ def int4_decode_model(model: nn.Module, gguf_path: str) -> tuple[nn.Module, int]
     outer = copy.copy(model)
     outer._modules = dict(outer._modules)
     outer.model = inner
-    outer.lm_head = DecodeHead(model.lm_head.weight)
+    outer.lm_head = _decode_head(model.lm_head.weight, tensors)
     return outer, replaced
+
+
+def _decode_head(weight: torch.Tensor, tensors: dict) -> DecodeHead:
+    """The :class:`DecodeHead` of ``weight``, with :class:`Q8Head` planes where possible.
+
+    Possible when the file's head (``output``, else the tied ``token_embd``) is Q8_0 and
+    dequantises bit-exactly to ``weight``.
+    """
+    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if tensor is None or int(tensor.tensor_type) != Q8_0 or weight.shape[0] % 16:
+        return DecodeHead(weight)  # (the CPU int4 packing needs rows in multiples of 16)
+    q, d = (torch.from_numpy(np.ascontiguousarray(a)) for a in q8_0_blocks(np.asarray(tensor.data)))
+    n, k = q.shape
+    dequant = (q.view(n, k // GROUP, GROUP).float() * d[..., None]).view(n, k)
+    if dequant.shape != weight.shape or not torch.equal(dequant, weight):
+        return DecodeHead(weight)
+    return DecodeHead(weight, Q8Head(q, d))
