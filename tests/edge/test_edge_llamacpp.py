@@ -1,16 +1,15 @@
 """The client against the real llama.cpp ``llama-server`` (build 11434) on the SmolLM2 GGUF.
 
-Found by ``GATELAB_LLAMA_SERVER``, ``./tools/llama-server/`` (``make llama-server``) or ``PATH``;
-as a developer convenience also ``../shared/tools/llama-server/`` beside the repository. Without
-one every test here is skipped with that reason. One server (one thread, 127.0.0.1, a free port)
-serves the module; the mixed-pool tests add gatelab's server with the tiny random model.
+Found by ``GATELAB_LLAMA_SERVER``, ``./tools/llama-server/`` (``make llama-server``) or ``PATH``.
+Without one, or when it cannot run on this CPU, every test here is skipped with that reason.
+One server (one thread, 127.0.0.1, a free port) serves the module; the mixed-pool tests add
+gatelab's server with the tiny random model.
 """
 
 import asyncio
 import functools
 import json
 import math
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -32,8 +31,6 @@ from gatelab.edge.llama_server import (
     smollm2_gguf,
 )
 
-REPO = Path(__file__).parents[2]
-SHARED = REPO.parent / "shared" / "tools" / "llama-server" / "llama-server"  # dev convenience
 QUESTION = MCQuestion(
     "t/capital", "capitals", "capitals", "What is the capital of France?",
     ("Paris", "London", "Berlin", "Rome"), 0,
@@ -42,8 +39,6 @@ QUESTION = MCQuestion(
 
 def _binary():
     found = find_llama_server()
-    if found is None and SHARED.is_file():
-        found = SHARED
     if found is None:
         pytest.skip("llama-server not found: run `make llama-server` or set GATELAB_LLAMA_SERVER")
     unusable = _unusable(found)
