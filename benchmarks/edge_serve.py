@@ -32,7 +32,7 @@ import httpx
 import psutil
 import torch
 
-from gatelab.edge.llama_server import find_llama_server, free_port, smollm2_gguf
+from gatelab.edge.llama_server import LlamaServer, find_llama_server, free_port, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -60,8 +60,7 @@ def wait_ready(url, process, timeout_s=300):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            cause = " (SIGILL: built for another CPU)" if process.returncode == -4 else ""
-            raise RuntimeError(f"server exited with {process.returncode}{cause}")
+            raise RuntimeError(f"server exited with {process.returncode}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -81,12 +80,11 @@ def start_gatelab(*flags):
 
 
 def start_llama(binary, gguf):
-    port = free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-t", "1", "-tb", "1", "-np", str(N_REQUESTS), "-c", str(1024 * N_REQUESTS),
-           "-a", MODEL, "--no-webui"]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process, f"http://127.0.0.1:{port}"
+    """llama-server, ready; raises ConnectionError naming why not (SIGILL: built elsewhere)."""
+    server = LlamaServer(gguf, alias=MODEL, binary=binary, threads=1, slots=N_REQUESTS,
+                         ctx=1024 * N_REQUESTS)  # fmt: skip
+    server.start(timeout_s=300)
+    return server.process, server.url
 
 
 async def one(client, url, prompt):
@@ -168,18 +166,14 @@ def main():
     if binary is None:
         skipped = "llama-server not found (set GATELAB_LLAMA_SERVER or build it, see docs/edge.md)"
     else:
-        servers["llama.cpp"] = start_llama(binary, gguf)
+        try:
+            servers["llama.cpp"] = start_llama(binary, gguf)
+        except ConnectionError as error:
+            skipped = str(error)
     results = {}
     try:
-        for name, (process, url) in list(servers.items()):
-            try:
-                wait_ready(url, process)
-            except RuntimeError as error:
-                if name != "llama.cpp":
-                    raise
-                skipped = f"{binary}: {error}"
-                del servers[name]
-                continue
+        for process, url in servers.values():
+            wait_ready(url, process)
             asyncio.run(load(url, False))  # warm-up: first-request costs are not measured
         for _ in range(REPEATS):
             for concurrent in (False, True):

@@ -112,6 +112,11 @@ class LlamaServer:
         """Base URL of the running server."""
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The server process once started (for its pid and CPU time), else None."""
+        return self._process
+
     def start(self, timeout_s: float = 60.0) -> LlamaServer:
         """Start it and wait until ``/health`` answers 200 (the model is loaded).
 

@@ -187,11 +187,7 @@ def int4_decode_model(model: nn.Module, gguf_path: str) -> tuple[nn.Module, int]
                 )
                 q, d, m = (unpermute_rows(a, heads) for a in (q, d, m))
             q, d, m = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, d, m))
-            n, k = q.shape
-            dequant = (q.view(n, k // GROUP, GROUP).float() * d[..., None] + m[..., None]).view(
-                n, k
-            )
-            if dequant.shape != target.weight.shape or not torch.equal(dequant, target.weight):
+            if not _is_loaded(target.weight, q, d, m):
                 continue  # not the tensor transformers loaded: keep float32
             layer = _swap(layer, path, Int4Linear(q, d, m))
             replaced += 1
@@ -218,8 +214,18 @@ def _decode_head(weight: torch.Tensor, tensors: dict) -> DecodeHead:
     if tensor is None or int(tensor.tensor_type) != Q8_0 or weight.shape[0] % 16:
         return DecodeHead(weight)  # (the CPU int4 packing needs rows in multiples of 16)
     q, d = (torch.from_numpy(np.ascontiguousarray(a)) for a in q8_0_blocks(np.asarray(tensor.data)))
-    n, k = q.shape
-    dequant = (q.view(n, k // GROUP, GROUP).float() * d[..., None]).view(n, k)
-    if dequant.shape != weight.shape or not torch.equal(dequant, weight):
+    if not _is_loaded(weight, q, d):
         return DecodeHead(weight)
     return DecodeHead(weight, Q8Head(q, d))
+
+
+def _is_loaded(
+    weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None
+) -> bool:
+    """Whether blocks ``q (N, K)``, ``d, m (N, K/32)`` dequantise bit-exactly to ``weight``."""
+    n, k = q.shape
+    blocks = q.view(n, k // GROUP, GROUP).float() * d[..., None]  # (N, K/32, 32)
+    if m is not None:
+        blocks = blocks + m[..., None]
+    dequant = blocks.view(n, k)
+    return dequant.shape == weight.shape and torch.equal(dequant, weight)
