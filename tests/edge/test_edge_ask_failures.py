@@ -107,3 +107,12 @@ def test_budgets_still_hold_when_planning_again():
     state.categories["toy"]["energy_j"] = [1.0, 5.0, 1.0]  # "second" no longer fits 2 J
     result = router.ask("q?", OPTIONS, _experts({"second", "third"}), state, 2.0, 10.0, "toy")
     assert result.subset == ["third"]
+
+
+def test_selected_set_rule_runs_the_selected_set_without_failed_experts():
+    state = _state()
+    state.run_rule = "selected_set"  # the hull's best value is {0}'s; every superset ties it
+    assert router.plan_subset(state, "toy", 10.0, 10.0) == frozenset({0, 1, 2})
+    assert router.plan_subset(state, "toy", 10.0, 10.0, frozenset({0})) == frozenset({1, 2})
+    pair = router.plan_subset(state, "toy", 2.0, 10.0)  # two of the 1 J experts fit
+    assert len(pair) == 2 and 0 in pair

@@ -123,3 +123,15 @@ def test_nan_quality_or_cost_and_oversized_problems_are_refused():
         select_subset(24, len, [(len, 2)])
     with pytest.warns(UserWarning, match="up to 2\\^18 subsets"):
         assert select_subset(18, len, [(len, 2)], max_items=18).quality == 2
+
+
+def test_subset_to_run_follows_its_rule():
+    """hull_argmax runs the best-estimated T inside the selected set; selected_set runs the set."""
+    base = {frozenset({0}): -0.5, frozenset({1}): -0.9, frozenset({0, 1}): -0.7}
+    hull, argmax = sel.monotone_hull(lambda s: base.get(s, -math.inf))
+    assert hull(frozenset({0, 1})) == -0.5  # the pair's estimate dips below expert 0 alone
+    assert sel.subset_to_run("hull_argmax", frozenset({0, 1}), argmax) == frozenset({0})
+    assert sel.subset_to_run("selected_set", frozenset({0, 1}), argmax) == frozenset({0, 1})
+    assert sel.subset_to_run("hull_argmax", frozenset({1}), {}) == frozenset({1})  # not hulled
+    with pytest.raises(ValueError, match="run rule must be one of"):
+        sel.subset_to_run("largest", frozenset({0}), argmax)

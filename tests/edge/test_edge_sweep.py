@@ -241,6 +241,10 @@ def test_intervals_come_from_the_per_question_outcomes(swept):
     choice = summary["quality_estimator"]
     assert choice["chosen"] in ("holdout", "crossfit", "shrunk") and not choice["forced"]
     assert set(choice["errors"]) == {"holdout", "crossfit", "shrunk"}
+    rule = summary["run_rule"]
+    assert rule["chosen"] in ("hull_argmax", "selected_set") and not rule["forced"]
+    assert set(rule["aiq"]) == {"hull_argmax", "selected_set"}
+    assert json.loads((out / "router.json").read_text())["run_rule"] == rule["chosen"]
 
 
 def _non_test_qids(out):
@@ -252,17 +256,19 @@ def _non_test_qids(out):
 
 
 def test_subset_quality_reads_no_test_question(swept):
-    """Scramble every test question (embedding, answers, gold): q(S) and the choice stay put."""
+    """Scramble every test question (embedding, answers, gold): q(S) and the choices stay put."""
     import dataclasses
 
-    from gatelab.edge.eval import build_pool, subset_quality
+    from gatelab.edge.eval import budget_grids, build_pool, category_models, subset_quality
+    from gatelab.edge.run_rule import choose_run_rule
+    from gatelab.edge.select import RUN_RULES
 
     out, _ = swept
     cfg = SweepConfig(quick=True, n_budgets=5)
     train = TrainConfig(max_steps=20, patience=20, lr=1e-2, d_hidden=8)
     pool = build_pool(cfg, out / "answers.jsonl", out)
     logits = np.random.default_rng(0).normal(size=(len(pool.questions), len(EXPERTS)))
-    table, choice = subset_quality(pool, logits, cfg, train)
+    table, choice, data = subset_quality(pool, logits, cfg, train)
     test = pool.split == "test"
     rng = np.random.default_rng(1)
     x = pool.x.copy()
@@ -275,7 +281,16 @@ def test_subset_quality_reads_no_test_question(swept):
     scrambled = dataclasses.replace(pool, x=x, table=scrambled_table)
     logits2 = logits.copy()
     logits2[test] = rng.normal(size=logits2[test].shape)
-    table2, choice2 = subset_quality(scrambled, logits2, cfg, train)
+    table2, choice2, data2 = subset_quality(scrambled, logits2, cfg, train)
     assert choice2 == choice
     assert table2 == table
+    # the run rule's nested comparison reads no test question either
+    models = category_models(pool, logits, cfg.top_k, table)
+    e_grid, d_grid = budget_grids(models, 1e-3, cfg.n_budgets)
+    grids = {"energy": e_grid, "delay": d_grid}
+    rule = choose_run_rule(pool, data, choice, grids, 1e-3, cfg.top_k)
+    rule2 = choose_run_rule(scrambled, data2, choice2, grids, 1e-3, cfg.top_k)
+    assert rule == rule2 and rule.chosen in RUN_RULES
+    assert rule.n_questions == int((pool.split != "test").sum())
+    assert all(0 <= v <= 1 for axes in rule.aiq.values() for v in axes.values())
     assert set(table) == set(pool.category) and len(table["kinds"]) == 2 ** len(EXPERTS) - 1

@@ -21,6 +21,7 @@ from gatelab.edge.model import EdgeGate, embed_texts, mixture, subset_mask
 from gatelab.edge.quality import (
     ESTIMATORS,
     N_FOLDS,
+    CrossFit,
     QualityChoice,
     all_subsets,
     choose_estimator,
@@ -28,7 +29,14 @@ from gatelab.edge.quality import (
     estimate,
     subset_loglik,
 )
-from gatelab.edge.select import delay_cost, energy_cost, monotone_hull, select_subset
+from gatelab.edge.select import (
+    RUN_RULES,
+    delay_cost,
+    energy_cost,
+    monotone_hull,
+    select_subset,
+    subset_to_run,
+)
 from gatelab.edge.train import GateData, TrainConfig
 
 
@@ -45,6 +53,7 @@ class SweepConfig:
     normalize: str | None = DEFAULT_NORMALIZE  # continuation scores; None: probs as cached
     quality: str = "auto"  # q(S) estimator (gatelab.edge.quality); auto: chosen on non-test data
     n_folds: int = N_FOLDS  # cross-fitting folds over the non-test questions
+    run_rule: str = "auto"  # which experts run after selection (RUN_RULES); auto: non-test folds
     resamples: int = RESAMPLES  # paired bootstrap resamples of the test questions
 
     def __post_init__(self) -> None:
@@ -55,6 +64,10 @@ class SweepConfig:
         if self.quality not in ("auto", *ESTIMATORS):
             raise ValueError(
                 f"SweepConfig: quality must be auto or one of {ESTIMATORS}, got {self.quality!r}"
+            )
+        if self.run_rule not in ("auto", *RUN_RULES):
+            raise ValueError(
+                f"SweepConfig: run_rule must be auto or one of {RUN_RULES}, got {self.run_rule!r}"
             )
         if self.n_folds < 2 or self.resamples < 1:
             raise ValueError("SweepConfig: need n_folds >= 2 and resamples >= 1")
@@ -205,9 +218,22 @@ class CategoryModel:
 QualityTable = dict[str, dict[frozenset[int], float]]  # category -> subset -> q(S)
 
 
+@dataclass
+class QualityData:
+    """What the quality estimate was computed from: per-question ``ℓ_i(S)`` and the folds.
+
+    ``holdout_ll``/``crossfit_ll`` ``(N, S)`` over :func:`gatelab.edge.quality.all_subsets`
+    (NaN on test rows); ``fit``: the out-of-fold gate logits and the fold of each question.
+    """
+
+    holdout_ll: np.ndarray
+    crossfit_ll: np.ndarray
+    fit: CrossFit
+
+
 def subset_quality(
     pool: Pool, logits: np.ndarray, cfg: SweepConfig, train_cfg: TrainConfig
-) -> tuple[QualityTable, QualityChoice]:
+) -> tuple[QualityTable, QualityChoice, QualityData]:
     """``q_c(S)`` for every category and non-empty subset, by the estimator ``cfg.quality``.
 
     ``auto`` chooses among :data:`gatelab.edge.quality.ESTIMATORS` on non-test data
@@ -237,7 +263,7 @@ def subset_quality(
     values = estimate(
         choice.chosen, holdout_ll, crossfit_ll, pool.split, pool.category, names, choice.lam
     )
-    return _quality_table(names, subsets, values), choice
+    return _quality_table(names, subsets, values), choice, QualityData(holdout_ll, crossfit_ll, fit)
 
 
 def _quality_table(names: list[str], subsets: list, values: np.ndarray) -> QualityTable:
@@ -279,6 +305,22 @@ def category_models(
     return models
 
 
+def budget_grids(
+    models: dict[str, CategoryModel], aggregate_s: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` energy and ``n`` delay budgets, geometric, from the cheapest expert to all of them.
+
+    Geometric on both axes: the experts' costs span two orders of magnitude (about 7 to 700 ms of
+    modelled delay here), and a linear delay grid put one budget below the point where five of
+    six experts already fit.
+    """
+    energy = np.stack([m.energy_j for m in models.values()])  # (categories, E)
+    delay = np.stack([m.delay_s for m in models.values()])
+    e_grid = np.geomspace(energy.min() * 0.95, energy.sum(1).max() * 1.05, n)
+    d_grid = np.geomspace(delay.min() + aggregate_s, delay.max() * 1.05 + aggregate_s, n)
+    return e_grid, d_grid
+
+
 def _feasible_subsets(cm: CategoryModel, constraints: list) -> list[frozenset[int]]:
     n = len(cm.energy_j)
     subsets = [frozenset(c) for size in range(1, n + 1) for c in combinations(range(n), size)]
@@ -294,12 +336,14 @@ def evaluate_budget(
     aggregate_s: float,
     cfg: SweepConfig,
     rng: np.random.Generator,
+    run_rule: str = "hull_argmax",
 ) -> dict[str, dict[str, float]]:
     """Test accuracy and realised modelled cost per query of every method at one budget pair.
 
     Each method's entry also holds ``correct``: its per-test-question score in the order of
     ``pool.split == "test"`` (0/1; the random baseline's is the mean over its draws), the input
-    of the paired bootstrap. ``selector.min_affordable`` is the fewest experts affordable alone
+    of the paired bootstrap. MoE² runs what ``run_rule`` (:func:`gatelab.edge.select.subset_to_run`)
+    makes of the selected set. ``selector.min_affordable`` is the fewest experts affordable alone
     in any category (the issue's targets count budgets where at least two fit);
     ``selector.moe2_multi_expert_categories`` counts categories where MoE² runs two or more.
     """
@@ -340,7 +384,7 @@ def evaluate_budget(
         selection = select_subset(len(t.experts), cm.quality, cons)
         stats["evaluations"] += selection.evaluations
         stats["feasible_subsets"] += len(feasible) + 1
-        chosen = cm.argmax.get(selection.subset, selection.subset)
+        chosen = subset_to_run(run_rule, selection.subset, cm.argmax)
         stats["moe2_multi_expert_categories"] += len(chosen) > 1
         add("moe2", chosen)
         single = select_subset(len(t.experts), cm.quality, [*cons, (len, 1)])

@@ -136,7 +136,13 @@ def quality_line(summary: dict) -> str:
     errors = ", ".join(f"{k} {v:.4f}" for k, v in choice["errors"].items())
     lam = f" (λ = {choice['lam']:g} questions)" if choice["chosen"] == "shrunk" else ""
     how = "given" if choice["forced"] else f"chosen on {choice['n_folds']} non-test folds"
-    return f"Subset quality q(S): {choice['chosen']}{lam}, {how}; fold errors {errors}."
+    line = f"Subset quality q(S): {choice['chosen']}{lam}, {how}; fold errors {errors}."
+    rule = summary.get("run_rule")
+    if rule:  # sweeps before the run rule have none
+        aiq = "; ".join(f"{r} {v['energy']:.4f} / {v['delay']:.4f}" for r, v in rule["aiq"].items())
+        how = "given" if rule["forced"] else f"chosen on {rule['n_questions']} non-test questions"
+        line += f" Run rule: {rule['chosen']}, {how} (validation AIQ energy / delay: {aiq})."
+    return line
 
 
 def interval_section(summary: dict) -> str:
@@ -194,7 +200,15 @@ def reproduce(
         out = edge / folder
         source = _filtered(cache, prefix, out) if prefix else cache
         summary = _sweep(cfg, source, out, progress)
-        keys = ("n_questions", "n_test", "aiq", "gate_test", "quality_estimator", "intervals")
+        keys = (
+            "n_questions",
+            "n_test",
+            "aiq",
+            "gate_test",
+            "quality_estimator",
+            "run_rule",
+            "intervals",
+        )
         results[name] = {k: summary[k] for k in keys}
         sections.append(_section(name, out, summary))
     target.mkdir(parents=True, exist_ok=True)

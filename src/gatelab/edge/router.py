@@ -22,7 +22,14 @@ from gatelab import runs
 from gatelab.edge.client import EdgeExpert, ExpertAnswer, ask_experts
 from gatelab.edge.data import LETTERS
 from gatelab.edge.model import EdgeGate, GateConfig, embed_texts, mixture
-from gatelab.edge.select import delay_cost, energy_cost, monotone_hull, select_subset
+from gatelab.edge.select import (
+    RUN_RULES,
+    delay_cost,
+    energy_cost,
+    monotone_hull,
+    select_subset,
+    subset_to_run,
+)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class RouterState:
     top_k: int
     aggregate_s: float
     categories: dict[str, dict]
+    run_rule: str = "hull_argmax"  # gatelab.edge.select.subset_to_run (sweeps before it: argmax)
 
 
 @dataclass
@@ -91,8 +99,11 @@ def load_router(run_dir: str | Path) -> RouterState:
     gate = EdgeGate(GateConfig(**config["gate"])).double()
     runs.load_checkpoint(path, modules={"gate": gate})
     gate.eval()
+    rule = info.get("run_rule", "hull_argmax")
+    if rule not in RUN_RULES:
+        raise ValueError(f"{run_dir / 'router.json'}: unknown run_rule {rule!r}; known {RUN_RULES}")
     return RouterState(
-        gate, info["experts"], info["top_k"], info["aggregate_s"], info["categories"]
+        gate, info["experts"], info["top_k"], info["aggregate_s"], info["categories"], rule
     )
 
 
@@ -105,8 +116,10 @@ def plan_subset(
 ) -> frozenset[int]:
     """The subset MoE² runs for ``category`` under the budgets (exact selector on the hull).
 
-    ``exclude``: experts that must not be chosen (they failed): a subset holding one is worth
-    only what its other members are worth, so the hull's argmax never returns it.
+    What runs is the sweep's rule applied to the selected set
+    (:func:`gatelab.edge.select.subset_to_run`). ``exclude``: experts that must not be chosen
+    (they failed): a subset holding one is worth only what its other members are worth, so the
+    hull's argmax never returns it, and they are removed from the selected set.
     """
     if category not in state.categories:
         raise ValueError(f"unknown category {category!r}; known: {sorted(state.categories)}")
@@ -120,7 +133,7 @@ def plan_subset(
         (delay_cost(table["delay_s"], state.aggregate_s), delay_budget),
     ]
     chosen = select_subset(len(state.experts), quality, constraints).subset
-    return argmax.get(chosen, chosen)
+    return subset_to_run(state.run_rule, chosen, argmax) - exclude
 
 
 def nearest_category(state: RouterState, x: np.ndarray) -> str:

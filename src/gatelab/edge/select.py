@@ -270,3 +270,24 @@ def monotone_hull(quality: Quality) -> tuple[Quality, dict[frozenset[int], froze
         return best_v
 
     return hull, argmax
+
+
+RUN_RULES = ("hull_argmax", "selected_set")
+
+
+def subset_to_run(
+    rule: str, selected: frozenset[int], argmax: dict[frozenset[int], frozenset[int]]
+) -> frozenset[int]:
+    r"""The experts to run once :func:`select_subset` has chosen ``selected`` on the hull.
+
+    ``hull_argmax``: the ``T ⊆ selected`` whose own estimate is best (``argmax`` of
+    :func:`monotone_hull`), trusting the estimate subset by subset. ``selected_set``: ``selected``
+    itself, trusting MoE²'s property (arXiv:2501.09410 §III) that the quality of a gate trained
+    on all experts never drops when more of them are allowed, so that the estimate's dips below
+    the hull are noise. :func:`gatelab.edge.run_rule.choose_run_rule` picks one on non-test data.
+    """
+    if rule == "hull_argmax":
+        return argmax.get(selected, selected)
+    if rule == "selected_set":
+        return selected
+    raise ValueError(f"run rule must be one of {RUN_RULES}, got {rule!r}")

@@ -30,6 +30,7 @@ from gatelab.edge.eval import (
     METHODS,
     Pool,
     SweepConfig,
+    budget_grids,
     build_pool,
     category_models,
     evaluate_budget,
@@ -37,6 +38,7 @@ from gatelab.edge.eval import (
     subset_quality,
 )
 from gatelab.edge.model import mixture, subset_mask
+from gatelab.edge.run_rule import RunRuleChoice, choose_run_rule
 from gatelab.edge.train import TrainConfig, evaluate_gate, train_gate
 from gatelab.threads import torch_threads
 
@@ -107,14 +109,6 @@ def _normalization_accuracy(pool: Pool, j: int) -> dict[str, float]:
     return {k: float((v.argmax(-1) == t.answer[val]).mean()) for k, v in scores.items()}
 
 
-def _grids(models: dict, aggregate_s: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-    energy = np.stack([m.energy_j for m in models.values()])  # (categories, E)
-    delay = np.stack([m.delay_s for m in models.values()])
-    e_grid = np.geomspace(energy.min() * 0.95, energy.sum(1).max() * 1.05, n)
-    d_grid = np.linspace(delay.min() + aggregate_s, delay.max() * 1.05 + aggregate_s, n)
-    return e_grid, d_grid
-
-
 @torch_threads(1)  # tiny tensors: one thread is fastest (see gatelab.edge.model)
 def run_sweep(
     cfg: SweepConfig,
@@ -143,15 +137,22 @@ def run_sweep(
     }
     logits = gate_outputs(gate, pool)
     aggregate_s = _aggregate_seconds(gate, pool, cfg.top_k)
-    quality, choice = subset_quality(pool, logits, cfg, train_cfg)
+    quality, choice, quality_data = subset_quality(pool, logits, cfg, train_cfg)
     models = category_models(pool, logits, cfg.top_k, quality)
-    e_grid, d_grid = _grids(models, aggregate_s, cfg.n_budgets)
+    e_grid, d_grid = budget_grids(models, aggregate_s, cfg.n_budgets)
+    grids = {"energy": e_grid, "delay": d_grid}
+    if cfg.run_rule == "auto":
+        rule = choose_run_rule(pool, quality_data, choice, grids, aggregate_s, cfg.top_k)
+    else:
+        rule = RunRuleChoice(cfg.run_rule, {}, 0, forced=True)
     # sweep
     rows, total = [], 2 * len(e_grid)
     for axis, grid in (("energy", e_grid), ("delay", d_grid)):
         for budget in grid:
             e_b, d_b = (budget, math.inf) if axis == "energy" else (math.inf, budget)
-            result = evaluate_budget(pool, logits, models, e_b, d_b, aggregate_s, cfg, rng)
+            result = evaluate_budget(
+                pool, logits, models, e_b, d_b, aggregate_s, cfg, rng, rule.chosen
+            )
             rows.append({"axis": axis, "budget": float(budget), **result})
             if progress:
                 progress(len(rows), total)
@@ -168,8 +169,11 @@ def run_sweep(
     )  # fmt: skip
     intervals = budget_intervals(rows, outcomes, cfg.seed, cfg.resamples)
     runs.atomic_write_json(out_dir / "intervals.json", intervals)
-    summary = _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir)
+    summary = _write_outputs(
+        cfg, train_cfg, pool, gate, models, rows, aggregate_s, rule.chosen, out_dir
+    )
     summary["quality_estimator"] = dataclasses.asdict(choice)
+    summary["run_rule"] = dataclasses.asdict(rule)
     summary["intervals"] = intervals
     summary["table"] += "\n\n" + interval_table(intervals)
     (out_dir / "table.md").write_text(summary["table"] + "\n")
@@ -299,7 +303,9 @@ def _run_config(cfg, train_cfg, pool, gate, aggregate_s: float) -> dict:
     }
 
 
-def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_dir: Path) -> dict:
+def _write_outputs(
+    cfg, train_cfg, pool, gate, models, rows, aggregate_s, run_rule: str, out_dir: Path
+) -> dict:
     experts = pool.table.experts
     runs.atomic_write_json(
         out_dir / "config.json", _run_config(cfg, train_cfg, pool, gate, aggregate_s)
@@ -311,6 +317,7 @@ def _write_outputs(cfg, train_cfg, pool, gate, models, rows, aggregate_s, out_di
         "experts": experts,
         "top_k": cfg.top_k,
         "aggregate_s": aggregate_s,
+        "run_rule": run_rule,
         "categories": {
             c: {
                 "energy_j": m.energy_j.tolist(),
