@@ -138,10 +138,14 @@ def quality_line(summary: dict) -> str:
     how = "given" if choice["forced"] else f"chosen on {choice['n_folds']} non-test folds"
     line = f"Subset quality q(S): {choice['chosen']}{lam}, {how}; fold errors {errors}."
     rule = summary.get("run_rule")
-    if rule:  # sweeps before the run rule have none
+    if rule and rule["forced"]:
+        line += f" Run rule: {rule['chosen']}, given."
+    elif rule:  # sweeps before the run rule have none
         aiq = "; ".join(f"{r} {v['energy']:.4f} / {v['delay']:.4f}" for r, v in rule["aiq"].items())
-        how = "given" if rule["forced"] else f"chosen on {rule['n_questions']} non-test questions"
-        line += f" Run rule: {rule['chosen']}, {how} (validation AIQ energy / delay: {aiq})."
+        line += (
+            f" Run rule: {rule['chosen']}, chosen on {rule['n_questions']} non-test questions"
+            f" (validation AIQ energy / delay: {aiq})."
+        )
     return line
 
 

@@ -98,12 +98,15 @@ def choose_run_rule(
                         (delay_cost(cm.delay_s, aggregate_s), d_b),
                     ]
                     selected = select_subset(len(t.experts), cm.quality, cons).subset
+                    scored: dict[frozenset[int], list[float]] = {}  # rules often agree
                     for rule in RUN_RULES:
                         subset = subset_to_run(rule, selected, cm.argmax)
-                        pred = _predict(pool, data.fit.logits, rows, subset, top_k)
-                        energy, delay = _realised(pool, rows, subset, aggregate_s)
-                        correct = (pred == t.answer[rows]).sum()
-                        totals[rule][axis][b] += [correct, energy.sum(), delay.sum()]
+                        if subset not in scored:
+                            pred = _predict(pool, data.fit.logits, rows, subset, top_k)
+                            energy, delay = _realised(pool, rows, subset, aggregate_s)
+                            correct = (pred == t.answer[rows]).sum()
+                            scored[subset] = [correct, energy.sum(), delay.sum()]
+                        totals[rule][axis][b] += scored[subset]
     n = int((fold >= 0).sum())
     aiq: dict[str, dict[str, float]] = {r: {} for r in RUN_RULES}
     for axis in grids:
