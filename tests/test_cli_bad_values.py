@@ -31,6 +31,8 @@ CASES = [
     (["reproduce", "gmoe", "--jobs", "-2"], "--jobs"),
     (["reproduce", "gmoe", "--runs-dir", "{file}/runs"], "{file}"),
     (["reproduce", "nope"], "nope"),
+    (["reproduce", "gmoe", "--small"], "--small"),  # one grid only: refused, not ignored
+    (["reproduce", "edge", "--seeds", "3"], "--seeds"),
     # gmoe rates
     (["gmoe", "rates", "--n-reps", "0", "--runs-dir", "{tmp}"], "--n-reps"),
     (["gmoe", "rates", "--n-reps", "-3", "--runs-dir", "{tmp}"], "--n-reps"),

@@ -147,6 +147,9 @@ def reproduce(
     seeds: Annotated[
         int | None, typer.Option(min=1, help="Seeds per configuration (comm only).")
     ] = None,
+    small: Annotated[
+        bool, typer.Option(help="The reduced grid that fits a 2-core machine (comm only).")
+    ] = False,
 ) -> None:
     """Run exactly the configurations behind docs/SYSTEM.md's tables (resumable), then write them.
 
@@ -155,10 +158,15 @@ def reproduce(
     """
     if seeds is not None and system.value != "comm":
         raise _cli.fail(f"--seeds: reproduce {system.value} has a fixed number of seeds")
+    if small and system.value != "comm":
+        raise _cli.fail(f"--small: reproduce {system.value} has one grid")
     module = _reproducer(system.value)
     options = {} if seeds is None else {"seeds": seeds}
+    expected = module.EXPECTED_TIME
+    if small:
+        options["small"], expected = True, module.EXPECTED_TIME_SMALL
     _cli.stderr().print(
-        f"gatelab reproduce {system.value}: expected time {module.EXPECTED_TIME}",
+        f"gatelab reproduce {system.value}: expected time {expected}",
         highlight=False,
         markup=False,
     )

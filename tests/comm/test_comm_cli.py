@@ -256,3 +256,26 @@ def test_interval_table_against_scipy_and_a_pairwise_count():
     assert claims["learned_minus_full"][0] == pytest.approx(x.mean() - scores["full"].mean())
     assert claims["gated_rate_cut"] == pytest.approx(0.6)
     assert claims["holds"]["gates cut >= 50% of messages within 5 points"]
+
+
+def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, capsys):
+    from gatelab.cli import main
+    from gatelab.comm import reproduce
+
+    calls = []
+
+    def fake(runs_dir, jobs=1, progress=None, seeds=10, small=False):
+        calls.append({"jobs": jobs, "seeds": seeds, "small": small})
+        (tmp_path / "tables.md").write_text("table\n")
+        return tmp_path / "tables.md"
+
+    monkeypatch.setattr(reproduce, "reproduce", fake)
+    args = ["reproduce", "comm", "--runs-dir", str(tmp_path), "--jobs", "2", "--seeds", "3"]
+    assert main([*args, "--small"]) == 0
+    assert main(args) == 0
+    assert calls == [
+        {"jobs": 2, "seeds": 3, "small": True},
+        {"jobs": 2, "seeds": 3, "small": False},
+    ]
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert reproduce.EXPECTED_TIME_SMALL in err and reproduce.EXPECTED_TIME in err
