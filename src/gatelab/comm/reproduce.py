@@ -42,7 +42,7 @@ EVAL_EPISODES = 200
 REPS = 20_000  # bootstrap replications
 # measured (benchmarks/README.md): about 4 min per run on one free core of the 2-core machine
 EXPECTED_TIME = "about 4 min per run: 200 runs at --seeds 10 (13 h on 2 cores with --jobs 2)"
-EXPECTED_TIME_SMALL = "about 25 s per run: 200 runs at --seeds 10 (about 45 min with --jobs 2)"
+EXPECTED_TIME_SMALL = "about 25 s per run: 200 runs at --seeds 10 (about 40 min with --jobs 2)"
 
 
 def task_name(env: Env, memory: bool) -> str:
