@@ -2,7 +2,7 @@
 
 The workload is one training run of ``commformer`` and of ``commformer_tg`` (causal temporal
 gates, budget 0.22) on Predator-Prey as in docs/comm.md (5 predators, 10x10, 64 episodes per
-update, ``--memory``), with the graph's alpha passes and the gates on from the first update, so
+update, ``--memory``), with the graph's alpha steps and the gates on from the first update, so
 every measured update does the full work. Update 1 (imports, first allocations) is not timed.
 The policy is untrained, so every episode runs its 40 steps: the early-training regime.
 

@@ -132,7 +132,7 @@ class PPOConfig:
     lr: float = 7e-4  # theta Adam learning rate (MAPPO: 5e-4 to 7e-4)
     alpha_lr: float = 0.05  # alpha Adam lr: far above theta's so the graph moves past Gumbel noise
     gate_lr: float = 5e-3  # temporal-gate lr (own param group): its gradient is small
-    alpha_every: int = 2  # an alpha pass after every n-th theta epoch (2 per update)
+    alpha_every: int = 2  # alpha steps with theta in every n-th epoch (2 of 4 per update)
     alpha_warmup_updates: int = 5  # alpha frozen for the first updates
     gamma: float = 0.99  # discount (MAPPO)
     gae_lambda: float = 0.95  # GAE lambda (MAPPO)

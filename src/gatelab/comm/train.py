@@ -1,8 +1,8 @@
 """Train CommFormer (or a baseline graph) with MAPPO and bi-level graph optimisation.
 
-Network weights theta and graph logits alpha are updated *alternately* with their own Adam
-optimisers and learning rates (DARTS first-order, as CommFormer, arXiv:2405.08550): after every
-``alpha_every`` PPO epochs on theta, one pass over the same minibatches updates alpha only. For the
+Network weights theta and graph logits alpha have their own Adam optimisers and learning rates
+(DARTS first-order, as CommFormer, arXiv:2405.08550): in every ``alpha_every``-th PPO epoch each
+minibatch's backward gives both gradients and both step; in the other epochs theta alone. For the
 first ``alpha_warmup_updates`` updates alpha is frozen (a warm-up that ends).
 
 Every source of randomness of update ``u`` is drawn from ``np.random.default_rng([seed, u])``, so
@@ -251,8 +251,11 @@ class Epochs(NamedTuple):
 
 
 def _ppo_epochs(cfg, model, ro, flat, optims, train_alpha: bool, cost: float, rng) -> Epochs:
-    """PPO epochs on theta; after every ``alpha_every``-th epoch a pass on alpha.
+    """PPO epochs on theta; every ``alpha_every``-th epoch also steps alpha, from the same backward.
 
+    In those epochs each minibatch's graph is the stored draw re-attached to alpha
+    (:meth:`CommGraph.relax`: same forward value), so one backward gives both gradients and both
+    optimisers step (first-order DARTS with simultaneous steps; no separate alpha pass).
     The KL guard: each minibatch measures the approximate KL of the current policy to the
     rollout's before its step; past ``ppo.target_kl`` (> 0) the update ends there, with no step
     on that minibatch and no further pass on theta or alpha (after Stable-Baselines3's PPO).
@@ -266,45 +269,43 @@ def _ppo_epochs(cfg, model, ro, flat, optims, train_alpha: bool, cost: float, rn
     data = {**stored, "adv": flat["adv"].flatten(0, 1), "targets": flat["targets"].flatten(0, 1)}
     listen = None if ro.listen is None else ro.listen.flatten(0, 1)
     gated, labels = listen is not None, flat["labels"]
+    theta = [q for g in opt_theta.param_groups for q in g["params"]]
     stats, kl_max, steps = [], 0.0, 0
     for epoch in range(p.ppo_epochs):
         order = torch.as_tensor(rng.permutation(len(index)))
-        alpha_pass = train_alpha and (epoch + 1) % p.alpha_every == 0
-        for opt in (opt_theta, opt_alpha) if alpha_pass else (opt_theta,):
-            for chunk in order.chunk(p.minibatches):
-                rows, envs = index[chunk], env_index[chunk]
-                batch = Batch(
-                    **{k: v[rows] for k, v in data.items()},
-                    listen=listen[rows] if gated else None,
-                    env_index=envs,
-                )
-                graph = ro.graph
-                if opt is opt_alpha:  # alpha step: re-attach the same Gumbel draw's gradient
-                    graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
-                parts = ppo_losses(model, batch, graph[envs], p.clip, not (causal and gated))
-                if opt is opt_theta:
-                    kl = float(parts.approx_kl)
-                    kl_max = kl if not kl <= kl_max else kl_max  # NaN (a diverged policy) sticks
-                    if p.target_kl > 0 and not kl <= p.target_kl:
-                        done = steps / p.minibatches
-                        return Epochs(stats or [torch.stack(list(parts)).detach()], done, True,
-                                      kl_max)  # fmt: skip
-                loss = parts.policy + p.value_coef * parts.value - p.entropy_coef * parts.entropy
-                if straight_through and gated:  # the paper's cost on the comm rate
-                    loss = loss + cost * parts.comm
-                if causal and gated:  # the gate classifies its observation (labels)
-                    gate_logits = model.gate.logits(batch.obs)
-                    loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
-                if opt is opt_alpha:  # alpha's gradient only: no weight gradients
-                    (model.graph.alpha.grad,) = torch.autograd.grad(loss, [model.graph.alpha])
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    params = [q for g in opt_theta.param_groups for q in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-                    stats.append(torch.stack(list(parts)).detach())
-                    steps += 1
-                opt.step()
+        alpha_step = train_alpha and (epoch + 1) % p.alpha_every == 0
+        for chunk in order.chunk(p.minibatches):
+            rows, envs = index[chunk], env_index[chunk]
+            batch = Batch(
+                **{k: v[rows] for k, v in data.items()},
+                listen=listen[rows] if gated else None,
+                env_index=envs,
+            )
+            graph = ro.graph  # (B, A, A) as the rollout drew it
+            if alpha_step:  # the same Gumbel draw, its gradient re-attached to alpha
+                graph = model.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)
+            parts = ppo_losses(model, batch, graph[envs], p.clip, not (causal and gated))
+            kl = float(parts.approx_kl)
+            kl_max = kl if not kl <= kl_max else kl_max  # NaN (a diverged policy) sticks
+            if p.target_kl > 0 and not kl <= p.target_kl:
+                done = steps / p.minibatches
+                return Epochs(stats or [torch.stack(list(parts)).detach()], done, True, kl_max)
+            loss = parts.policy + p.value_coef * parts.value - p.entropy_coef * parts.entropy
+            if straight_through and gated:  # the paper's cost on the comm rate
+                loss = loss + cost * parts.comm
+            if causal and gated:  # the gate classifies its observation (labels)
+                gate_logits = model.gate.logits(batch.obs)
+                loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
+            opt_theta.zero_grad(set_to_none=True)
+            if opt_alpha is not None:
+                opt_alpha.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theta, p.max_grad_norm)  # theta's norm; alpha's own
+            stats.append(torch.stack(list(parts)).detach())
+            steps += 1
+            opt_theta.step()
+            if alpha_step:
+                opt_alpha.step()
     return Epochs(stats, steps / p.minibatches, False, kl_max)
 
 
