@@ -260,3 +260,40 @@ def test_kl_guard_leaves_a_calm_update_alone():
     row = train(config(TINY, updates=1)).history[0]  # default lr, default target
     assert row["ppo/kl_stop"] == 0.0 and row["ppo/epochs"] == TINY.ppo.ppo_epochs
     assert 0 < row["ppo/approx_kl_max"] < TINY.ppo.target_kl
+
+
+def test_alpha_steps_with_theta_from_the_same_minibatch_gradient():
+    """In an alpha epoch alpha takes one Adam step on d loss / d alpha at the pre-step theta."""
+    import copy
+
+    from gatelab.comm.train import _ppo_epochs, optimizers
+
+    cfg = config(
+        TINY, alpha_warmup_updates=0, ppo_epochs=1, minibatches=1, alpha_every=1, target_kl=0.0
+    )
+    env, model = build(cfg)
+    ro = collect(model, env, env_seed=3, graph_seed=11, generator=torch.Generator().manual_seed(0))
+    adv = torch.randn(ro.rewards.shape, generator=torch.Generator().manual_seed(1))
+    flat = {"adv": adv, "targets": adv.flip(0), "labels": None}
+    # the expected step, computed apart: the loss of all live samples on a copy of the model
+    ref = copy.deepcopy(model).train()
+    rows = torch.nonzero(ro.alive.flatten()).squeeze(-1)
+    take = {k: getattr(ro, k).flatten(0, 1)[rows] for k in ("obs", "actions", "logp", "acting")}
+    batch = Batch(**take, adv=adv.flatten(0, 1)[rows], targets=adv.flip(0).flatten(0, 1)[rows],
+                  listen=None, env_index=rows % ro.graph.shape[0])  # fmt: skip
+    graph = ref.graph.relax(ro.graph, ro.graph_seed, ro.graph_noise)[batch.env_index]
+    parts = ppo_losses(ref, batch, graph, cfg.ppo.clip)
+    loss = parts.policy + cfg.ppo.value_coef * parts.value - cfg.ppo.entropy_coef * parts.entropy
+    (g,) = torch.autograd.grad(loss, [ref.graph.alpha])
+    lr, eps = cfg.ppo.alpha_lr, 1e-8  # Adam's first step: -lr * g / (|g| + eps)
+    expected = ref.graph.alpha.detach() - lr * g / (g.abs() + eps)
+    model.train()
+    opt_theta, opt_alpha = optimizers(model, cfg)
+    theta0 = [p.detach().clone() for g_ in opt_theta.param_groups for p in g_["params"]]
+    _ppo_epochs(cfg, model, ro, flat, (opt_theta, opt_alpha), True, 0.0, np.random.default_rng(0))
+    torch.testing.assert_close(model.graph.alpha.detach(), expected, atol=1e-6, rtol=0)
+    first_moment = opt_alpha.state[model.graph.alpha]["exp_avg"]  # (1 - beta1) g: g itself
+    torch.testing.assert_close(first_moment, 0.1 * g, atol=1e-9, rtol=1e-6)
+    moved = [p for p, p0 in zip(opt_theta.param_groups[0]["params"], theta0, strict=False)
+             if not torch.equal(p.detach(), p0)]  # fmt: skip
+    assert moved  # theta stepped in the same minibatch
