@@ -168,7 +168,7 @@ def gate_outputs(gate: EdgeGate, pool: Pool) -> np.ndarray:
         return gate(torch.as_tensor(pool.x, dtype=torch.float64)).numpy()  # (N, E)
 
 
-def _predict(
+def predict_options(
     pool: Pool,
     logits: np.ndarray,
     rows: np.ndarray,
@@ -191,7 +191,7 @@ def _predict(
     return mixed.argmax(-1).numpy()
 
 
-def _realised(
+def realised_costs(
     pool: Pool, rows: np.ndarray, subset: frozenset[int], aggregate_s: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-question modelled energy (sum) and delay (max + aggregation) of running ``subset``."""
@@ -263,10 +263,10 @@ def subset_quality(
     values = estimate(
         choice.chosen, holdout_ll, crossfit_ll, pool.split, pool.category, names, choice.lam
     )
-    return _quality_table(names, subsets, values), choice, QualityData(holdout_ll, crossfit_ll, fit)
+    return quality_table(names, subsets, values), choice, QualityData(holdout_ll, crossfit_ll, fit)
 
 
-def _quality_table(names: list[str], subsets: list, values: np.ndarray) -> QualityTable:
+def quality_table(names: list[str], subsets: list, values: np.ndarray) -> QualityTable:
     """``values (C, S)`` as category -> subset -> float."""
     rows = zip(names, values, strict=True)
     return {c: dict(zip(subsets, map(float, row), strict=True)) for c, row in rows}
@@ -286,7 +286,7 @@ def category_models(
         )
         names = sorted(set(pool.category))
         values = estimate("holdout", ll, ll, pool.split, pool.category, names)
-        quality = _quality_table(names, subsets, values)
+        quality = quality_table(names, subsets, values)
     for c in sorted(set(pool.category)):
         fit = (pool.category == c) & (pool.split != "test")
         val = (pool.category == c) & (pool.split == "val")
@@ -376,8 +376,8 @@ def evaluate_budget(
             rows: np.ndarray = rows,
             answer: np.ndarray = answer,
         ) -> None:
-            pred = _predict(pool, logits, rows, subset, cfg.top_k, uniform)
-            energy, delay = _realised(pool, rows, subset, aggregate_s)
+            pred = predict_options(pool, logits, rows, subset, cfg.top_k, uniform)
+            energy, delay = realised_costs(pool, rows, subset, aggregate_s)
             totals[method] += weight * np.array([(pred == answer).sum(), energy.sum(), delay.sum()])
             scores[method][rows] += weight * (pred == answer)
 

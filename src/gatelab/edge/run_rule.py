@@ -30,10 +30,10 @@ from gatelab.cost import area_under_tradeoff
 from gatelab.edge.eval import (
     Pool,
     QualityData,
-    _predict,
-    _quality_table,
-    _realised,
     category_models,
+    predict_options,
+    quality_table,
+    realised_costs,
 )
 from gatelab.edge.quality import QualityChoice, all_subsets, estimate
 from gatelab.edge.select import (
@@ -84,26 +84,24 @@ def choose_run_rule(
             quality.chosen, data.holdout_ll, data.crossfit_ll, pool.split, pool.category, names,
             quality.lam, (fold >= 0) & (fold != k),
         )  # fmt: skip
-        table = _quality_table(names, subsets, values)
+        table = quality_table(names, subsets, values)
         models = category_models(pool, data.fit.logits, top_k, table)
         for c, cm in models.items():
             rows = (pool.category == c) & (fold == k)
             if not rows.any():
                 continue
+            energy_of, delay_of = energy_cost(cm.energy_j), delay_cost(cm.delay_s, aggregate_s)
             for axis, grid in grids.items():
                 for b, budget in enumerate(grid):
                     e_b, d_b = (budget, math.inf) if axis == "energy" else (math.inf, budget)
-                    cons = [
-                        (energy_cost(cm.energy_j), e_b),
-                        (delay_cost(cm.delay_s, aggregate_s), d_b),
-                    ]
+                    cons = [(energy_of, e_b), (delay_of, d_b)]
                     selected = select_subset(len(t.experts), cm.quality, cons).subset
                     scored: dict[frozenset[int], list[float]] = {}  # rules often agree
                     for rule in RUN_RULES:
                         subset = subset_to_run(rule, selected, cm.argmax)
                         if subset not in scored:
-                            pred = _predict(pool, data.fit.logits, rows, subset, top_k)
-                            energy, delay = _realised(pool, rows, subset, aggregate_s)
+                            pred = predict_options(pool, data.fit.logits, rows, subset, top_k)
+                            energy, delay = realised_costs(pool, rows, subset, aggregate_s)
                             correct = (pred == t.answer[rows]).sum()
                             scored[subset] = [correct, energy.sum(), delay.sum()]
                         totals[rule][axis][b] += scored[subset]

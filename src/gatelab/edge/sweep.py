@@ -146,8 +146,8 @@ def run_sweep(
     else:
         rule = RunRuleChoice(cfg.run_rule, {}, 0, forced=True)
     # sweep
-    rows, total = [], 2 * len(e_grid)
-    for axis, grid in (("energy", e_grid), ("delay", d_grid)):
+    rows, total = [], len(e_grid) + len(d_grid)
+    for axis, grid in grids.items():
         for budget in grid:
             e_b, d_b = (budget, math.inf) if axis == "energy" else (math.inf, budget)
             result = evaluate_budget(
