@@ -186,9 +186,9 @@ def test_reproduce_configs_use_table_seeds():
     from gatelab.comm import reproduce
 
     full = reproduce.configs(seeds=10)
-    assert [name for name, _ in full] == [
-        "predator_prey-memory", "predator_capture_prey-memory",
-        "predator_prey-memoryless", "predator_capture_prey-memoryless",
+    assert [name for name, _ in full] == [  # Predator-Prey first
+        "predator_prey-memory", "predator_prey-memoryless",
+        "predator_capture_prey-memory", "predator_capture_prey-memoryless",
     ]  # fmt: skip
     for _, cfg in full:  # the table's seeds are not the screening seeds 0 and 1
         assert cfg.seeds == tuple(range(10, 20)) and cfg.base.ppo.updates == 200

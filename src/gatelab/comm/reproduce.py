@@ -29,10 +29,13 @@ from gatelab.comm.compare import VARIANTS, CompareConfig, compare
 from gatelab.comm.config import Env, GateConfig, TrainConfig
 from gatelab.runs import atomic_write_bytes, atomic_write_json
 
-TASKS = (  # (environment, memory); in the order they run
+# (environment, memory), in the order they run: Predator-Prey first, because the reduced grid
+# did not learn Predator-Capture-Prey at all (docs/comm.md), so an interrupted reproduce has the
+# tables that can test the paper's claims
+TASKS = (
     (Env.predator_prey, True),
-    (Env.predator_capture_prey, True),
     (Env.predator_prey, False),
+    (Env.predator_capture_prey, True),
     (Env.predator_capture_prey, False),
 )
 FIRST_SEED = 10  # table seeds 10, 11, ...: seeds 0 and 1 chose the settings
