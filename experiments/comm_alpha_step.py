@@ -40,7 +40,7 @@ def child(variant: str, seed: int) -> dict:
     from gatelab.comm.train import train
 
     torch.set_num_threads(1)
-    _, cfg = configs(10, 1, small=True)[2]  # predator_prey-memoryless-small
+    cfg = dict(configs(10, 1, small=True))["predator_prey-memoryless-small"]
     run_cfg = variant_config(cfg.base, variant, seed, 0.0, COMM_BUDGET)
     start = time.process_time()
     result = train(run_cfg)
