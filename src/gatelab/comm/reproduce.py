@@ -43,8 +43,9 @@ UPDATES = 200  # PPO updates per run
 COMM_BUDGET = 0.22  # commformer_tg's causal gates (GateConfig.budgeted)
 EVAL_EPISODES = 200
 REPS = 20_000  # bootstrap replications
-# measured (benchmarks/README.md): about 4 min per run on one free core of the 2-core machine
-EXPECTED_TIME = "about 4 min per run: 200 runs at --seeds 10 (13 h on 2 cores with --jobs 2)"
+# measured 2026-12-03 (Predator-Prey with memory, 50 runs): 4-5.5 min per run, two at a time on
+# the 2-core machine, so 50 runs take about 2 h and the 200 about 8 h with --jobs 2
+EXPECTED_TIME = "about 5 min per run: 200 runs at --seeds 10 (about 8 h on 2 cores with --jobs 2)"
 EXPECTED_TIME_SMALL = "about 25 s per run: 200 runs at --seeds 10 (about 40 min with --jobs 2)"
 
 
