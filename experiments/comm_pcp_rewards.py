@@ -27,20 +27,17 @@ import numpy as np
 RULES = ("shared", "per_capture")
 
 
-def per_capture_step(env, actions):
-    """``PredatorCapturePrey.step`` with Predator-Prey's reward: a captured agent stops paying."""
-    from gatelab.comm.envs.base import Step
+def per_capture(shared_step):
+    """``shared_step`` with Predator-Prey's reward: a captured capture agent stops paying."""
     from gatelab.comm.envs.predator_prey import STEP_PENALTY
 
-    live = ~env.done  # (B,)
-    env._move(actions, env.reached | env.done[:, None])
-    on_prey = (env.pos == env.prey[:, None]).all(-1)  # (B, A)
-    env.reached |= on_prey & (np.asarray(actions) == 5) & env.is_capture & live[:, None]
-    reward = np.where(env.reached, 0.0, STEP_PENALTY) * live[:, None]  # the one changed line
-    env.t += live
-    env.success |= live & env.reached[:, env.is_capture].all(-1)
-    env.done |= env.success | (env.t >= env.episode_limit)
-    return Step(env.observe(), reward.astype(np.float32), env.done.copy(), env.success.copy())
+    def step(env, actions):
+        live = ~env.done  # (B,) before the step
+        out = shared_step(env, actions)  # moves, registers captures, ends episodes
+        reward = np.where(env.reached, 0.0, STEP_PENALTY) * live[:, None]  # (B, A)
+        return out._replace(reward=reward.astype(np.float32))
+
+    return step
 
 
 def child(rule: str, seed: int) -> dict:
@@ -54,7 +51,7 @@ def child(rule: str, seed: int) -> dict:
     from gatelab.comm.train import train
 
     if rule == "per_capture":
-        PredatorCapturePrey.step = per_capture_step
+        PredatorCapturePrey.step = per_capture(PredatorCapturePrey.step)
     torch.set_num_threads(1)
     cfg = dict(configs(10, 1))["predator_capture_prey-memory"]
     run_cfg = variant_config(cfg.base, "commformer", seed, 0.0, COMM_BUDGET)

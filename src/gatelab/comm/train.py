@@ -296,9 +296,7 @@ def _ppo_epochs(cfg, model, ro, flat, optims, train_alpha: bool, cost: float, rn
             if causal and gated:  # the gate classifies its observation (labels)
                 gate_logits = model.gate.logits(batch.obs)
                 loss = loss + F.binary_cross_entropy_with_logits(gate_logits, labels[rows])
-            opt_theta.zero_grad(set_to_none=True)
-            if opt_alpha is not None:
-                opt_alpha.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # theta and alpha
             loss.backward()
             torch.nn.utils.clip_grad_norm_(theta, p.max_grad_norm)  # theta's norm; alpha's own
             stats.append(torch.stack(list(parts)).detach())
