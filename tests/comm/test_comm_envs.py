@@ -76,18 +76,29 @@ def test_reset_distinct_and_seeded():
 
 
 def test_capture_rules():
+    # HetNet's rules: perception agents 0 and 1 stay on the prey once there, capture agent 2
+    # cannot leave the prey's cell, only capture; success is all three done
     env = hand_built(PredatorCapturePrey)  # n_capture = 1: agent 2 captures
     assert env.is_capture.tolist() == [False, False, True]
     obs = env.observe()[0]
     assert obs[2, 4:].sum() == 0 and obs[2, 3] == 1  # the capture agent is blind
-    env.pos[0, 2] = [2, 2]
-    step = env.step(np.array([[STAY, RIGHT, STAY]]))  # on the prey but did not capture
-    assert not env.reached[0].any() and not step.done[0]
+    step = env.step(np.array([[STAY, STAY, CAPTURE]]))  # capture off the prey: nothing
+    assert env.pos[0, 2].tolist() == [4, 4] and not env.reached[0].any()
     np.testing.assert_allclose(step.reward[0], [-0.05] * 3)
-    step = env.step(np.array([[CAPTURE, STAY, CAPTURE]]))
-    assert env.reached[0].tolist() == [False, False, True]
-    assert step.success[0] and step.done[0]
-    assert env.pos[0, 0].tolist() == [0, 0]  # capture is "stay" for perception agents
+    env.pos[0, 2] = [2, 2]
+    step = env.step(np.array([[STAY, RIGHT, UP]]))  # agent 1 arrives; agent 2 cannot leave
+    assert env.reached[0].tolist() == [False, True, False] and not step.done[0]
+    assert env.pos[0, 1:].tolist() == [[2, 2], [2, 2]]
+    np.testing.assert_allclose(step.reward[0], [-0.05, 0.0, -0.05])
+    assert env.acting()[0].tolist() == [True, False, True]  # agent 2's capture still counts
+    step = env.step(np.array([[CAPTURE, LEFT, CAPTURE]]))
+    assert env.reached[0].tolist() == [False, True, True] and not step.done[0]
+    assert env.pos[0, :2].tolist() == [[0, 0], [2, 2]]  # capture is "stay"; agent 1 is frozen
+    np.testing.assert_allclose(step.reward[0], [-0.05, 0.0, 0.0])
+    env.pos[0, 0] = [2, 3]
+    step = env.step(np.array([[LEFT, STAY, STAY]]))
+    assert step.success[0] and step.done[0] and env.t[0] == 4
+    np.testing.assert_allclose(step.reward[0], [0.0, 0.0, 0.0])
 
 
 def test_bad_config_and_actions():

@@ -22,7 +22,7 @@ def test_pettingzoo_api_and_seed_tests(cls):
 @pytest.mark.parametrize(("single", "batched"), PAIRS)
 def test_same_dynamics_as_the_batched_environment(single, batched):
     # environment 0 of the batch and the ParallelEnv, same seed and actions: same everything
-    a, grid, limit = 3, 3, 25
+    a, grid, limit = 3, 3, 40
     env, batch = single(a, grid, 1, limit), batched(6, a, grid, 1, limit)
     ends = set()
     for seed in range(30):
@@ -36,8 +36,8 @@ def test_same_dynamics_as_the_batched_environment(single, batched):
                 break
             assert [infos[n]["acting"] for n in env.possible_agents] == batch.acting()[0].tolist()
             acts = rng.integers(0, batch.n_actions, (6, a))
-            if batched is PredatorCapturePrey:  # capture half the time, so some episodes succeed
-                acts = np.where(rng.random((6, a)) < 0.5, 5, acts)
+            if batched is PredatorCapturePrey:  # capture 30% of the time: some episodes succeed
+                acts = np.where(rng.random((6, a)) < 0.3, 5, acts)
             obs, rewards, term, trunc, infos = env.step(
                 {n: int(acts[0, i]) for i, n in enumerate(env.possible_agents)}
             )

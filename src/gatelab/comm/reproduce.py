@@ -29,9 +29,8 @@ from gatelab.comm.compare import VARIANTS, CompareConfig, compare
 from gatelab.comm.config import Env, GateConfig, TrainConfig
 from gatelab.runs import atomic_write_bytes, atomic_write_json
 
-# (environment, memory), in the order they run: Predator-Prey first, because the reduced grid
-# did not learn Predator-Capture-Prey at all (docs/comm.md), so an interrupted reproduce has the
-# tables that can test the paper's claims
+# (environment, memory), in the order they run: Predator-Prey first, whose runs were the first
+# to be measured, then Predator-Capture-Prey
 TASKS = (
     (Env.predator_prey, True),
     (Env.predator_prey, False),

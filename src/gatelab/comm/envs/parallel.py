@@ -11,9 +11,11 @@ The rules are those of :mod:`gatelab.comm.envs.predator_prey` (read there), writ
 plain loop over agents: the readable reference of the numpy batch that training steps. The
 same seed places the entities as environment 0 of a batch reset with it, and the same actions
 then give the same observations, rewards and ends (tested side by side). A success ends the
-episode as a *termination* of every agent, the step limit as a *truncation*; an agent that has
-reached the prey (or captured) stays in ``agents`` with its actions ignored, and its info says
-``acting=False``. The episode's info carries ``success``.
+episode as a *termination* of every agent, the step limit as a *truncation*; an agent that is
+done (on the prey; a capture agent: captured) stays in ``agents`` with its actions ignored, and
+its info says ``acting=False``. The episode's info carries ``success``.
+``predator_capture_prey_v1``: HetNet's rules (v0, gatelab's earlier simplification, let
+perception agents roam and counted captures only; docs/notes/comm.md).
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from gatelab.comm.envs.predator_prey import MOVES, STEP_PENALTY, _check
-
-CAPTURE = 5  # the capture action of Predator-Capture-Prey
+from gatelab.comm.envs.predator_prey import CAPTURE, MOVES, STEP_PENALTY, _check
 
 
 class PredatorPreyEnv(ParallelEnv):
@@ -181,14 +181,14 @@ class PredatorPreyEnv(ParallelEnv):
 
 
 class PredatorCapturePreyEnv(PredatorPreyEnv):
-    """HetNet-style Predator-Capture-Prey: perception agents see, capture agents capture.
+    """HetNet's Predator-Capture-Prey: perception agents find the prey, capture agents capture.
 
     Args:
         n_capture: capture agents (the last ones; default ``A // 2``); the others perceive.
         (the rest as :class:`PredatorPreyEnv`)
     """
 
-    metadata = {"name": "predator_capture_prey_v0", "render_modes": ["ansi"],
+    metadata = {"name": "predator_capture_prey_v1", "render_modes": ["ansi"],
                 "is_parallelizable": True}  # fmt: skip
     n_actions = 6
 
@@ -226,13 +226,11 @@ class PredatorCapturePreyEnv(PredatorPreyEnv):
 
     def _act(self, actions: dict) -> list[float]:
         for i, name in enumerate(self.possible_agents):
-            if self.reached[i]:
-                continue
             action = int(actions[name])
-            self._move(i, action)  # capture moves nobody (as stay)
-            if self._is_capture(i) and action == CAPTURE and self.pos[i] == self.prey:
-                self.reached[i] = True
-        return [STEP_PENALTY] * self.n_agents
-
-    def _success(self) -> bool:
-        return all(self.reached[i] for i in range(self.n_agents) if self._is_capture(i))
+            if self.pos[i] != self.prey:  # an agent on the prey stays there
+                self._move(i, action)  # capture moves nobody (as stay)
+            elif self._is_capture(i) and action == CAPTURE:
+                self.reached[i] = True  # captured
+            if not self._is_capture(i) and self.pos[i] == self.prey:
+                self.reached[i] = True  # a perception agent on the prey is done
+        return [0.0 if done else STEP_PENALTY for done in self.reached]

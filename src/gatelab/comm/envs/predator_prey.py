@@ -16,13 +16,15 @@ With vision 1 on a 10 x 10 grid a predator rarely finds the prey alone within 40
 that do sit on it, so their own position *is* the prey's position, and the others can only learn it
 by communication. That is what makes the task a test of the communication graph.
 
-**Predator-Capture-Prey** follows HetNet (Seraj et al., AAMAS 2022, arXiv:2110.15146, §5),
-simplified:
-the first ``A - n_capture`` agents are *perception* agents with vision ``v``; the last ``n_capture``
-are *capture* agents that see nothing of the world but their own position (vision 0, no prey
-channel). Actions add ``5 capture``; a capture agent that captures on the prey's cell is done and
-frozen; for perception agents ``capture`` is ``stay``. Every agent gets ``-0.05`` per step until the
-episode ends; success is every capture agent having captured within the limit.
+**Predator-Capture-Prey** follows HetNet (Seraj et al., AAMAS 2022, arXiv:2110.15146, §5, and
+its ``predator_capture_env.py``, mixed mode): the first ``A - n_capture`` agents are *perception*
+agents with vision ``v``; the last ``n_capture`` are *capture* agents that see nothing of the world
+but their own position (no window channels). Actions add ``5 capture`` (``stay`` for perception
+agents). A perception agent that reaches the prey stays on it, as a Predator-Prey predator; a
+capture agent on the prey's cell can no longer move, only capture. Each agent pays ``-0.05`` per
+step until it is done (perception: on the prey; capture: captured); success is every agent done
+within the limit. A perception agent sitting on the prey is what lets a blind capture agent be told
+where to go.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ STEP_PENALTY = -0.05  # IC3Net TIMESTEP_PENALTY
 MOVES = np.array(
     [[-1, 0], [0, 1], [1, 0], [0, -1], [0, 0], [0, 0]]
 )  # up right down left stay capture
+CAPTURE = 5  # the capture action of Predator-Capture-Prey
 
 
 def _check(n_envs: int, n_agents: int, grid: int, vision: int, episode_limit: int) -> None:
@@ -152,13 +155,13 @@ class PredatorPrey:
 
 
 class PredatorCapturePrey(PredatorPrey):
-    """HetNet-style Predator-Capture-Prey: perception agents see, capture agents capture.
+    """HetNet's Predator-Capture-Prey: perception agents find the prey, capture agents capture.
 
     Args:
         n_capture: number of capture agents (the last ones); default ``A // 2``.
 
-    ``reached`` marks capture agents that have captured (perception agents never "reach").
-    Observation kind flag: 0 perception, 1 capture.
+    ``reached`` marks the agents that are done: perception agents on the prey, capture agents that
+    have captured. Observation kind flag: 0 perception, 1 capture.
     """
 
     n_actions = 6
@@ -185,14 +188,16 @@ class PredatorCapturePrey(PredatorPrey):
         return obs if not self.reached.any() else self.observe()
 
     def step(self, actions: np.ndarray) -> Step:
-        """Move (capture = stay), register captures, pay ``-0.05`` to every agent while live."""
+        """Move (capture = stay; nobody leaves the prey), register arrivals and captures, pay."""
         live = ~self.done
-        self._move(actions, self.reached | self.done[:, None])
-        on_prey = (self.pos == self.prey[:, None]).all(-1)  # (B, A)
-        self.reached |= on_prey & (np.asarray(actions) == 5) & self.is_capture & live[:, None]
-        reward = np.full(self.reached.shape, STEP_PENALTY) * live[:, None]
+        on_prey = (self.pos == self.prey[:, None]).all(-1)  # (B, A) before the move: frozen
+        self._move(actions, on_prey | self.done[:, None])
+        on_prey = (self.pos == self.prey[:, None]).all(-1)
+        captured = on_prey & (np.asarray(actions) == CAPTURE) & self.is_capture & live[:, None]
+        self.reached |= (on_prey & ~self.is_capture) | captured
+        reward = np.where(self.reached, 0.0, STEP_PENALTY) * live[:, None]  # (B, A)
         self.t += live
-        self.success |= live & self.reached[:, self.is_capture].all(-1)
+        self.success |= live & self.reached.all(-1)
         self.done |= self.success | (self.t >= self.episode_limit)
         return Step(
             self.observe(), reward.astype(np.float32), self.done.copy(), self.success.copy()

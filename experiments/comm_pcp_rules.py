@@ -1,17 +1,24 @@
-r"""Is Predator-Capture-Prey (10x10) learned in the table's 200 updates, with either reward rule?
+r"""Which rules make Predator-Capture-Prey (10x10) learnable in the table's 200 updates?
 
 ``gatelab reproduce comm`` trains Predator-Capture-Prey (3 perception and 2 blind capture
-agents, 10x10, vision 1, limit 40, with ``--memory``) for 200 updates of 64 episodes. Its reward
-is shared: every agent pays -0.05 per step until both capture agents have captured, so a single
-capture changes no agent's reward unless it ends the episode. The other rule screened here,
-``per_capture``, is Predator-Prey's: a capture agent that has captured stops paying, which gives
-each capture agent a signal of its own. ``commformer`` (S = 0.4) on the screening seeds 0 and 1
-(the table's seeds are 10..19), one fresh process per run, each evaluated on 200 episodes as
-``compare`` does (seed 10000 + training seed). Prints training success every 20 updates and
-the evaluation; writes ``<out>/results.json``. About 7 min of CPU per run. Run:
+agents, 10x10, vision 1, limit 40, with ``--memory``) for 200 updates of 64 episodes. Three rules
+are screened, ``commformer`` (S = 0.4) on the screening seeds 0 and 1 (the table's seeds are
+10..19), one fresh process per run, each evaluated on 200 episodes as ``compare`` does (seed
+10000 + training seed):
 
-    PYTHONPATH=src .venv/bin/python experiments/comm_pcp_rewards.py [--rules shared per_capture] \
-        [--seeds 0 1] [--jobs 2] [--out runs/comm/pcp_rewards]
+* ``hetnet``: the environment's rules (HetNet's, :mod:`gatelab.comm.envs.predator_prey`): a
+  perception agent stays on the prey once there and stops paying, a capture agent on the prey's
+  cell can only capture, success is every agent done.
+* ``shared``: the rules gatelab had before (written out below): perception agents never stop,
+  only captures count, every agent pays -0.05 per step until both capture agents have captured.
+* ``per_capture``: those rules with Predator-Prey's reward, a capture agent that has captured
+  stops paying.
+
+Prints training success every 20 updates and the evaluation; writes ``<out>/results.json``.
+About 7 min of CPU per run. Run:
+
+    PYTHONPATH=src .venv/bin/python experiments/comm_pcp_rules.py \
+        [--rules hetnet shared per_capture] [--seeds 0 1] [--jobs 2] [--out runs/comm/pcp_rules]
 """
 
 import argparse
@@ -24,18 +31,26 @@ from pathlib import Path
 
 import numpy as np
 
-RULES = ("shared", "per_capture")
+RULES = ("hetnet", "shared", "per_capture")
 
 
-def per_capture(shared_step):
-    """``shared_step`` with Predator-Prey's reward: a captured capture agent stops paying."""
-    from gatelab.comm.envs.predator_prey import STEP_PENALTY
+def simplified(per_capture: bool):
+    """The step of gatelab's earlier rules (``per_capture``: a captured agent stops paying)."""
+    from gatelab.comm.envs.base import Step
+    from gatelab.comm.envs.predator_prey import CAPTURE, STEP_PENALTY
 
     def step(env, actions):
-        live = ~env.done  # (B,) before the step
-        out = shared_step(env, actions)  # moves, registers captures, ends episodes
-        reward = np.where(env.reached, 0.0, STEP_PENALTY) * live[:, None]  # (B, A)
-        return out._replace(reward=reward.astype(np.float32))
+        actions = np.asarray(actions)
+        live = ~env.done  # (B,)
+        env._move(actions, env.reached | env.done[:, None])  # only captured agents are frozen
+        on_prey = (env.pos == env.prey[:, None]).all(-1)  # (B, A)
+        env.reached |= on_prey & (actions == CAPTURE) & env.is_capture & live[:, None]
+        paying = ~env.reached if per_capture else np.ones_like(env.reached)
+        reward = np.where(paying, STEP_PENALTY, 0.0) * live[:, None]  # (B, A)
+        env.t += live
+        env.success |= live & env.reached[:, env.is_capture].all(-1)
+        env.done |= env.success | (env.t >= env.episode_limit)
+        return Step(env.observe(), reward.astype(np.float32), env.done.copy(), env.success.copy())
 
     return step
 
@@ -50,8 +65,8 @@ def child(rule: str, seed: int) -> dict:
     from gatelab.comm.reproduce import COMM_BUDGET, configs
     from gatelab.comm.train import train
 
-    if rule == "per_capture":
-        PredatorCapturePrey.step = per_capture(PredatorCapturePrey.step)
+    if rule != "hetnet":
+        PredatorCapturePrey.step = simplified(per_capture=rule == "per_capture")
     torch.set_num_threads(1)
     cfg = dict(configs(10, 1))["predator_capture_prey-memory"]
     run_cfg = variant_config(cfg.base, "commformer", seed, 0.0, COMM_BUDGET)
@@ -76,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("runs/comm/pcp_rewards"))
+    parser.add_argument("--out", type=Path, default=Path("runs/comm/pcp_rules"))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
