@@ -256,6 +256,13 @@ def test_interval_table_against_scipy_and_a_pairwise_count():
     assert claims["learned_minus_full"][0] == pytest.approx(x.mean() - scores["full"].mean())
     assert claims["gated_rate_cut"] == pytest.approx(0.6)
     assert claims["holds"]["gates cut >= 50% of messages within 5 points"]
+    # the intervals are a function of the runs and the seed alone (rliable resamples with
+    # numpy's global generator; the caller's state is left as it was)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    assert interval_table(runs, reps=500) == out
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    assert interval_table(runs, reps=500, seed=1) != out
 
 
 def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ interrupted reproduce has the finished tasks' tables.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,30 @@ def interval_table(runs: dict[str, list[dict]], reps: int = REPS, seed: int = 0)
     """
     import warnings
 
+    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch 7.2
+    with _global_numpy_seed(seed):
+        return _interval_table(runs, reps, seed)
+
+
+@contextmanager
+def _global_numpy_seed(seed: int):
+    """Seed numpy's global generator for the block, then put the caller's state back.
+
+    rliable 1.2.0's stratified bootstraps draw their resamples with ``np.random.choice`` (their
+    ``update_indices``), whatever ``random_state`` says, so without this the same runs gave
+    intervals that differed in the third decimal from one call to the next.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _interval_table(runs: dict[str, list[dict]], reps: int, seed: int) -> dict:
     from rliable import library as rly
     from rliable import metrics
-
-    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch 7.2
 
     def rng():
         return np.random.RandomState(seed)
