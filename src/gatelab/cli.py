@@ -150,6 +150,12 @@ def reproduce(
     small: Annotated[
         bool, typer.Option(help="The reduced grid that fits a 2-core machine (comm only).")
     ] = False,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only this task of the table, e.g. predator_prey-memory (comm only; repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Run exactly the configurations behind docs/SYSTEM.md's tables (resumable), then write them.
 
@@ -160,11 +166,15 @@ def reproduce(
         raise _cli.fail(f"--seeds: reproduce {system.value} has a fixed number of seeds")
     if small and system.value != "comm":
         raise _cli.fail(f"--small: reproduce {system.value} has one grid")
+    if task and system.value != "comm":
+        raise _cli.fail(f"--task: reproduce {system.value} has no tasks to choose from")
     module = _reproducer(system.value)
     options = {} if seeds is None else {"seeds": seeds}
     expected = module.EXPECTED_TIME
     if small:
         options["small"], expected = True, module.EXPECTED_TIME_SMALL
+    if task:
+        options["tasks"] = tuple(task)
     _cli.stderr().print(
         f"gatelab reproduce {system.value}: expected time {expected}",
         highlight=False,

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -215,7 +216,7 @@ def test_reproduce_writes_interval_tables_and_resumes(tmp_path, monkeypatch):
     # the path end to end on one tiny task (2 updates, 2 seeds)
     tiny = config(agents=2, grid=3, episode_limit=4, n_envs=4, updates=2, d_model=16)
     small_cfg = replace(full[0][1], base=tiny, seeds=(10, 11), eval_episodes=4)
-    monkeypatch.setattr(reproduce, "configs", lambda seeds, jobs, small: [("tiny", small_cfg)])
+    monkeypatch.setattr(reproduce, "configs", lambda *args: [("tiny", small_cfg)])
     monkeypatch.setattr(reproduce, "REPS", 200)
     path = reproduce.reproduce(tmp_path, jobs=1, seeds=2)
     assert path == tmp_path / "reproduce" / "comm" / "tables.md"
@@ -227,6 +228,52 @@ def test_reproduce_writes_interval_tables_and_resumes(tmp_path, monkeypatch):
     stamp = run.stat().st_mtime
     reproduce.reproduce(tmp_path, seeds=2)  # resumable: finished runs are reused, not retrained
     assert run.stat().st_mtime == stamp
+
+
+def test_reproduce_tasks_one_at_a_time_add_up_to_the_table(tmp_path, monkeypatch):
+    import numpy as np
+
+    from gatelab.comm import reproduce
+    from gatelab.comm.compare import VARIANTS
+
+    ran = []
+
+    def fake_compare(cfg, out, progress=None):  # per-seed scores; no training
+        ran.append(Path(out).name)
+        rng = np.random.default_rng(len(ran))
+        runs = {v: [{"success_rate": float(x), "comm_rate": 0.5} for x in rng.uniform(size=3)]
+                for v in VARIANTS}  # fmt: skip
+        return {"runs": runs}
+
+    monkeypatch.setattr(reproduce, "compare", fake_compare)
+    monkeypatch.setattr(reproduce, "REPS", 200)
+    names = reproduce.TASK_NAMES
+    assert [n for n, _ in reproduce.configs(seeds=3, tasks=(names[3], names[0]))] == [
+        names[0], names[3]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown task 'prey'.*predator_prey-memory"):
+        reproduce.configs(tasks=("prey",))
+    assert main(["reproduce", "comm", "--runs-dir", str(tmp_path), "--task", "prey"]) == 2
+    assert ran == []  # refused before any run
+
+    path = reproduce.reproduce(tmp_path, seeds=3, tasks=(names[2],))
+    first = json.loads((path.parent / "tables.json").read_text())
+    assert list(first) == [names[2]] and ran == [names[2]]
+    reproduce.reproduce(tmp_path, seeds=3, tasks=(names[0],))  # joins the earlier table
+    both = json.loads((path.parent / "tables.json").read_text())
+    assert list(both) == [names[0], names[2]] and ran == [names[2], names[0]]
+    assert both[names[2]] == first[names[2]]
+    text = path.read_text()
+    assert text.index(f"**{names[0]}**") < text.index(f"**{names[2]}**")
+    reproduce.reproduce(tmp_path, seeds=3)  # the whole table starts from its own runs
+    assert list(json.loads((path.parent / "tables.json").read_text())) == list(names)
+
+    (path.parent / "tables.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tables.json: not valid JSON"):
+        reproduce.reproduce(tmp_path, seeds=3, tasks=(names[0],))
+    (path.parent / "tables.json").write_text('{"x": {"seeds": [1]}}')
+    with pytest.raises(ValueError, match="tables.json: not a tables file"):
+        reproduce.reproduce(tmp_path, seeds=3, tasks=(names[0],))
 
 
 def test_interval_table_against_scipy_and_a_pairwise_count():
@@ -271,8 +318,8 @@ def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, ca
 
     calls = []
 
-    def fake(runs_dir, jobs=1, progress=None, seeds=10, small=False):
-        calls.append({"jobs": jobs, "seeds": seeds, "small": small})
+    def fake(runs_dir, jobs=1, progress=None, seeds=10, small=False, tasks=None):
+        calls.append({"jobs": jobs, "seeds": seeds, "small": small, "tasks": tasks})
         (tmp_path / "tables.md").write_text("table\n")
         return tmp_path / "tables.md"
 
@@ -280,9 +327,14 @@ def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, ca
     args = ["reproduce", "comm", "--runs-dir", str(tmp_path), "--jobs", "2", "--seeds", "3"]
     assert main([*args, "--small"]) == 0
     assert main(args) == 0
+    task = ["--task", "predator_prey-memory", "--task", "predator_capture_prey-memory"]
+    assert main([*args, *task]) == 0
     assert calls == [
-        {"jobs": 2, "seeds": 3, "small": True},
-        {"jobs": 2, "seeds": 3, "small": False},
-    ]
+        {"jobs": 2, "seeds": 3, "small": True, "tasks": None},
+        {"jobs": 2, "seeds": 3, "small": False, "tasks": None},
+        {"jobs": 2, "seeds": 3, "small": False,
+         "tasks": ("predator_prey-memory", "predator_capture_prey-memory")},
+    ]  # fmt: skip
+    assert main(["reproduce", "gmoe", "--task", "predator_prey-memory"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert reproduce.EXPECTED_TIME_SMALL in err and reproduce.EXPECTED_TIME in err

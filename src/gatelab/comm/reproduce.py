@@ -16,7 +16,9 @@ evaluation episodes per run; docs/comm.md says which grid its table comes from.
 
 Resumable: an evaluated run is reused, a cut one resumes from its checkpoint; the table of a
 task is written as soon as its runs are done (``runs/reproduce/comm/tables.md|json``), so an
-interrupted reproduce has the finished tasks' tables.
+interrupted reproduce has the finished tasks' tables. ``tasks`` (``--task``) runs some of the
+four tasks only; their tables join those already in ``tables.json``, so tasks run one at a time
+add up to the whole table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from gatelab.comm.compare import VARIANTS, CompareConfig, compare
 from gatelab.comm.config import Env, GateConfig, TrainConfig
-from gatelab.runs import atomic_write_bytes, atomic_write_json
+from gatelab.runs import atomic_write_bytes, atomic_write_json, read_json
 
 # (environment, memory), in the order they run: Predator-Prey first, whose runs were the first
 # to be measured, then Predator-Capture-Prey
@@ -57,12 +59,25 @@ def task_name(env: Env, memory: bool) -> str:
 SMALL_AGENTS = {Env.predator_prey: 3, Env.predator_capture_prey: 4}  # the reduced grid's teams
 
 
-def configs(seeds: int = 10, jobs: int = 1, small: bool = False) -> list[tuple[str, CompareConfig]]:
-    """``(task name, CompareConfig)`` of every task of the table (``small``: the reduced grid)."""
+TASK_NAMES = tuple(task_name(env, memory) for env, memory in TASKS)
+
+
+def configs(
+    seeds: int = 10, jobs: int = 1, small: bool = False, tasks: tuple[str, ...] | None = None
+) -> list[tuple[str, CompareConfig]]:
+    """``(task name, CompareConfig)`` of the tasks of the table (``small``: the reduced grid).
+
+    ``tasks``: names from :data:`TASK_NAMES` (all four when ``None``), run in the table's order.
+    """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    unknown = [t for t in tasks or () if t not in TASK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASK_NAMES)}")
     out = []
     for env, memory in TASKS:
+        if tasks is not None and task_name(env, memory) not in tasks:
+            continue
         base = TrainConfig.preset(env).with_(env={"memory": memory}, ppo={"updates": UPDATES})
         if small:
             env_small = {"agents": SMALL_AGENTS[env], "grid": 5, "episode_limit": 20}
@@ -203,17 +218,25 @@ def markdown(name: str, summary: dict) -> str:
 
 
 def reproduce(
-    runs_dir: Path, jobs: int = 1, progress=None, seeds: int = 10, small: bool = False
+    runs_dir: Path,
+    jobs: int = 1,
+    progress=None,
+    seeds: int = 10,
+    small: bool = False,
+    tasks: tuple[str, ...] | None = None,
 ) -> Path:
     """Train (or reuse) every run of the table, then write ``reproduce/comm/tables.md|json``.
 
     ``small``: the reduced grid (module docstring), written to ``tables_small.md|json``.
+    ``tasks``: only these tasks; the tables of other tasks already in the file are kept.
     """
     runs_dir = Path(runs_dir)
     out = runs_dir / "reproduce" / "comm"
     stem = "tables_small" if small else "tables"
-    tables, text = {}, []
-    for name, cfg in configs(seeds, jobs, small):
+    chosen = configs(seeds, jobs, small, tasks)
+    tables = _earlier_tables(out / f"{stem}.json") if tasks is not None else {}
+    rank = {n + ("-small" if small else ""): i for i, n in enumerate(TASK_NAMES)}  # table order
+    for name, cfg in chosen:
         summary = compare(cfg, out / "runs" / name, progress)
         tables[name] = {
             "seeds": list(cfg.seeds),
@@ -222,7 +245,25 @@ def reproduce(
             **interval_table(summary["runs"], reps=REPS),
             "runs": summary["runs"],
         }
-        text += [markdown(name, tables[name]), ""]
+        tables = dict(sorted(tables.items(), key=lambda item: rank.get(item[0], len(rank))))
+        text = "\n\n".join(markdown(n, t) for n, t in tables.items()) + "\n"
         atomic_write_json(out / f"{stem}.json", tables)  # each finished task at once
-        atomic_write_bytes(out / f"{stem}.md", "\n".join(text).encode())
+        atomic_write_bytes(out / f"{stem}.md", text.encode())
     return out / f"{stem}.md"
+
+
+def _earlier_tables(path: Path) -> dict:
+    """The task tables an earlier ``reproduce`` wrote to ``path`` (none if there is no file)."""
+    if not path.exists():
+        return {}
+    try:
+        tables = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; move it away to start anew") from None
+    keys = {"seeds", "updates", "eval_episodes", "table", "claims"}
+    if not isinstance(tables, dict) or not all(
+        isinstance(t, dict) and keys <= t.keys() for t in tables.values()
+    ):
+        expected = f"task name -> table with {sorted(keys)}"
+        raise ValueError(f"{path}: not a tables file (expected {expected})")
+    return tables
