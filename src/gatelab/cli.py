@@ -170,11 +170,14 @@ def reproduce(
         raise _cli.fail(f"--task: reproduce {system.value} has no tasks to choose from")
     module = _reproducer(system.value)
     options = {} if seeds is None else {"seeds": seeds}
-    expected = module.EXPECTED_TIME
     if small:
-        options["small"], expected = True, module.EXPECTED_TIME_SMALL
+        options["small"] = True
     if task:
         options["tasks"] = tuple(task)
+    expected = module.EXPECTED_TIME
+    if hasattr(module, "expected_time"):  # comm: depends on the seeds and tasks asked for
+        with _cli.user_errors():
+            expected = module.expected_time(jobs=jobs, **options)
     _cli.stderr().print(
         f"gatelab reproduce {system.value}: expected time {expected}",
         highlight=False,

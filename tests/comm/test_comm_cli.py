@@ -324,6 +324,7 @@ def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, ca
         return tmp_path / "tables.md"
 
     monkeypatch.setattr(reproduce, "reproduce", fake)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)  # the 2-core machine
     args = ["reproduce", "comm", "--runs-dir", str(tmp_path), "--jobs", "2", "--seeds", "3"]
     assert main([*args, "--small"]) == 0
     assert main(args) == 0
@@ -337,4 +338,7 @@ def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, ca
     ]  # fmt: skip
     assert main(["reproduce", "gmoe", "--task", "predator_prey-memory"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
-    assert reproduce.EXPECTED_TIME_SMALL in err and reproduce.EXPECTED_TIME in err
+    # each run says what it will take: tasks x seeds x 5 variants, two at a time on 2 cores
+    assert "about 25 s per run: 60 runs, about 12 min with 2 at a time" in err
+    assert "about 5 min per run: 60 runs, about 2.5 h with 2 at a time" in err
+    assert "about 5 min per run: 30 runs, about 75 min with 2 at a time" in err

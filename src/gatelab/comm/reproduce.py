@@ -23,6 +23,7 @@ add up to the whole table.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,10 +46,10 @@ UPDATES = 200  # PPO updates per run
 COMM_BUDGET = 0.22  # commformer_tg's causal gates (GateConfig.budgeted)
 EVAL_EPISODES = 200
 REPS = 20_000  # bootstrap replications
-# measured 2026-12-03 (Predator-Prey with memory, 50 runs): 4-5.5 min per run, two at a time on
-# the 2-core machine, so 50 runs take about 2 h and the 200 about 8 h with --jobs 2
-EXPECTED_TIME = "about 5 min per run: 200 runs at --seeds 10 (about 8 h on 2 cores with --jobs 2)"
-EXPECTED_TIME_SMALL = "about 25 s per run: 200 runs at --seeds 10 (about 40 min with --jobs 2)"
+# measured 2026-12-03/04 on the 2-core machine, two runs at a time: 4-6.5 min per full-grid run
+# (50 runs of a task took 1 h 46 min to 2 h 48 min), about 25 s per reduced-grid run
+MINUTES_PER_RUN = 5.0
+MINUTES_PER_RUN_SMALL = 25 / 60
 
 
 def task_name(env: Env, memory: bool) -> str:
@@ -92,6 +93,23 @@ def configs(
         out.append((task_name(env, memory) + ("-small" if small else ""), cfg))
     GateConfig.budgeted(COMM_BUDGET)  # the gates' settings are valid
     return out
+
+
+def expected_time(
+    seeds: int = 10, jobs: int = 1, small: bool = False, tasks: tuple[str, ...] | None = None
+) -> str:
+    """What ``reproduce`` with these options will take: runs x minutes per run / parallel runs."""
+    runs = len(configs(seeds, jobs, small, tasks)) * seeds * len(VARIANTS)
+    per_run = MINUTES_PER_RUN_SMALL if small else MINUTES_PER_RUN
+    parallel = max(1, min(jobs, os.cpu_count() or 1))  # runs past the core count only queue
+    minutes = runs * per_run / parallel
+    total = f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+    return (
+        f"about {per_run * 60:.0f} s per run" if small else f"about {per_run:.0f} min per run"
+    ) + f": {runs} runs, about {total} with {parallel} at a time"
+
+
+EXPECTED_TIME = expected_time(jobs=2)  # the whole table on the 2-core machine
 
 
 def interval_table(runs: dict[str, list[dict]], reps: int = REPS, seed: int = 0) -> dict:
