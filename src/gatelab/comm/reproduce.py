@@ -47,7 +47,7 @@ COMM_BUDGET = 0.22  # commformer_tg's causal gates (GateConfig.budgeted)
 EVAL_EPISODES = 200
 REPS = 20_000  # bootstrap replications
 # measured 2026-12-03/04 on the 2-core machine, two runs at a time: 4-6.5 min per full-grid run
-# (50 runs of a task took 1 h 46 min to 2 h 48 min), about 25 s per reduced-grid run
+# (50 runs of a task took 1 h 36 min to 2 h 48 min), about 25 s per reduced-grid run
 MINUTES_PER_RUN = 5.0
 MINUTES_PER_RUN_SMALL = 25 / 60
 
