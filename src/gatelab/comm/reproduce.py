@@ -96,12 +96,20 @@ def configs(
 
 
 def expected_time(
-    seeds: int = 10, jobs: int = 1, small: bool = False, tasks: tuple[str, ...] | None = None
+    seeds: int = 10,
+    jobs: int = 1,
+    small: bool = False,
+    tasks: tuple[str, ...] | None = None,
+    cores: int | None = None,
 ) -> str:
-    """What ``reproduce`` with these options will take: runs x minutes per run / parallel runs."""
+    """What ``reproduce`` with these options will take: runs x minutes per run / parallel runs.
+
+    ``cores``: of the machine it runs on (this one when ``None``).
+    """
     runs = len(configs(seeds, jobs, small, tasks)) * seeds * len(VARIANTS)
     per_run = MINUTES_PER_RUN_SMALL if small else MINUTES_PER_RUN
-    parallel = max(1, min(jobs, os.cpu_count() or 1))  # runs past the core count only queue
+    cores = cores or os.cpu_count() or 1
+    parallel = max(1, min(jobs, cores))  # runs past the core count only queue
     minutes = runs * per_run / parallel
     total = f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
     return (
@@ -109,7 +117,7 @@ def expected_time(
     ) + f": {runs} runs, about {total} with {parallel} at a time"
 
 
-EXPECTED_TIME = expected_time(jobs=2)  # the whole table on the 2-core machine
+EXPECTED_TIME = expected_time(jobs=2, cores=2)  # the whole table on the 2-core machine
 
 
 def interval_table(runs: dict[str, list[dict]], reps: int = REPS, seed: int = 0) -> dict:
