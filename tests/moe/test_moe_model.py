@@ -235,3 +235,32 @@ def test_row_chunks_straddling_experts_match_the_reference(case, monkeypatch):
     for a, b in zip(fast, ref, strict=True):
         if a is not None and b is not None:
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n_experts", [4, 8, 16, 24])
+def test_expert_softmax_equals_the_softmax_along_the_last_dim(n_experts):
+    from gatelab.moe.model import _expert_softmax
+
+    logits = torch.randn(
+        37, n_experts, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    logits.requires_grad_()
+    y = _expert_softmax(logits)
+    ref = torch.exp(logits - torch.logsumexp(logits, -1, keepdim=True))  # the closed form
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-15)
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, logits, upstream)
+    (grad_ref,) = torch.autograd.grad(ref, logits, upstream)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_fills_no_zero_gradient_for_the_saved_activations():
+    # the expert op returns its saved activations as outputs; autograd would otherwise hand its
+    # backward a zero tensor for each (940 MB per step at 16384 tokens, top-4, H = 1024)
+    moe = SparseMoE(4, 3, n_experts=3, top_k=2, dtype=torch.float64)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    saved_shapes = ([12, 4], [12, 3])  # (N K, D) gathered rows, (N K, H) hidden activations
+    with torch.profiler.profile(record_shapes=True) as prof:
+        moe(x).sum().backward()
+    fills = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
+    assert fills and not [s for s in fills if list(s) in saved_shapes], fills
