@@ -243,16 +243,31 @@ RATIOS = {
 }
 
 
+def paired_range(row, name="gatelab", peer="reference") -> str:
+    """Min-max over repetitions of ``name``'s speed over ``peer``'s, each pair timed back to back.
+
+    The noise of the median ratio: a cell whose range straddles a target is not resolved. A
+    method timed once (over SLOW_STEP_S) pairs with the first repetition only.
+    """
+    ours, theirs = row["methods"][name].get("seconds"), row["methods"][peer].get("seconds")
+    if not ours or not theirs:
+        return "n/a"
+    pairs = [t / o for o, t in zip(ours, theirs, strict=False)]
+    return f"{min(pairs):.2f}–{max(pairs):.2f}" if len(pairs) > 1 else f"{pairs[0]:.2f}"
+
+
 def markdown(rows, names):
     ratios = [key for key in RATIOS if any(key in r for r in rows)]
-    head = "| tokens | E | K | " + " | ".join(names + [RATIOS[r] for r in ratios]) + " |"
-    lines = [head, "|" + "---|" * (len(names) + len(ratios) + 3)]
+    head = "| tokens | E | K | " + " | ".join(names + [RATIOS[r] for r in ratios])
+    head += " | ×reference per repetition |"
+    lines = [head, "|" + "---|" * (len(names) + len(ratios) + 4)]
     for r in rows:
         cells = []
         for name in names:
             m = r["methods"].get(name, {"status": "-"})
             cells.append(f"{m['tokens_per_s']:,.0f}" if "tokens_per_s" in m else "n/a")
         cells += [f"{r[key]:.2f}" if key in r else "n/a" for key in ratios]
+        cells.append(paired_range(r))
         lines.append(
             f"| {r['tokens']} | {r['n_experts']} | {r['top_k']} | " + " | ".join(cells) + " |"
         )
@@ -274,7 +289,12 @@ def main() -> None:
         "--clock", choices=list(CLOCKS), default=None, help="default: cpu on CPU, wall on CUDA"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/moe_layer.json"))
+    parser.add_argument("--table", type=Path, default=None, help="print a result JSON's table")
     args = parser.parse_args()
+    if args.table:
+        rows = json.loads(args.table.read_text())["rows"]
+        print(markdown(rows, list(rows[0]["methods"])))
+        return
     if args.reps is None:
         args.reps = 3 if args.full else 1
     if args.clock is None:  # one thread's CPU time is the work done, unaffected by other jobs
