@@ -8,6 +8,7 @@ names that argument: 300 bad calls per function, derandomised so every run tries
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import pytest
@@ -366,3 +367,29 @@ def test_valid_edge_cases_still_pass(call):
         out if isinstance(out, torch.Tensor) else torch.cat([t.flatten().double() for t in out])
     )
     assert not torch.isnan(values.double()).any()
+
+
+def test_validate_false_skips_only_the_value_checks():
+    logits = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    indices = gates.select_topk(logits, 2)
+    probs = logits.softmax(-1)
+    # same results as the checked calls on valid input
+    assert torch.equal(gates.select_topk(logits, 2, validate=False), indices)
+    assert torch.equal(
+        gates.load_balancing_loss(probs, indices, 4, validate=False),
+        gates.load_balancing_loss(probs, indices, 4),
+    )
+    assert torch.equal(gates.router_z_loss(logits, validate=False), gates.router_z_loss(logits))
+    # values are not checked...
+    bad = logits.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        gates.router_z_loss(bad)
+    assert gates.router_z_loss(bad, validate=False).isnan()
+    gates.select_topk(bad, 2, validate=False)
+    gates.load_balancing_loss(-probs, indices, 4, validate=False)
+    # ...but shapes and types still are
+    with pytest.raises(ValueError, match="shape"):
+        gates.load_balancing_loss(probs, indices[:3], 4, validate=False)
+    with pytest.raises(ValueError, match="k must be in"):
+        gates.select_topk(logits, 5, validate=False)

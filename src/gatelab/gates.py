@@ -45,13 +45,19 @@ class ExpertChoice(NamedTuple):
 
 
 def _check_scores(
-    x: object, name: str, *, ndim: int | None = None, finite: bool = True, floating: bool = True
+    x: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    finite: bool = True,
+    floating: bool = True,
+    values: bool = True,
 ) -> None:
     """``x`` is a real tensor of shape ``(..., E)``, ``E >= 1`` (or exactly ``ndim`` dims).
 
     ``finite``: no NaN or inf (weights computed from them would be NaN); otherwise only NaN is
     refused (a selection can order infinities, not NaN). One check of all values, which on an
-    accelerator waits for the tensor to be computed.
+    accelerator waits for the tensor to be computed; ``values=False`` skips it.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -61,7 +67,7 @@ def _check_scores(
     if (ndim is not None and x.ndim != ndim) or x.ndim == 0 or x.shape[-1] == 0:
         wanted = "(N, E)" if ndim == 2 else "(..., E)"
         raise ValueError(f"{name} must have shape {wanted} with E >= 1, got {tuple(x.shape)}")
-    if x.is_floating_point() and x.numel() and not torch.compiler.is_compiling():
+    if values and x.is_floating_point() and x.numel() and not torch.compiler.is_compiling():
         # value checks are data-dependent: a compiled graph skips them (eager runs check)
         bad = ~torch.isfinite(x) if finite else torch.isnan(x)
         if bool(bad.any()):
@@ -119,11 +125,13 @@ def _check_number(
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
-def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, k: int, *, validate: bool = True) -> torch.Tensor:
     """Indices of the ``k`` largest ``scores`` along the last dim, ties broken by lower index.
 
     A stable descending sort keeps equal scores in index order, which makes the selection a
     deterministic function of the scores (``torch.topk`` gives no such guarantee).
+    ``validate=False`` skips the NaN check (a caller that has checked the scores: one pass and,
+    on an accelerator, one host sync fewer).
 
     Shape:
         scores ``(..., E)`` -> indices ``(..., K)``, sorted by decreasing score.
@@ -133,7 +141,7 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
         ValueError: ``scores`` has no last axis or holds NaN (infinities sort fine), or ``k`` is
             outside ``[1, E]``.
     """
-    _check_scores(scores, "scores", finite=False, floating=False)
+    _check_scores(scores, "scores", finite=False, floating=False, values=validate)
     _check_k(k, scores.shape[-1])
     return _topk_indices(scores, k)
 
@@ -432,7 +440,7 @@ def first_exit(gates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def load_balancing_loss(
-    router_probs: torch.Tensor, expert_indices: torch.Tensor, n_experts: int
+    router_probs: torch.Tensor, expert_indices: torch.Tensor, n_experts: int, *, validate=True
 ) -> torch.Tensor:
     r"""Switch-Transformer load-balancing loss (Fedus et al. 2021, Eq. 4).
 
@@ -441,6 +449,9 @@ def load_balancing_loss(
         f_i = \frac{\#\{(t, j): I_{tj} = i\}}{N K},\quad P_i = \frac1N \sum_t p_{ti}
 
     Equals 1 under perfectly uniform routing. ``f`` is counted over all ``K`` choices per token.
+
+    ``validate=False`` skips the value checks (finite, non-negative probabilities; indices in
+    range): for a caller that computed both from checked logits. Shapes are always checked.
 
     Shape:
         router_probs ``(N, E)`` (full softmax), expert_indices ``(N, K)`` -> scalar.
@@ -455,15 +466,16 @@ def load_balancing_loss(
         raise TypeError(f"n_experts must be an int, got {type(n_experts).__name__}")
     if n_experts < 1:
         raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-    _check_scores(router_probs, "router_probs", ndim=2)
+    _check_scores(router_probs, "router_probs", ndim=2, values=validate)
     n = router_probs.shape[0]
     if n == 0 or router_probs.shape[1] != n_experts:
         raise ValueError(
             f"router_probs must have shape (N, n_experts={n_experts}) with N >= 1, "
             f"got {tuple(router_probs.shape)}"
         )
-    compiling = torch.compiler.is_compiling()  # data-dependent checks run eagerly only
-    if not compiling and not bool((router_probs >= 0).all()):
+    # data-dependent checks run eagerly only
+    skip_values = torch.compiler.is_compiling() or not validate
+    if not skip_values and not bool((router_probs >= 0).all()):
         raise ValueError(f"router_probs must be >= 0, got {router_probs.min().item()}")
     if not isinstance(expert_indices, torch.Tensor):
         kind = type(expert_indices).__name__
@@ -483,7 +495,7 @@ def load_balancing_loss(
         raise ValueError(
             f"expert_indices is on {expert_indices.device}, router_probs on {router_probs.device}"
         )
-    if not compiling and not bool(((expert_indices >= 0) & (expert_indices < n_experts)).all()):
+    if not skip_values and not bool(((expert_indices >= 0) & (expert_indices < n_experts)).all()):
         outside = expert_indices[(expert_indices < 0) | (expert_indices >= n_experts)]
         raise ValueError(
             f"expert_indices must lie in [0, n_experts={n_experts}), got {outside[0].item()}"
@@ -494,8 +506,10 @@ def load_balancing_loss(
     return n_experts * (fraction * router_probs.mean(0)).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     r"""Router z-loss (Zoph et al. 2022, Eq. 5): :math:`\frac1N\sum_t (\log\sum_i e^{u_{ti}})^2`.
+
+    ``validate=False`` skips the NaN/inf check (a caller that has checked the logits).
 
     Shape:
         logits ``(..., E)`` -> scalar.
@@ -504,7 +518,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
         TypeError: ``logits`` not a floating-point tensor.
         ValueError: ``logits`` without a last axis, without a row, or with NaN/inf.
     """
-    _check_scores(logits, "logits")
+    _check_scores(logits, "logits", values=validate)
     if logits.numel() == 0:
         raise ValueError(f"logits must hold at least one row, got {tuple(logits.shape)}")
     return torch.logsumexp(logits, dim=-1).square().mean()

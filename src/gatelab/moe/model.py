@@ -268,7 +268,7 @@ class SparseMoE(nn.Module):
             weights = _expert_softmax(logits).masked_fill(~taken, 0.0)
             return dsp.dispatch_expert_choice(taken), weights, logits.new_zeros(())
         if self.router_kind == "softmax":
-            indices = gates.select_topk(logits, k)  # (N, K)
+            indices = gates.select_topk(logits, k, validate=False)  # (N, K), logits checked
             scores = logits if self.router.bias is None else logits + self.router.bias
             hidden = ~_mask(indices, (n, e))  # (N, E)
             weights = _expert_softmax(scores.masked_fill(hidden, -math.inf))
@@ -280,11 +280,11 @@ class SparseMoE(nn.Module):
             probs = _expert_softmax(logits)
         else:  # sigmoid: the balance loss uses normalised sigmoid scores (DeepSeek-V3 Eq. 18)
             scores = torch.sigmoid(logits)
-            indices = gates.select_topk(scores, k)
+            indices = gates.select_topk(scores, k, validate=False)
             kept = scores.masked_fill(~_mask(indices, (n, e)), 0.0)
             weights = kept / kept.sum(-1, keepdim=True)
             probs = scores / scores.sum(-1, keepdim=True)
-        balance = gates.load_balancing_loss(probs, indices, e)
+        balance = gates.load_balancing_loss(probs, indices, e, validate=False)
         return self._dispatch(indices), weights, balance
 
     def _expert_choice(self, logits: torch.Tensor) -> torch.Tensor:
@@ -303,7 +303,7 @@ class SparseMoE(nn.Module):
             dropped = 1.0 - float(taken.index_fill(0, plan.token_index, True).float().mean())
         else:
             dropped = plan.n_dropped / max(1, n_tokens * self.top_k)
-        z_loss = gates.router_z_loss(logits)
+        z_loss = gates.router_z_loss(logits, validate=False)
         aux = self.balance_coef * balance + self.z_coef * z_loss
         return MoEStats(balance, z_loss, aux, plan.counts.detach(), dropped, logits)
 
