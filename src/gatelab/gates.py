@@ -440,7 +440,11 @@ def first_exit(gates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def load_balancing_loss(
-    router_probs: torch.Tensor, expert_indices: torch.Tensor, n_experts: int, *, validate=True
+    router_probs: torch.Tensor,
+    expert_indices: torch.Tensor,
+    n_experts: int,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     r"""Switch-Transformer load-balancing loss (Fedus et al. 2021, Eq. 4).
 
