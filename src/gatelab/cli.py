@@ -177,7 +177,7 @@ def reproduce(
     expected = module.EXPECTED_TIME
     if hasattr(module, "expected_time"):  # comm: depends on the seeds and tasks asked for
         with _cli.user_errors():
-            expected = module.expected_time(jobs=jobs, **options)
+            expected = module.expected_time(jobs=jobs, runs_dir=runs_dir, **options)
     _cli.stderr().print(
         f"gatelab reproduce {system.value}: expected time {expected}",
         highlight=False,

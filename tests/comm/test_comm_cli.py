@@ -342,3 +342,23 @@ def test_reproduce_small_flag_reaches_the_reduced_grid(tmp_path, monkeypatch, ca
     assert "about 25 s per run: 60 runs, about 12 min with 2 at a time" in err
     assert "about 5 min per run: 60 runs, about 2.5 h with 2 at a time" in err
     assert "about 5 min per run: 30 runs, about 75 min with 2 at a time" in err
+
+
+def test_reproduce_expected_time_leaves_out_the_runs_already_evaluated(tmp_path):
+    from gatelab.comm import reproduce
+
+    task = tmp_path / "reproduce/comm/runs/predator_prey-memory/predator_prey"
+    for variant in ("full", "commformer", "random"):  # 6 of the task's 15 runs (3 seeds)
+        for seed in (10, 12):
+            (task / variant / f"seed{seed}").mkdir(parents=True)
+            (task / variant / f"seed{seed}" / "eval.json").write_text("{}")
+    (task / "none" / "seed11").mkdir(parents=True)  # a cut run (no eval.json) still counts
+    one_task = {"seeds": 3, "jobs": 2, "tasks": ("predator_prey-memory",), "cores": 2}
+    assert reproduce.expected_time(**one_task, runs_dir=tmp_path) == (
+        "about 5 min per run: 15 runs (6 already evaluated), about 22 min with 2 at a time"
+    )  # (15 - 6) x 5 min / 2
+    both = {**one_task, "tasks": ("predator_prey-memory", "predator_prey-memoryless")}
+    assert reproduce.expected_time(**both, runs_dir=tmp_path).endswith(
+        "30 runs (6 already evaluated), about 60 min with 2 at a time"
+    )
+    assert "already" not in reproduce.expected_time(**one_task, runs_dir=tmp_path / "empty")

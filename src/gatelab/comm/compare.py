@@ -149,6 +149,15 @@ def _run_one(job: tuple[dict, str, int, float, bool]) -> dict:
     return {"eval": read_json(done), "history": history}
 
 
+def run_dirs(cfg: CompareConfig, out: str | Path) -> list[tuple[str, int, Path]]:
+    """``(variant, seed, run folder)`` of every run of :func:`compare`, in the order it runs them.
+
+    A folder holding ``eval.json`` is an evaluated run, which :func:`compare` reuses.
+    """
+    env_dir = Path(out) / cfg.base.env.name.replace(".", "_")
+    return [(v, s, env_dir / v / f"seed{s}") for v in VARIANTS for s in cfg.seeds]
+
+
 def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     """Run all variants x seeds on ``cfg.base.env``; write results and figures under ``out/<env>``.
 
@@ -158,14 +167,12 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     env_dir = Path(out) / cfg.base.env.name.replace(".", "_")
     env_dir.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], []
-    for variant in VARIANTS:
-        for seed in cfg.seeds:
-            run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget)
-            run_dir = str(env_dir / variant / f"seed{seed}")
-            jobs.append(
-                (run_cfg.to_dict(), run_dir, cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
-            )
-            keys.append(variant)
+    for variant, seed, run_dir in run_dirs(cfg, out):
+        run_cfg = variant_config(cfg.base, variant, seed, cfg.comm_cost, cfg.comm_budget)
+        jobs.append(
+            (run_cfg.to_dict(), str(run_dir), cfg.eval_episodes, cfg.max_minutes, cfg.eval_only)
+        )
+        keys.append(variant)
     results: list[dict] = []
     if cfg.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.jobs) as pool:

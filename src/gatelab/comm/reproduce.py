@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gatelab.comm.compare import VARIANTS, CompareConfig, compare
+from gatelab.comm.compare import VARIANTS, CompareConfig, compare, run_dirs
 from gatelab.comm.config import Env, GateConfig, TrainConfig
 from gatelab.runs import atomic_write_bytes, atomic_write_json, read_json
 
@@ -101,20 +101,32 @@ def expected_time(
     small: bool = False,
     tasks: tuple[str, ...] | None = None,
     cores: int | None = None,
+    runs_dir: Path | None = None,
 ) -> str:
     """What ``reproduce`` with these options will take: runs x minutes per run / parallel runs.
 
-    ``cores``: of the machine it runs on (this one when ``None``).
+    ``cores``: of the machine it runs on (this one when ``None``). ``runs_dir``: the folder
+    ``reproduce`` will use; the runs already evaluated there are reused, so they are not timed.
     """
-    runs = len(configs(seeds, jobs, small, tasks)) * seeds * len(VARIANTS)
+    chosen = configs(seeds, jobs, small, tasks)
+    runs = len(chosen) * seeds * len(VARIANTS)
+    done = 0
+    if runs_dir is not None:
+        out = Path(runs_dir) / "reproduce" / "comm" / "runs"
+        done = sum(
+            (run / "eval.json").exists()
+            for name, cfg in chosen
+            for _, _, run in run_dirs(cfg, out / name)
+        )
     per_run = MINUTES_PER_RUN_SMALL if small else MINUTES_PER_RUN
     cores = cores or os.cpu_count() or 1
     parallel = max(1, min(jobs, cores))  # runs past the core count only queue
-    minutes = runs * per_run / parallel
+    minutes = (runs - done) * per_run / parallel
     total = f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+    reused = f" ({done} already evaluated)" if done else ""
     return (
         f"about {per_run * 60:.0f} s per run" if small else f"about {per_run:.0f} min per run"
-    ) + f": {runs} runs, about {total} with {parallel} at a time"
+    ) + f": {runs} runs{reused}, about {total} with {parallel} at a time"
 
 
 EXPECTED_TIME = expected_time(jobs=2, cores=2)  # the whole table on the 2-core machine
