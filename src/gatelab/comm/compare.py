@@ -154,8 +154,17 @@ def run_dirs(cfg: CompareConfig, out: str | Path) -> list[tuple[str, int, Path]]
 
     A folder holding ``eval.json`` is an evaluated run, which :func:`compare` reuses.
     """
-    env_dir = Path(out) / cfg.base.env.name.replace(".", "_")
-    return [(v, s, env_dir / v / f"seed{s}") for v in VARIANTS for s in cfg.seeds]
+    env_dir = _env_dir(cfg, out)
+    return [(v, s, _run_dir(env_dir, v, s)) for v in VARIANTS for s in cfg.seeds]
+
+
+def _env_dir(cfg: CompareConfig, out: str | Path) -> Path:
+    """The folder of one environment's comparison: runs, results and figures."""
+    return Path(out) / cfg.base.env.name.replace(".", "_")
+
+
+def _run_dir(env_dir: Path, variant: str, seed: int) -> Path:
+    return env_dir / variant / f"seed{seed}"
 
 
 def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
@@ -164,7 +173,7 @@ def compare(cfg: CompareConfig, out: str | Path, progress=None) -> dict:
     Returns:
         ``{"table": {variant: {metric: [mean, std]}}, "runs": {variant: [eval dicts]}, ...}``.
     """
-    env_dir = Path(out) / cfg.base.env.name.replace(".", "_")
+    env_dir = _env_dir(cfg, out)
     env_dir.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], []
     for variant, seed, run_dir in run_dirs(cfg, out):
@@ -210,7 +219,7 @@ def _summarise(cfg: CompareConfig, env_dir: Path, keys: list[str], results: list
         plot_curves(curves, key, path, f"{env}: training {name}, mean +- std over seeds")
         figures.append(path)
     for variant in ("commformer", "commformer_tg", "random"):
-        source = env_dir / variant / f"seed{cfg.seeds[0]}" / "graph.png"
+        source = _run_dir(env_dir, variant, cfg.seeds[0]) / "graph.png"
         if source.exists():
             shutil.copyfile(source, env_dir / f"graph_{variant}.png")
             figures.append(env_dir / f"graph_{variant}.png")

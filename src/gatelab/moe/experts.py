@@ -363,9 +363,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, *_unused):
-    gates, token_index, expert_index, counts, w_gate, w_up, w_down, *flat = ctx.saved_tensors
     if grad_out is None:  # only saved-tensor outputs got a gradient: they carry none back
         return (None,) * 10
+    gates, token_index, expert_index, counts, w_gate, w_up, w_down, *flat = ctx.saved_tensors
     k = ctx.n_chunks
     saved = [list(flat[i * k : (i + 1) * k]) for i in range(4)]
     need = ctx.needs_input_grad
